@@ -1,0 +1,46 @@
+"""jaxjd: Jacobian descent for multi-objective optimisation in JAX.
+
+>>> import jax.numpy as jnp, jaxjd as jd
+>>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+>>> jd.upgrad(J).round(4)
+Array([0.2929, 1.9004, 1.9004], dtype=float32)
+"""
+
+from ._solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
+from ._tree import combine, gramian, matrix_view, num_objectives, unravel_row
+from .aggregation import (
+    MGDA,
+    Aggregator,
+    Constant,
+    ConstantWeighting,
+    DualProj,
+    DualProjWeighting,
+    GramianWeightedAggregator,
+    Mean,
+    MeanWeighting,
+    MGDAWeighting,
+    Random,
+    RandomWeighting,
+    ShapeWeighting,
+    Sum,
+    SumWeighting,
+    UPGrad,
+    UPGradWeighting,
+    Weighting,
+    constant,
+    constant_weighting,
+    dualproj,
+    dualproj_weighting,
+    mean,
+    mean_weighting,
+    mgda,
+    mgda_weighting,
+    random,
+    random_weighting,
+    sum,
+    sum_weighting,
+    upgrad,
+    upgrad_weighting,
+)
+
+__version__ = "0.1.0"

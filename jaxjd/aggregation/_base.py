@@ -1,0 +1,126 @@
+"""The two shapes every method takes: a Weighting (Gramian -> weights) and an Aggregator
+(Jacobian pytree -> update with the structure of one row)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from .._tree import accumulation_dtype, check_gramian, combine, gramian, num_objectives
+
+
+class Weighting(eqx.Module):
+    r"""Maps a Gramian :math:`G = J J^\top` (m x m) to weights :math:`w` (m,).
+
+    Hyper-parameters are static fields, so a configured weighting is hashable: it can be closed
+    over, or passed to ``jax.jit`` either as a static argument or as an ordinary (leafless)
+    pytree argument.
+    """
+
+    needs_key: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def __call__(
+        self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " m"]:
+        """Weights of the objectives whose Gramian is ``gramian``."""
+
+    def weights_from_jacobian(
+        self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " m"]:
+        """Weights for a Jacobian pytree (forms the Gramian leaf by leaf)."""
+        return self(gramian(jacobian), key=key)
+
+
+class ShapeWeighting(Weighting):
+    """A weighting that only reads m (Mean, Sum, Constant, Random): it accepts a Gramian, and an
+    aggregator built on it never forms one."""
+
+    @abc.abstractmethod
+    def _weights(self, m: int, dtype, key) -> Float[Array, " m"]: ...
+
+    def __call__(self, gramian, /, *, key=None):
+        m = check_gramian(gramian)
+        return self._weights(m, accumulation_dtype(jnp.result_type(gramian)), key)
+
+    def weights_from_jacobian(self, jacobian, /, *, key=None):
+        m = num_objectives(jacobian)
+        leaves = jax.tree_util.tree_leaves(jacobian)
+        return self._weights(m, accumulation_dtype(jnp.result_type(*leaves)), key)
+
+
+class Aggregator(eqx.Module):
+    r"""Maps a Jacobian pytree (leaves with a leading axis m) to an update with the structure of
+    one row: ``aggregator(J)``."""
+
+    @abc.abstractmethod
+    def __call__(self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None) -> PyTree:
+        """The aggregated update."""
+
+
+class GramianWeightedAggregator(Aggregator):
+    r"""``A(J) = J^T w`` with ``w = weighting(J J^T)``: the Gramian pipeline.
+
+    Because the weights depend on J only through its Gramian, the same weighting can be fed a
+    Gramian from any engine, and the update formed as ``grad(w . losses)``.
+    """
+
+    weighting: Weighting
+
+    def weights(
+        self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " m"]:
+        """The weights ``w`` such that ``self(J) == combine(w, J)``."""
+        return self.weighting.weights_from_jacobian(jacobian, key=key)
+
+    def __call__(self, jacobian, /, *, key=None):
+        return combine(self.weights(jacobian, key=key), jacobian)
+
+
+def as_static_vector(value, name: str) -> tuple[float, ...] | None:
+    """Turns a concrete 1-D vector hyper-parameter into a hashable tuple of floats."""
+    if value is None:
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} is a hyper-parameter and must be concrete (a list, tuple or array known "
+            "when the method is configured), not a traced value."
+        )
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D vector; got shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite; got {arr}.")
+    return tuple(float(x) for x in arr)
+
+
+def vector_for(values: Sequence[float], m: int, dtype, name: str) -> Array:
+    if len(values) != m:
+        raise ValueError(f"{name} has length {len(values)} but the input has m = {m} objectives.")
+    return jnp.asarray(values, dtype=dtype)
+
+
+def check_nonnegative(value: float, name: str) -> float:
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0; got {value}.")
+    return float(value)
+
+
+def check_positive(value: float, name: str) -> float:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value}.")
+    return float(value)
+
+
+def build_or_apply(obj, first, **call_kwargs):
+    """The dual spelling of every factory: ``f(**hyper)`` builds, ``f(x, **hyper)`` applies."""
+    return obj if first is None else obj(first, **call_kwargs)
