@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -26,17 +27,29 @@ class Weighting(eqx.Module):
 
     needs_key: ClassVar[bool] = False
 
-    @abc.abstractmethod
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
         """Weights of the objectives whose Gramian is ``gramian``."""
+        check_gramian(gramian)
+        return _weigh_jit(self, gramian, key)
+
+    @abc.abstractmethod
+    def _weigh(self, gramian, key) -> Float[Array, " m"]:
+        """The weights (traced once per configuration and shape)."""
 
     def weights_from_jacobian(
         self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " m"]:
         """Weights for a Jacobian pytree (forms the Gramian leaf by leaf)."""
         return self(gramian(jacobian), key=key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _weigh_jit(weighting, gramian, key):
+    # Hyper-parameters are static, so eager calls compile once per (configuration, m, dtype)
+    # and are then fast; inside a user's jit this simply inlines.
+    return weighting._weigh(gramian, key)
 
 
 class ShapeWeighting(Weighting):
@@ -46,7 +59,7 @@ class ShapeWeighting(Weighting):
     @abc.abstractmethod
     def _weights(self, m: int, dtype, key) -> Float[Array, " m"]: ...
 
-    def __call__(self, gramian, /, *, key=None):
+    def _weigh(self, gramian, key):
         m = check_gramian(gramian)
         return self._weights(m, accumulation_dtype(jnp.result_type(gramian)), key)
 

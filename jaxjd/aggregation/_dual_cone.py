@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -62,8 +64,19 @@ class _DualConeWeighting(Weighting):
             U, G, solver=self.solver, tol=self.tol, max_iter=self.max_iter
         )
 
-    def __call__(self, gramian, /, *, key=None):
-        return self.solve(gramian)[0]
+    def _weigh(self, gramian, key):
+        return self._solve(gramian)[0]
+
+    def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], ProjectionInfo]:
+        """Weights and the solver's :class:`ProjectionInfo` (converged flag, iterations, KKT
+        residual; one entry per right-hand side)."""
+        check_gramian(gramian)
+        return _solve_jit(self, gramian)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _solve_jit(weighting, gramian):
+    return weighting._solve(gramian)
 
 
 class UPGradWeighting(_DualConeWeighting):
@@ -80,8 +93,7 @@ class UPGradWeighting(_DualConeWeighting):
     Array([1.1109, 0.7894], dtype=float32)
     """
 
-    def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], ProjectionInfo]:
-        """Weights and the solver's :class:`ProjectionInfo` (one entry per objective)."""
+    def _solve(self, gramian):
         G, pref = self._prepare(gramian)
         V, info = self._project(jnp.diag(pref), G)
         return jnp.sum(V, axis=0), info
@@ -96,8 +108,7 @@ class DualProjWeighting(_DualConeWeighting):
     Array([0.6109, 0.5   ], dtype=float32)
     """
 
-    def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], ProjectionInfo]:
-        """Weights and the solver's :class:`ProjectionInfo` (one entry)."""
+    def _solve(self, gramian):
         G, pref = self._prepare(gramian)
         V, info = self._project(pref[None, :], G)
         return V[0], ProjectionInfo(*(x[0] for x in info))

@@ -31,7 +31,7 @@ class MGDAWeighting(Weighting):
             raise ValueError(f"max_iters must be a positive integer; got {max_iters}.")
         self.max_iters = int(max_iters)
 
-    def __call__(self, gramian, /, *, key=None):
+    def _weigh(self, gramian, key):
         m = check_gramian(gramian)
         G = jax.lax.stop_gradient(jnp.asarray(gramian, accumulation_dtype(gramian.dtype)))
         alpha0 = jnp.full((m,), 1.0 / m, G.dtype)

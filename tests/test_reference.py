@@ -1,0 +1,116 @@
+"""Parity with TorchJD 0.18.0 on its stored float64 outputs (tests/data, see REFERENCE.md)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import reference, reference_cases, rel_err
+
+import jaxjd as jd
+
+CLASSES = ("UPGrad", "DualProj", "MGDA", "Mean", "Sum", "Constant")
+# Relative to the output norm (largest row norm for badly scaled inputs).
+TOL = {"UPGrad": 1e-8, "DualProj": 1e-8, "MGDA": 1e-10, "Mean": 1e-10, "Sum": 1e-10,
+       "Constant": 1e-10}
+
+
+def build(case):
+    params = dict(case["params"])
+    cls = case["class"]
+    if "projector" in params:
+        params.update(params.pop("projector")["QuadprogProjector"])
+    factories = {
+        "UPGrad": (jd.upgrad, jd.upgrad_weighting),
+        "DualProj": (jd.dualproj, jd.dualproj_weighting),
+        "MGDA": (jd.mgda, jd.mgda_weighting),
+        "Mean": (jd.mean, jd.mean_weighting),
+        "Sum": (jd.sum, jd.sum_weighting),
+        "Constant": (jd.constant, jd.constant_weighting),
+    }
+    agg, weighting = factories[cls]
+    return agg(**params), weighting(**params)
+
+
+def _scale(case, ref):
+    index, arrays = reference()
+    J = arrays[index["matrices"][case["matrix"]]["J_key"]]
+    if case["family"] == "badly_scaled":
+        return max(np.linalg.norm(ref), np.max(np.linalg.norm(J, axis=1)))
+    return max(np.linalg.norm(ref), 1e-12)
+
+
+CASES = reference_cases(CLASSES)
+
+
+def test_every_case_is_covered():
+    counts = {c: sum(case["class"] == c for case in CASES) for c in CLASSES}
+    assert counts == {"UPGrad": 72, "DualProj": 72, "MGDA": 72, "Mean": 24, "Sum": 24,
+                      "Constant": 24}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])
+def test_matches_torchjd(case, x64):
+    index, arrays = reference()
+    mat = index["matrices"][case["matrix"]]
+    J = jnp.asarray(arrays[mat["J_key"]])
+    G = jnp.asarray(arrays[mat["G_key"]])
+    agg, weighting = build(case)
+    tol = TOL[case["class"]]
+    out = case["outputs"]
+
+    update = np.asarray(agg(J))
+    weights = np.asarray(agg.weights(J))
+    assert update.dtype == np.float64
+    ref_agg = arrays[out["aggregation"]]
+    assert rel_err(update, ref_agg, _scale(case, ref_agg)) <= tol
+    ref_w = arrays[out["weights"]]
+    assert rel_err(weights, ref_w, max(np.linalg.norm(ref_w), 1e-12)) <= tol
+    if "gramian_weights" in out:
+        ref_wg = arrays[out["gramian_weights"]]
+        wg = np.asarray(weighting(G))
+        assert rel_err(wg, ref_wg, max(np.linalg.norm(ref_wg), 1e-12)) <= tol
+
+
+RANDOM_CASES = reference_cases(("Random",), deterministic=False) + reference_cases(
+    ("Random",), deterministic=True
+)
+
+
+@pytest.mark.parametrize("case", RANDOM_CASES, ids=[c["key"] for c in RANDOM_CASES])
+def test_random_properties(case, x64):
+    """TorchJD's draw cannot be matched: check the shape, the simplex and reproducibility."""
+    index, arrays = reference()
+    J = jnp.asarray(arrays[index["matrices"][case["matrix"]]["J_key"]])
+    agg = jd.random()
+    key = jax.random.key(len(case["key"]))
+    w = np.asarray(agg.weights(J, key=key))
+    assert w.shape == (J.shape[0],)
+    assert np.all(w > 0) and abs(w.sum() - 1) < 1e-12
+    np.testing.assert_allclose(agg(J, key=key), w @ np.asarray(J), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(agg(J, key=key), agg(J, key=key))
+    if J.shape[0] > 1:
+        other = agg.weights(J, key=jax.random.key(12345))
+        assert not np.array_equal(w, other)
+    ref = arrays[case["outputs"]["weights"]]
+    assert ref.shape == w.shape and abs(ref.sum() - 1) < 1e-12
+
+
+def test_goldens_float32():
+    """TorchJD's README golden values, in float32 (x64 off)."""
+    J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    G = jd.gramian(J)
+    expected = {
+        jd.upgrad: ([0.2929, 1.9004, 1.9004], [1.1109, 0.7894]),
+        jd.dualproj: ([0.5563, 1.1109, 1.1109], [0.6109, 0.5000]),
+        jd.mgda: ([0.0, 1.0, 1.0], [0.6, 0.4]),
+        jd.mean: ([1.0, 1.0, 1.0], [0.5, 0.5]),
+        jd.sum: ([2.0, 2.0, 2.0], [1.0, 1.0]),
+    }
+    for factory, (agg, w) in expected.items():
+        a = factory()
+        assert a(J).dtype == jnp.float32
+        np.testing.assert_allclose(a(J), agg, atol=1e-4)
+        np.testing.assert_allclose(a.weighting(G), w, atol=1e-4)
+    np.testing.assert_allclose(jd.constant(J, weights=[1.0, 2.0]), [8.0, 3.0, 3.0], atol=1e-6)
+    J3 = jnp.array([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]])
+    np.testing.assert_allclose(jd.upgrad(J3), [0.1109, 0.2775, 0.6110], atol=1e-4)
