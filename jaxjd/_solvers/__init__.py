@@ -7,6 +7,9 @@ Quinton & Rey 2024, arXiv 2406.16232). Every solver works on a batch of right-ha
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -81,8 +84,12 @@ def project_onto_dual_cone(
     dtype = jnp.result_type(U, G)
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float32
-    G = jnp.asarray(G, dtype)
-    U = jnp.asarray(U, dtype)
+    return _project_jit(jnp.asarray(U, dtype), jnp.asarray(G, dtype), solver, tol, max_iter)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _project_jit(U, G, solver, tol, max_iter):
+    m = G.shape[0]
     batch = U.shape[:-1]
     flat = jnp.reshape(U, (-1, m))
     if solver == "bpp":

@@ -29,8 +29,10 @@ def qpax_solver(
 ) -> tuple[Float[Array, "k m"], ProjectionInfo]:
     """Dual-cone projection of every row of ``U`` with qpax's explicit interior point backend.
 
-    ``tol`` is qpax's absolute ``solver_tol`` on the (trace-normalised) problem; float32 needs
-    a loose one (qpax floors its slacks at ``sqrt(eps)``).
+    ``tol`` is qpax's absolute ``solver_tol`` (default 1e-7 in float64, 1e-3 in float32: qpax
+    floors its slacks at ``sqrt(eps)`` and goes no further). Measured accuracy: weights within
+    a few 1e-2 (relative) of the exact ``"bpp"`` answer when the condition number of G is up to
+    1e4 (TorchJD's default regularisation); ``info.converged`` is qpax's own flag.
     """
     require_qpax()
     import qpax
