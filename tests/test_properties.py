@@ -1,0 +1,151 @@
+"""The paper's properties on TorchJD's matrix families, in float32 and float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (
+    ids,
+    non_strong_matrices,
+    non_weak_matrices,
+    scaled_matrices,
+    strictly_weak_matrices,
+    strong_matrices,
+    typical_matrices,
+)
+
+import jaxjd as jd
+
+KEY = jax.random.key(0)
+
+AGGREGATORS = {
+    "upgrad": jd.upgrad(),
+    "upgrad_exact": jd.upgrad(reg_eps=0.0, norm_eps=0.0),
+    "dualproj": jd.dualproj(),
+    "mgda": jd.mgda(),
+    "mean": jd.mean(),
+    "sum": jd.sum(),
+    "random": jd.random(),
+}
+
+
+def call(agg, J):
+    return agg(J, key=KEY)
+
+
+def as_dtype(a, dtype):
+    return jnp.asarray(np.asarray(a, dtype))
+
+
+@pytest.mark.parametrize("name", list(AGGREGATORS))
+@pytest.mark.parametrize("case", scaled_matrices() + typical_matrices(),
+                         ids=ids(scaled_matrices() + typical_matrices()))
+def test_finite_output_of_right_shape(name, case, dtype):
+    _, a = case
+    if dtype == "float32" and np.abs(a).max() > 1e15:
+        a = a / 1e5  # keep J J^T representable in float32 (max 3.4e38)
+    J = as_dtype(a, dtype)
+    out = call(AGGREGATORS[name], J)
+    assert out.shape == (a.shape[1],) and out.dtype == J.dtype
+    assert bool(jnp.isfinite(out).all())
+
+
+NC = ["upgrad", "upgrad_exact", "dualproj", "mgda"]
+
+
+@pytest.mark.parametrize("name", NC)
+@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+def test_non_conflicting(name, case, dtype):
+    """TorchJD's check on J d: its negative part is negligible, ``|(Jd)_+| ~ |Jd|`` with
+    atol = tol |J|^2 and rtol = tol (TorchJD: 4e-4); 1e-9 for the exact projection."""
+    _, a = case
+    J = as_dtype(a, dtype)
+    d = np.asarray(call(AGGREGATORS[name], J), np.float64)
+    jd_ = np.asarray(J, np.float64) @ d
+    if name == "upgrad_exact":
+        tol = 1e-9 if dtype == "float64" else 2e-5
+    else:  # TorchJD's regularisation (1e-4 I) and Frank-Wolfe's epsilon allow a little conflict
+        tol = 4e-4
+    gap = np.linalg.norm(jd_) - np.linalg.norm(np.maximum(jd_, 0.0))
+    assert gap <= tol * np.linalg.norm(a) ** 2 + tol * np.linalg.norm(jd_)
+
+
+PERM = {"upgrad": 5e-7, "upgrad_exact": 1e-7, "dualproj": 2e-7, "mgda": 1e-4, "mean": 1e-12,
+        "sum": 1e-12}
+
+
+@pytest.mark.parametrize("name", list(PERM))
+@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+def test_permutation_invariant(name, case, x64):
+    _, a = case
+    rng = np.random.default_rng(0)
+    agg = AGGREGATORS[name]
+    base = np.asarray(agg(jnp.asarray(a)))
+    scale = max(np.linalg.norm(base), np.linalg.norm(a) * 1e-12, 1e-30)
+    for _ in range(5):
+        perm = rng.permutation(a.shape[0])
+        out = np.asarray(agg(jnp.asarray(a[perm])))
+        assert np.linalg.norm(out - base) <= PERM[name] * scale + 1e-11 * np.linalg.norm(a)
+
+
+LUS = {"upgrad_exact": 1e-6, "mean": 1e-12, "sum": 1e-12}
+
+
+@pytest.mark.parametrize("name", list(LUS))
+@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+def test_linear_under_scaling(name, case, x64):
+    """A(diag(a c1 + b c2) J) = a A(diag(c1) J) + b A(diag(c2) J) for c1, c2 > 0: TorchJD's UPGrad
+    reaches 6e-2 (its regularisation); the exact projection reaches 1e-6."""
+    _, a = case
+    rng = np.random.default_rng(1)
+    agg = AGGREGATORS[name]
+    m = a.shape[0]
+    for _ in range(5):
+        c1, c2 = rng.uniform(0.1, 1.0, m), rng.uniform(0.1, 1.0, m)
+        al, be = rng.uniform(0.1, 1.0, 2)
+        lhs = np.asarray(agg(jnp.asarray((al * c1 + be * c2)[:, None] * a)))
+        rhs = al * np.asarray(agg(jnp.asarray(c1[:, None] * a))) + be * np.asarray(
+            agg(jnp.asarray(c2[:, None] * a))
+        )
+        scale = max(np.linalg.norm(rhs), np.linalg.norm(a) * 1e-5, 1e-30)
+        assert np.linalg.norm(lhs - rhs) <= LUS[name] * scale
+
+
+@pytest.mark.parametrize("name", ["upgrad", "upgrad_exact", "dualproj", "mean", "sum", "random"])
+@pytest.mark.parametrize("case", non_strong_matrices(), ids=ids(non_strong_matrices()))
+def test_strongly_stationary_only_at_zero(name, case, dtype):
+    """On matrices that are not strongly stationary the update is not zero (TorchJD: > 5e-3)."""
+    _, a = case
+    out = np.asarray(call(AGGREGATORS[name], as_dtype(a, dtype)), np.float64)
+    assert np.linalg.norm(out) > 3e-3
+
+
+@pytest.mark.parametrize("case", strong_matrices(), ids=ids(strong_matrices()))
+def test_upgrad_exact_vanishes_on_strongly_stationary(case, x64):
+    """Converse of the above for the exact projection: a positive v with v^T J = 0 makes the dual
+    cone a subspace orthogonal to... every row, so every projection is 0."""
+    _, a = case
+    out = np.asarray(AGGREGATORS["upgrad_exact"](jnp.asarray(a)))
+    assert np.linalg.norm(out) <= 1e-9 * np.linalg.norm(a)
+
+
+def test_families_are_what_they_claim():
+    """Check the families' definitions with a linear program (scipy, test-only)."""
+    from scipy.optimize import linprog
+
+    def annihilated_by(a, lower):
+        m = a.shape[0]
+        res = linprog(
+            np.zeros(m),
+            A_eq=np.vstack([a.T, np.ones((1, m))]),
+            b_eq=np.r_[np.zeros(a.shape[1]), 1.0],
+            bounds=[(lower, None)] * m,
+        )
+        return res.status == 0
+
+    for _, a in strong_matrices():
+        assert annihilated_by(a, 1e-4)
+    for _, a in strictly_weak_matrices():
+        assert annihilated_by(a, 0.0) and not annihilated_by(a, 1e-4)
+    for _, a in non_weak_matrices():
+        assert not annihilated_by(a, 0.0)
