@@ -2,10 +2,13 @@
 
 >>> import jax.numpy as jnp, jaxjd as jd
 >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
->>> jd.upgrad(J).round(4)
-Array([0.2929, 1.9004, 1.9004], dtype=float32)
+>>> import numpy as np
+>>> np.round(np.asarray(jd.upgrad(J), float), 4)
+array([0.2929, 1.9004, 1.9004])
 """
 
+from . import monitoring
+from ._jacobian import value_and_jacobian
 from ._solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
 from ._tree import combine, gramian, matrix_view, num_objectives, unravel_row
 from .aggregation import (

@@ -73,9 +73,10 @@ def project_onto_dual_cone(
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
     >>> V, info = jd.project_onto_dual_cone(jnp.eye(2), G)
-    >>> V.round(4), bool(info.converged.all())
-    (Array([[1.    , 0.5789],
-           [1.2222, 1.    ]], dtype=float32), True)
+    >>> import numpy as np
+    >>> np.round(np.asarray(V, float), 4), bool(info.converged.all())
+    (array([[1.    , 0.5789],
+           [1.2222, 1.    ]]), True)
     """
     m = check_gramian(G)
     if jnp.shape(U)[-1:] != (m,):

@@ -101,7 +101,7 @@ def mean(jacobian=None, /):
     return build_or_apply(Mean(), jacobian)
 
 
-def sum(jacobian=None, /):  # noqa: A001 - TorchJD's name
+def sum(jacobian=None, /):
     """Sum of the rows: ``sum(J)`` returns the update, ``sum()`` a :class:`Sum`."""
     return build_or_apply(Sum(), jacobian)
 

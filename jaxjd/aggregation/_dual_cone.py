@@ -89,8 +89,9 @@ class UPGradWeighting(_DualConeWeighting):
     projection. Weights are constants under differentiation.
 
     >>> import jax.numpy as jnp, jaxjd as jd
-    >>> jd.upgrad_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])).round(4)
-    Array([1.1109, 0.7894], dtype=float32)
+    >>> import numpy as np
+    >>> np.round(np.asarray(jd.upgrad_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])), float), 4)
+    array([1.1109, 0.7894])
     """
 
     def _solve(self, gramian):
@@ -104,8 +105,9 @@ class DualProjWeighting(_DualConeWeighting):
     onto the dual cone, ``w = argmin_v v^T G' v  s.t.  v >= p`` (same ``G'`` as UPGrad).
 
     >>> import jax.numpy as jnp, jaxjd as jd
-    >>> jd.dualproj_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])).round(4)
-    Array([0.6109, 0.5   ], dtype=float32)
+    >>> import numpy as np
+    >>> np.round(np.asarray(jd.dualproj_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])), float), 4)
+    array([0.6109, 0.5   ])
     """
 
     def _solve(self, gramian):

@@ -18,8 +18,9 @@ class MGDAWeighting(Weighting):
     differentiation.
 
     >>> import jax.numpy as jnp, jaxjd as jd
-    >>> jd.mgda_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])).round(4)
-    Array([0.6, 0.4], dtype=float32)
+    >>> import numpy as np
+    >>> np.round(np.asarray(jd.mgda_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])), float), 4)
+    array([0.6, 0.4])
     """
 
     epsilon: float = eqx.field(static=True)

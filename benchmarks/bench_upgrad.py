@@ -1,0 +1,110 @@
+"""UPGrad speed: jaxjd (each solver) vs the floor (J J^T and J^T w alone) vs TorchJD 0.18.
+
+One thread for both frameworks (set below, before importing either), medians over repeats,
+ratios taken in the same run. TorchJD is optional: pip install torch==2.13.0 "torchjd[full]==0.18.0".
+
+    python benchmarks/bench_upgrad.py [--quick] [--out benchmarks/results/upgrad.md]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    " intra_op_parallelism_threads=1"
+)
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxjd as jd  # noqa: E402
+
+SIZES = [(2, 10), (5, 50), (10, 100), (20, 500), (32, 1000), (64, 1000), (128, 10000),
+         (8, 1_000_000), (32, 100_000), (256, 1000)]
+
+
+def median_time(fn, repeats, min_total=0.2):
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_total and len(times) < 200):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def conflicting(m, n, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(n)
+    rows = rng.standard_normal((m, n)) + rng.choice([-1.5, 1.0], size=(m, 1)) * base
+    return rows
+
+
+def torchjd_fn(a, dtype):
+    try:
+        import torch
+        from torchjd.aggregation import UPGrad
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    t = torch.tensor(a, dtype=torch.float64 if dtype == "float64" else torch.float32)
+    agg = UPGrad()
+    return lambda: agg(t)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small sizes only")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--dtypes", default="float32,float64")
+    parser.add_argument("--solvers", default="bpp,nesterov_pgd")
+    args = parser.parse_args()
+    sizes = SIZES[:5] if args.quick else SIZES
+    solvers = args.solvers.split(",")
+    lines = [
+        f"jax {jax.__version__}, one CPU thread, medians. Conflicting Gaussian Jacobians. "
+        "floor = jit(gramian + combine with fixed weights); ratios are time / floor and "
+        "TorchJD time / jaxjd bpp time.",
+        "",
+        "| dtype | m | n | floor ms | " + " | ".join(f"{s} ms" for s in solvers)
+        + " | bpp / floor | TorchJD ms | TorchJD / bpp |",
+        "|---|---|---|---|" + "---|" * len(solvers) + "---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for dtype in args.dtypes.split(","):
+        with jax.enable_x64(dtype == "float64"):
+            for m, n in sizes:
+                a = conflicting(m, n).astype(dtype)
+                J = jnp.asarray(a)
+                w = jnp.full((m,), 1.0 / m, J.dtype)
+                floor = jax.jit(lambda J: (jd.gramian(J), jd.combine(w, J)))
+                t_floor = median_time(lambda: jax.block_until_ready(floor(J)), 5)
+                times = {}
+                for s in solvers:
+                    f = jax.jit(jd.upgrad(solver=s))
+                    times[s] = median_time(lambda f=f: f(J).block_until_ready(), 3)
+                tj = torchjd_fn(a, dtype)
+                t_torch = median_time(tj, 3) if tj is not None and m <= 256 else float("nan")
+                row = (f"| {dtype} | {m} | {n} | {t_floor * 1e3:.3f} | "
+                       + " | ".join(f"{times[s] * 1e3:.3f}" for s in solvers)
+                       + f" | {times['bpp'] / t_floor:.2f} | {t_torch * 1e3:.2f} | "
+                       f"{t_torch / times['bpp']:.1f} |")
+                print(row, flush=True)
+                lines.append(row)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Bad input: clear errors at trace time; documented behaviour for bad values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxjd as jd
+
+
+def test_jacobian_shape_errors():
+    with pytest.raises(ValueError, match="m = 0"):
+        jd.upgrad(jnp.ones((0, 3)))
+    with pytest.raises(ValueError, match="share their leading axis"):
+        jd.upgrad({"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))})
+    with pytest.raises(ValueError, match="scalar leaf"):
+        jd.mean({"a": jnp.ones((2, 3)), "b": jnp.array(1.0)})
+    with pytest.raises(TypeError, match="floating point"):
+        jd.upgrad(jnp.ones((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match="no array leaves"):
+        jd.upgrad({})
+
+
+def test_errors_are_raised_at_trace_time():
+    with pytest.raises(ValueError, match="share their leading axis"):
+        jax.jit(jd.upgrad()).lower({"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))})
+
+
+def test_hyper_parameter_errors():
+    with pytest.raises(ValueError, match="norm_eps"):
+        jd.upgrad(norm_eps=-1.0)
+    with pytest.raises(ValueError, match="reg_eps"):
+        jd.dualproj(reg_eps=-1e-3)
+    with pytest.raises(ValueError, match="Unknown solver"):
+        jd.upgrad(solver="quadprog")
+    with pytest.raises(ValueError, match="epsilon"):
+        jd.mgda(epsilon=0.0)
+    with pytest.raises(ValueError, match="max_iters"):
+        jd.mgda(max_iters=0)
+    with pytest.raises(ValueError, match="1-D"):
+        jd.upgrad(pref_vector=[[1.0, 2.0]])
+    with pytest.raises(ValueError, match="length 3"):
+        jd.upgrad(jnp.ones((2, 4)), pref_vector=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="length 2"):
+        jd.constant(jnp.ones((3, 4)), weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="PRNG key"):
+        jd.random(jnp.ones((3, 4)))
+    with pytest.raises(TypeError, match="concrete"):
+        jax.jit(lambda p: jd.upgrad(jnp.ones((2, 3)), pref_vector=p))(jnp.ones(2))
+    with pytest.raises(ValueError, match="square"):
+        jd.upgrad_weighting()(jnp.ones((2, 3)))
+
+
+def test_zero_jacobian_gives_zero_update(dtype):
+    J = jnp.zeros((3, 5), dtype)
+    for agg in (jd.upgrad(), jd.dualproj(), jd.mgda(), jd.upgrad(reg_eps=0.0, norm_eps=0.0)):
+        out = agg(J)
+        assert bool(jnp.all(out == 0))
+    # TorchJD's convention: below norm_eps the Gramian counts as 0, the weights are the pref.
+    np.testing.assert_allclose(jd.upgrad().weights(J), [1 / 3] * 3, rtol=1e-6)
+
+
+def test_nan_and_inf_propagate_instead_of_a_silent_answer():
+    for bad in (jnp.nan, jnp.inf):
+        J = jnp.array([[1.0, 2.0], [bad, 0.0]])
+        for agg in (jd.upgrad(), jd.dualproj(), jd.mgda()):
+            assert not bool(jnp.isfinite(agg(J)).all())
+    J = jnp.array([[1.0, 2.0], [jnp.nan, 0.0]])
+    _, info = jd.upgrad_weighting().solve(jd.gramian(J))
+    assert not bool(info.converged.any())
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-10, 1.0, 1e10, 1e18])
+def test_extreme_scales_float32(scale):
+    """The trace normalisation makes UPGrad's weights scale-free until G over/underflows."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 6)).astype(np.float32)
+    ref = jd.upgrad(jnp.asarray(a), norm_eps=0.0)
+    J = jnp.asarray(a * np.float32(scale))
+    out = jd.upgrad(J, norm_eps=0.0)
+    G = jd.gramian(J)
+    if not bool(jnp.isfinite(G).all()):  # G overflowed: NaN/Inf, never a silent finite answer
+        assert not bool(jnp.isfinite(out).all())
+    elif float(jnp.trace(G)) == 0:  # G underflowed: documented fallback to the weighted mean
+        np.testing.assert_allclose(out, jd.mean(J), rtol=1e-6)
+    else:
+        np.testing.assert_allclose(out / scale, ref, rtol=2e-4, atol=1e-6)
