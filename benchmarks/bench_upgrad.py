@@ -1,7 +1,8 @@
 """UPGrad speed: jaxjd (each solver) vs the floor (J J^T and J^T w alone) vs TorchJD 0.18.
 
 One thread for both frameworks (set below, before importing either), medians over repeats,
-ratios taken in the same run. TorchJD is optional: pip install torch==2.13.0 "torchjd[full]==0.18.0".
+ratios taken in the same run. TorchJD is optional:
+pip install torch==2.13.0 "torchjd[full]==0.18.0".
 
     python benchmarks/bench_upgrad.py [--quick] [--out benchmarks/results/upgrad.md]
 """
@@ -27,8 +28,18 @@ import numpy as np  # noqa: E402
 
 import jaxjd as jd  # noqa: E402
 
-SIZES = [(2, 10), (5, 50), (10, 100), (20, 500), (32, 1000), (64, 1000), (128, 10000),
-         (8, 1_000_000), (32, 100_000), (256, 1000)]
+SIZES = [
+    (2, 10),
+    (5, 50),
+    (10, 100),
+    (20, 500),
+    (32, 1000),
+    (64, 1000),
+    (128, 10000),
+    (8, 1_000_000),
+    (32, 100_000),
+    (256, 1000),
+]
 
 
 def median_time(fn, repeats, min_total=0.2):
@@ -75,7 +86,8 @@ def main():
         "floor = jit(gramian + combine with fixed weights); ratios are time / floor and "
         "TorchJD time / jaxjd bpp time.",
         "",
-        "| dtype | m | n | floor ms | " + " | ".join(f"{s} ms" for s in solvers)
+        "| dtype | m | n | floor ms | "
+        + " | ".join(f"{s} ms" for s in solvers)
         + " | bpp / floor | TorchJD ms | TorchJD / bpp |",
         "|---|---|---|---|" + "---|" * len(solvers) + "---|---|---|",
     ]
@@ -94,10 +106,12 @@ def main():
                     times[s] = median_time(lambda f=f: f(J).block_until_ready(), 3)
                 tj = torchjd_fn(a, dtype)
                 t_torch = median_time(tj, 3) if tj is not None and m <= 256 else float("nan")
-                row = (f"| {dtype} | {m} | {n} | {t_floor * 1e3:.3f} | "
-                       + " | ".join(f"{times[s] * 1e3:.3f}" for s in solvers)
-                       + f" | {times['bpp'] / t_floor:.2f} | {t_torch * 1e3:.2f} | "
-                       f"{t_torch / times['bpp']:.1f} |")
+                row = (
+                    f"| {dtype} | {m} | {n} | {t_floor * 1e3:.3f} | "
+                    + " | ".join(f"{times[s] * 1e3:.3f}" for s in solvers)
+                    + f" | {times['bpp'] / t_floor:.2f} | {t_torch * 1e3:.2f} | "
+                    f"{t_torch / times['bpp']:.1f} |"
+                )
                 print(row, flush=True)
                 lines.append(row)
     if args.out:

@@ -9,6 +9,7 @@ at the end gives per-task test accuracy and how much the task gradients conflict
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import jax
@@ -39,12 +40,17 @@ def init_params(key, sizes=(64, 64, 64)):
     keys = jax.random.split(key, len(sizes) + 3)
 
     def dense(k, n_in, n_out):
-        return {"w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
-                "b": jnp.zeros(n_out)}
+        return {
+            "w": jax.random.normal(k, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
+            "b": jnp.zeros(n_out),
+        }
 
-    trunk = [dense(keys[i], a, b) for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
-    heads = {"digit": dense(keys[-3], sizes[-1], 10), "even": dense(keys[-2], sizes[-1], 1),
-             "ge5": dense(keys[-1], sizes[-1], 1)}
+    trunk = [dense(keys[i], a, b) for i, (a, b) in enumerate(itertools.pairwise(sizes))]
+    heads = {
+        "digit": dense(keys[-3], sizes[-1], 10),
+        "even": dense(keys[-2], sizes[-1], 1),
+        "ge5": dense(keys[-1], sizes[-1], 1),
+    }
     return {"trunk": trunk, "heads": heads}
 
 
@@ -56,8 +62,11 @@ def forward(params, x):
 
 
 def task_targets(y):
-    return {"digit": y, "even": (y % 2 == 0).astype(jnp.float32),
-            "ge5": (y >= 5).astype(jnp.float32)}
+    return {
+        "digit": y,
+        "even": (y % 2 == 0).astype(jnp.float32),
+        "ge5": (y >= 5).astype(jnp.float32),
+    }
 
 
 def losses_fn(params, x, y):
@@ -72,11 +81,13 @@ def losses_fn(params, x, y):
 def accuracies(params, x, y):
     out = forward(params, x)
     t = task_targets(y)
-    return np.array([
-        float(jnp.mean(jnp.argmax(out["digit"], -1) == t["digit"])),
-        float(jnp.mean((out["even"][:, 0] > 0) == (t["even"] > 0.5))),
-        float(jnp.mean((out["ge5"][:, 0] > 0) == (t["ge5"] > 0.5))),
-    ])
+    return np.array(
+        [
+            float(jnp.mean(jnp.argmax(out["digit"], -1) == t["digit"])),
+            float(jnp.mean((out["even"][:, 0] > 0) == (t["even"] > 0.5))),
+            float(jnp.mean((out["ge5"][:, 0] > 0) == (t["ge5"] > 0.5))),
+        ]
+    )
 
 
 def make_step(aggregator, optimizer):
@@ -120,6 +131,7 @@ def _progress():
 
         return lambda it, desc: tqdm(it, desc=desc, ncols=88, mininterval=1.0)
     except ImportError:  # pragma: no cover
+
         def plain(it, desc):
             print(f"{desc}: training ...", flush=True)
             return it
@@ -142,20 +154,28 @@ def main(argv=None):
     results = {}
     start = time.perf_counter()
     for name, agg in methods.items():
-        params, hist = train(name, agg, data, steps=args.steps, batch=args.batch,
-                             seed=args.seed, progress=progress)
+        params, hist = train(
+            name, agg, data, steps=args.steps, batch=args.batch, seed=args.seed, progress=progress
+        )
         results[name] = (accuracies(params, jnp.asarray(xte), jnp.asarray(yte)), hist)
     elapsed = time.perf_counter() - start
 
     print()
-    print("| method | " + " | ".join(f"test acc. {t}" for t in TASKS)
-          + " | conflicting pairs | mean min cos | steps non-conflicting |")
+    print(
+        "| method | "
+        + " | ".join(f"test acc. {t}" for t in TASKS)
+        + " | conflicting pairs | mean min cos | steps non-conflicting |"
+    )
     print("|---|" + "---|" * (len(TASKS) + 3))
     for name, (acc, hist) in results.items():
         cells = " | ".join(f"{a:.3f}" for a in acc)
-        print(f"| {name} | {cells} | {np.mean(hist['conflict']):.2f} | "
-              f"{np.mean(hist['min_cos']):+.3f} | {np.mean(hist['nc']):.0%} |")
-    print(f"\n{args.steps} steps per method in {elapsed:.1f} s (jax {jax.__version__}, "
-          f"{jax.default_backend()}). 'steps non-conflicting': the update did not increase any "
-          "task loss to first order (J d >= 0).")
+        print(
+            f"| {name} | {cells} | {np.mean(hist['conflict']):.2f} | "
+            f"{np.mean(hist['min_cos']):+.3f} | {np.mean(hist['nc']):.0%} |"
+        )
+    print(
+        f"\n{args.steps} steps per method in {elapsed:.1f} s (jax {jax.__version__}, "
+        f"{jax.default_backend()}). 'steps non-conflicting': the update did not increase any "
+        "task loss to first order (J d >= 0)."
+    )
     return results

@@ -124,9 +124,7 @@ def typical_matrices():
 
 
 def scaled_matrices():
-    return [
-        (f"{name}_x{scale:g}", a * scale) for name, a in normal_matrices() for scale in SCALES
-    ]
+    return [(f"{name}_x{scale:g}", a * scale) for name, a in normal_matrices() for scale in SCALES]
 
 
 def ids(cases):

@@ -38,8 +38,9 @@ def as_dtype(a, dtype):
 
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
-@pytest.mark.parametrize("case", scaled_matrices() + typical_matrices(),
-                         ids=ids(scaled_matrices() + typical_matrices()))
+@pytest.mark.parametrize(
+    "case", scaled_matrices() + typical_matrices(), ids=ids(scaled_matrices() + typical_matrices())
+)
 def test_finite_output_of_right_shape(name, case, dtype):
     _, a = case
     if dtype == "float32" and np.abs(a).max() > 1e15:
@@ -70,8 +71,14 @@ def test_non_conflicting(name, case, dtype):
     assert gap <= tol * np.linalg.norm(a) ** 2 + tol * np.linalg.norm(jd_)
 
 
-PERM = {"upgrad": 5e-7, "upgrad_exact": 1e-7, "dualproj": 2e-7, "mgda": 1e-4, "mean": 1e-12,
-        "sum": 1e-12}
+PERM = {
+    "upgrad": 5e-7,
+    "upgrad_exact": 1e-7,
+    "dualproj": 2e-7,
+    "mgda": 1e-4,
+    "mean": 1e-12,
+    "sum": 1e-12,
+}
 
 
 @pytest.mark.parametrize("name", list(PERM))

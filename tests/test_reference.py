@@ -10,8 +10,14 @@ import jaxjd as jd
 
 CLASSES = ("UPGrad", "DualProj", "MGDA", "Mean", "Sum", "Constant")
 # Relative to the output norm (largest row norm for badly scaled inputs).
-TOL = {"UPGrad": 1e-8, "DualProj": 1e-8, "MGDA": 1e-10, "Mean": 1e-10, "Sum": 1e-10,
-       "Constant": 1e-10}
+TOL = {
+    "UPGrad": 1e-8,
+    "DualProj": 1e-8,
+    "MGDA": 1e-10,
+    "Mean": 1e-10,
+    "Sum": 1e-10,
+    "Constant": 1e-10,
+}
 
 
 def build(case):
@@ -44,8 +50,14 @@ CASES = reference_cases(CLASSES)
 
 def test_every_case_is_covered():
     counts = {c: sum(case["class"] == c for case in CASES) for c in CLASSES}
-    assert counts == {"UPGrad": 72, "DualProj": 72, "MGDA": 72, "Mean": 24, "Sum": 24,
-                      "Constant": 24}
+    assert counts == {
+        "UPGrad": 72,
+        "DualProj": 72,
+        "MGDA": 72,
+        "Mean": 24,
+        "Sum": 24,
+        "Constant": 24,
+    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])

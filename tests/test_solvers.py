@@ -123,7 +123,7 @@ def test_huge_gramian_has_no_failure(x64):
     rng = np.random.default_rng(3)
     J = rng.standard_normal((10, 100)) * 1e5
     G = jd.gramian(jnp.asarray(J))
-    V, info = jd.project_onto_dual_cone(jnp.eye(10), G)
+    _V, info = jd.project_onto_dual_cone(jnp.eye(10), G)
     assert bool(info.converged.all()) and float(info.kkt_residual.max()) <= 1e-12
 
 
@@ -140,7 +140,7 @@ def test_pgd_reports_non_convergence():
     rng = np.random.default_rng(4)
     J = rng.standard_normal((12, 30)) * rng.choice([-3.0, 1.0], size=(12, 1))
     G = conditioned_gramian(J)
-    V, info = jd.project_onto_dual_cone(jnp.eye(12), G, solver="nesterov_pgd", max_iter=2)
+    _V, info = jd.project_onto_dual_cone(jnp.eye(12), G, solver="nesterov_pgd", max_iter=2)
     assert not bool(info.converged.all()) and int(info.iterations.max()) == 2
 
 
@@ -165,3 +165,17 @@ def test_qpax_missing_gives_clear_import_error(monkeypatch):
     )
     with pytest.raises(ImportError, match=r"jaxjd\[qpax\]"):
         jd.upgrad(solver="qpax")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [64, 128, 256])
+def test_bpp_exact_at_large_m(m, x64):
+    """The benchmark's sizes: exact KKT and non-conflicting projections up to m = 256."""
+    rng = np.random.default_rng(m)
+    base = rng.standard_normal(1000)
+    J = rng.standard_normal((m, 1000)) + rng.choice([-1.5, 1.0], size=(m, 1)) * base
+    G = jd.normalize_regularize(jd.gramian(jnp.asarray(J)), 0.0, 0.0)
+    V, info = jd.project_onto_dual_cone(jnp.eye(m), G)
+    assert bool(info.converged.all()) and float(info.kkt_residual.max()) <= 1e-12
+    d = np.asarray(V) @ J
+    assert (J @ d.T).min() >= -1e-9 * np.linalg.norm(J) ** 2

@@ -62,15 +62,17 @@ def test_pytree_equals_matrix(name, dtype):
     J = jacobian(dtype)
     tree = {"w": J[:, :6].reshape(4, 2, 3), "b": (J[:, 6:],)}
     out = agg(tree, key=KEY)
-    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(
-        {"w": 0, "b": (0,)}
-    )
+    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure({"w": 0, "b": (0,)})
     assert out["w"].shape == (2, 3) and out["b"][0].shape == (1,)
     flat = jnp.concatenate([out["w"].ravel(), out["b"][0]])
     np.testing.assert_allclose(flat, agg(J, key=KEY), rtol=tol(dtype) * 10, atol=tol(dtype))
     if isinstance(agg, jd.GramianWeightedAggregator):
-        np.testing.assert_allclose(agg.weights(tree, key=KEY), agg.weights(J, key=KEY),
-                                   rtol=tol(dtype) * 10, atol=tol(dtype))
+        np.testing.assert_allclose(
+            agg.weights(tree, key=KEY),
+            agg.weights(J, key=KEY),
+            rtol=tol(dtype) * 10,
+            atol=tol(dtype),
+        )
 
 
 def test_mixed_leaf_dtypes_keep_their_dtype():
@@ -86,13 +88,15 @@ def test_weighting_vmapped_over_gramians(dtype):
     w = jax.vmap(jd.upgrad_weighting())(Gs)
     assert w.shape == (6, 4) and w.dtype == Gs.dtype
     for i in range(6):
-        np.testing.assert_allclose(w[i], jd.upgrad_weighting()(Gs[i]),
-                                   rtol=tol(dtype) * 10, atol=tol(dtype))
+        np.testing.assert_allclose(
+            w[i], jd.upgrad_weighting()(Gs[i]), rtol=tol(dtype) * 10, atol=tol(dtype)
+        )
 
 
 def test_vmap_of_vmap(x64):
-    Js = jnp.stack([jnp.stack([jacobian("float64", seed=3 * i + j) for j in range(3)])
-                    for i in range(2)])
+    Js = jnp.stack(
+        [jnp.stack([jacobian("float64", seed=3 * i + j) for j in range(3)]) for i in range(2)]
+    )
     out = jax.vmap(jax.vmap(jd.upgrad()))(Js)
     np.testing.assert_allclose(out[1, 2], jd.upgrad(Js[1, 2]), rtol=1e-12)
 

@@ -74,7 +74,7 @@ def _bpp_one(G, u, max_iter):
         return free, s, lam, infeasible(s, lam, free), it + 1, best, budget
 
     init = (free0, s0, lam0, bad0, jnp.asarray(0), jnp.asarray(m + 1), jnp.asarray(_BACKUP_BUDGET))
-    free, s, lam, bad, it, _, _ = jax.lax.while_loop(cond, body, init)
+    _free, s, _lam, bad, it, _, _ = jax.lax.while_loop(cond, body, init)
     v = u + jnp.maximum(s, 0.0)
     finite = jnp.all(jnp.isfinite(v))
     return v, ProjectionInfo(~jnp.any(bad) & finite, it, kkt_residual(G, u, v))

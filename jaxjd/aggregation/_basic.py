@@ -51,7 +51,9 @@ class RandomWeighting(ShapeWeighting):
 
     def _weights(self, m, dtype, key):
         if key is None:
-            raise ValueError("Random weighting needs a PRNG key: call it with key=jax.random.key(0).")
+            raise ValueError(
+                "Random weighting needs a PRNG key: call it with key=jax.random.key(0)."
+            )
         return jax.nn.softmax(jax.random.normal(key, (m,), dtype))
 
 

@@ -90,7 +90,8 @@ class UPGradWeighting(_DualConeWeighting):
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> import numpy as np
-    >>> np.round(np.asarray(jd.upgrad_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])), float), 4)
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> np.round(np.asarray(jd.upgrad_weighting()(G), float), 4)
     array([1.1109, 0.7894])
     """
 
@@ -106,7 +107,8 @@ class DualProjWeighting(_DualConeWeighting):
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> import numpy as np
-    >>> np.round(np.asarray(jd.dualproj_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])), float), 4)
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> np.round(np.asarray(jd.dualproj_weighting()(G), float), 4)
     array([0.6109, 0.5   ])
     """
 
@@ -145,44 +147,84 @@ _HYPER_DOC = """
 """
 
 
-def upgrad(jacobian=None, /, *, pref_vector=None, norm_eps=1e-4, reg_eps=1e-4, solver="bpp",
-           tol=None, max_iter=None):
+def upgrad(
+    jacobian=None,
+    /,
+    *,
+    pref_vector=None,
+    norm_eps=1e-4,
+    reg_eps=1e-4,
+    solver="bpp",
+    tol=None,
+    max_iter=None,
+):
     r"""UPGrad (Quinton & Rey 2024): ``upgrad(J)`` returns the update, ``upgrad(**hyper)`` a
     reusable :class:`UPGrad` aggregator.
 
     Each row of J is projected onto the dual cone ``{x : J x >= 0}`` and the projections are
     averaged (weighted by ``pref_vector``), so no objective increases for a small step.
     """
-    agg = UPGrad(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol,
-                 max_iter=max_iter)
+    agg = UPGrad(
+        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
+    )
     return build_or_apply(agg, jacobian)
 
 
-def upgrad_weighting(gramian=None, /, *, pref_vector=None, norm_eps=1e-4, reg_eps=1e-4,
-                     solver="bpp", tol=None, max_iter=None):
+def upgrad_weighting(
+    gramian=None,
+    /,
+    *,
+    pref_vector=None,
+    norm_eps=1e-4,
+    reg_eps=1e-4,
+    solver="bpp",
+    tol=None,
+    max_iter=None,
+):
     """:class:`UPGradWeighting`: ``upgrad_weighting(G)`` returns weights, ``upgrad_weighting()``
     the weighting."""
-    w = UPGradWeighting(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol,
-                        max_iter=max_iter)
+    w = UPGradWeighting(
+        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
+    )
     return build_or_apply(w, gramian)
 
 
-def dualproj(jacobian=None, /, *, pref_vector=None, norm_eps=1e-4, reg_eps=1e-4, solver="bpp",
-             tol=None, max_iter=None):
+def dualproj(
+    jacobian=None,
+    /,
+    *,
+    pref_vector=None,
+    norm_eps=1e-4,
+    reg_eps=1e-4,
+    solver="bpp",
+    tol=None,
+    max_iter=None,
+):
     r"""DualProj: ``dualproj(J)`` returns the update, ``dualproj(**hyper)`` a :class:`DualProj`.
 
     The preference-weighted mean gradient projected onto the dual cone of the rows of J.
     """
-    agg = DualProj(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol,
-                   max_iter=max_iter)
+    agg = DualProj(
+        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
+    )
     return build_or_apply(agg, jacobian)
 
 
-def dualproj_weighting(gramian=None, /, *, pref_vector=None, norm_eps=1e-4, reg_eps=1e-4,
-                       solver="bpp", tol=None, max_iter=None):
+def dualproj_weighting(
+    gramian=None,
+    /,
+    *,
+    pref_vector=None,
+    norm_eps=1e-4,
+    reg_eps=1e-4,
+    solver="bpp",
+    tol=None,
+    max_iter=None,
+):
     """:class:`DualProjWeighting`: weights from a Gramian, or the weighting itself."""
-    w = DualProjWeighting(pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver,
-                          tol=tol, max_iter=max_iter)
+    w = DualProjWeighting(
+        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
+    )
     return build_or_apply(w, gramian)
 
 

@@ -19,7 +19,8 @@ class MGDAWeighting(Weighting):
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> import numpy as np
-    >>> np.round(np.asarray(jd.mgda_weighting()(jnp.array([[18.0, -22.0], [-22.0, 38.0]])), float), 4)
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> np.round(np.asarray(jd.mgda_weighting()(G), float), 4)
     array([0.6, 0.4])
     """
 
