@@ -1,0 +1,93 @@
+"""optax integration: Jacobian aggregation as the first link of a gradient-transformation chain."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray
+
+from ._tree import combine
+from ._tree import num_objectives as _num_rows
+from .aggregation import Aggregator, GramianWeightedAggregator
+
+
+class JDAggregateState(NamedTuple):
+    """State of :func:`jd_aggregate`.
+
+    Attributes:
+        key: PRNG key for random aggregators (split at every step), else ``None``.
+        weights: the last weights (m,) when ``num_objectives`` was given, else ``None``.
+    """
+
+    key: PRNGKeyArray | None
+    weights: Array | None
+
+
+def jd_aggregate(
+    aggregator: Aggregator, *, num_objectives: int | None = None, seed: int = 0
+) -> optax.GradientTransformationExtraArgs:
+    """An optax transformation that turns a Jacobian pytree into a params-shaped update.
+
+    ``update(jacobian, state, params=None, *, key=None, losses=None, **extra)`` takes the Jacobian
+    (the params' structure with a leading axis m on every leaf) and returns ``aggregator``'s
+    update. It must come **first** in a chain: wrappers that build params-shaped state or mix
+    their input with their output (``optax.MultiSteps``, ``optax.apply_if_finite``, lookahead)
+    may only wrap what comes after it, e.g.
+    ``optax.chain(jd_aggregate(agg), optax.MultiSteps(optax.adam(1e-3), 4).gradient_transformation())``.
+    Mask or label callables of ``optax.partition``/``optax.masked`` see Jacobian-shaped leaves:
+    use static label trees.
+
+    Args:
+        aggregator: any jaxjd aggregator, e.g. ``jaxjd.upgrad()``.
+        num_objectives: m; when given, the last weights are kept in the state for monitoring.
+        seed: seeds the PRNG key kept in the state for random aggregators (``key=`` overrides).
+
+    >>> import jax.numpy as jnp, optax, jaxjd as jd
+    >>> tx = optax.chain(jd.jd_aggregate(jd.upgrad(), num_objectives=2), optax.sgd(1.0))
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> J = {"w": jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}
+    >>> updates, state = tx.update(J, state, params)
+    >>> [round(float(x), 4) for x in updates["w"]]
+    [-0.2929, -1.9004, -1.9004]
+    """
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(f"jd_aggregate needs a jaxjd Aggregator; got {type(aggregator).__name__}.")
+    needs_key = isinstance(aggregator, GramianWeightedAggregator) and aggregator.weighting.needs_key
+    weighted = isinstance(aggregator, GramianWeightedAggregator)
+    if num_objectives is not None and (int(num_objectives) != num_objectives or num_objectives < 1):
+        raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
+
+    def init(params: Any) -> JDAggregateState:
+        del params  # only shapes matter, and none are needed: works on abstract params
+        key = jax.random.key(seed) if needs_key else None
+        weights = None if num_objectives is None else jnp.zeros((num_objectives,), jnp.float32)
+        return JDAggregateState(key, weights)
+
+    def update(updates, state, params=None, *, key=None, losses=None, **extra_args):
+        del params, losses, extra_args
+        m = _num_rows(updates)
+        if num_objectives is not None and m != num_objectives:
+            raise ValueError(
+                f"jd_aggregate was built for num_objectives={num_objectives} but the Jacobian "
+                f"has m = {m} rows."
+            )
+        new_key = state.key
+        step_key = key
+        if needs_key and key is None:
+            new_key, step_key = jax.random.split(state.key)
+        if weighted:
+            w = aggregator.weights(updates, key=step_key)
+            out = combine(w, updates)
+        else:
+            w = None
+            out = aggregator(updates, key=step_key)
+        weights = state.weights
+        if weights is not None and w is not None:
+            weights = w.astype(weights.dtype)
+        return out, JDAggregateState(new_key, weights)
+
+    return optax.GradientTransformationExtraArgs(init, update)
