@@ -35,8 +35,8 @@ def jd_aggregate(
     (the params' structure with a leading axis m on every leaf) and returns ``aggregator``'s
     update. It must come **first** in a chain: wrappers that build params-shaped state or mix
     their input with their output (``optax.MultiSteps``, ``optax.apply_if_finite``, lookahead)
-    may only wrap what comes after it, e.g.
-    ``optax.chain(jd_aggregate(agg), optax.MultiSteps(optax.adam(1e-3), 4).gradient_transformation())``.
+    may only wrap what comes after it, e.g. ``optax.chain(jd_aggregate(agg),
+    optax.MultiSteps(optax.adam(1e-3), 4).gradient_transformation())``.
     Mask or label callables of ``optax.partition``/``optax.masked`` see Jacobian-shaped leaves:
     use static label trees.
 
