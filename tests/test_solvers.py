@@ -179,3 +179,24 @@ def test_bpp_exact_at_large_m(m, x64):
     assert bool(info.converged.all()) and float(info.kkt_residual.max()) <= 1e-12
     d = np.asarray(V) @ J
     assert (J @ d.T).min() >= -1e-9 * np.linalg.norm(J) ** 2
+
+
+@pytest.mark.parametrize("m", [16, 17, 40])
+@pytest.mark.parametrize("reg", [1e-4, 0.0])
+def test_half_size_primal_dual_path_equals_full_size(m, reg, x64):
+    """For m >= 16 bpp solves K = ceil(m/2) systems (primal on F or dual on A); with reg = 0
+    and a rank-deficient J it must fall back to the full-size primal path. Both agree."""
+    from jaxjd._solvers._bpp import _bpp_one
+
+    rng = np.random.default_rng(m)
+    rank = m if reg else m // 3
+    J = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, 2 * m))
+    J *= rng.choice([-2.0, 1.0], size=(m, 1))
+    G = jd.normalize_regularize(jd.gramian(jnp.asarray(J)), 0.0, reg)
+    U = jnp.asarray(rng.uniform(size=(m, m)))
+    V, info = jd.project_onto_dual_cone(U, G)
+    full = jax.jit(jax.vmap(lambda u: _bpp_one(G, u, 10 * m + 20)))
+    V_full, info_full = full(U)
+    assert bool(info.converged.all()) and bool(info_full.converged.all())
+    assert float(info.kkt_residual.max()) <= 1e-12
+    np.testing.assert_allclose(V @ J, V_full @ J, rtol=0, atol=1e-9 * np.abs(V_full @ J).max())

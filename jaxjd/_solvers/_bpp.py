@@ -22,6 +22,10 @@ from jaxtyping import Array, Float
 from ._common import ProjectionInfo, kkt_residual
 
 _BACKUP_BUDGET = 3
+_COMPACT_MIN_M = 16
+# Largest tr(G) tr(G^-1) (an upper bound on the condition number) for which the dual half-size
+# systems are used: (float32, float64). Refinement squares the error kappa * eps.
+_DUAL_COND_LIMIT = {False: 1e4, True: 1e10}
 
 
 def default_max_iter(m: int) -> int:
@@ -38,13 +42,58 @@ def _masked_solve(G, c, free, ridge):
     return s, lam
 
 
-def _bpp_one(G, u, max_iter):
+def _compact_solve(G, c, u, free, ridge, H, GH, K):
+    """The same solve on a K x K system, K = ceil(m / 2).
+
+    When at most K indices are free, it is the primal system ``G_FF s_F = -c_F`` gathered into
+    K slots. Otherwise fewer than K are active and it solves the dual system on the active set A:
+    the multipliers ``mu = lambda_A`` satisfy ``H_AA mu = u_A`` with ``H = G^{-1}`` (because
+    ``G^{-1} c = u``), then ``s = G^{-1}(mu - c)``; one step of iterative refinement on
+    ``s_A = 0`` corrects the rounding of the K x K solve.
+    """
+    m = G.shape[0]
+    f = jnp.sum(free)
+    primal = f <= K
+    chosen = jnp.where(primal, free, ~free)
+    order = jnp.argsort(~chosen, stable=True)[:K]
+    valid = jnp.arange(K) < jnp.where(primal, f, m - f)
+    vf = valid.astype(G.dtype)
+    B = GH[primal.astype(jnp.int32) ^ 1, order[:, None], order[None, :]]
+    M = B * vf[:, None] * vf[None, :] + jnp.diag(1.0 - vf + jnp.where(primal, ridge, 0.0) * vf)
+    chol = jnp.linalg.cholesky(M)
+    rhs = jnp.where(primal, -c[order], u[order]) * vf
+    x = jax.scipy.linalg.cho_solve((chol, True), rhs) * vf
+    scattered = jnp.zeros((m,), G.dtype).at[order].add(x)
+    # Primal: s is the scattered solution.
+    p = free.astype(G.dtype)
+    s_primal = scattered
+    lam_primal = (G @ s_primal + c) * (1.0 - p)
+    # Dual: mu on A, s = G^{-1}(mu - c), refine so that s_A = 0.
+    mu = scattered
+    s_dual = H @ (mu - c)
+    correction = jax.scipy.linalg.cho_solve((chol, True), -s_dual[order] * vf) * vf
+    mu = mu + jnp.zeros((m,), G.dtype).at[order].add(correction)
+    s_dual = (H @ (mu - c)) * p
+    lam_dual = mu * (1.0 - p)
+    return jnp.where(primal, s_primal, s_dual), jnp.where(primal, lam_primal, lam_dual)
+
+
+def _bpp_one(G, u, max_iter, compact=None):
     m = G.shape[0]
     eps = jnp.finfo(G.dtype).eps
     gmax = jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(G.dtype).tiny)
     ridge = m * eps * gmax
     c = G @ u
     index = jnp.arange(m)
+    if compact is None:
+
+        def solve(free):
+            return _masked_solve(G, c, free, ridge)
+    else:
+        H, GH, K = compact
+
+        def solve(free):
+            return _compact_solve(G, c, u, free, ridge, H, GH, K)
 
     def infeasible(s, lam, free):
         smax = jnp.max(jnp.abs(s)) + jnp.max(jnp.abs(u))
@@ -53,7 +102,7 @@ def _bpp_one(G, u, max_iter):
         return jnp.where(free, s < -tol, lam < -tol_lam)
 
     free0 = c < 0
-    s0, lam0 = _masked_solve(G, c, free0, ridge)
+    s0, lam0 = solve(free0)
     bad0 = infeasible(s0, lam0, free0)
 
     def cond(state):
@@ -70,7 +119,7 @@ def _bpp_one(G, u, max_iter):
         last = jnp.max(jnp.where(bad, index, -1))
         flip = jnp.where(use_block, bad, index == last)
         free = free ^ flip
-        s, lam = _masked_solve(G, c, free, ridge)
+        s, lam = solve(free)
         return free, s, lam, infeasible(s, lam, free), it + 1, best, budget
 
     init = (free0, s0, lam0, bad0, jnp.asarray(0), jnp.asarray(m + 1), jnp.asarray(_BACKUP_BUDGET))
@@ -86,4 +135,26 @@ def bpp(
     """Exact dual-cone projection of every row of ``U`` by block principal pivoting."""
     m = G.shape[0]
     max_iter = default_max_iter(m) if max_iter is None else max_iter
-    return jax.vmap(lambda u: _bpp_one(G, u, max_iter))(U)
+
+    def full(U):
+        return jax.vmap(lambda u: _bpp_one(G, u, max_iter))(U)
+
+    if m < _COMPACT_MIN_M:
+        return full(U)
+    # Half-size systems (primal on F or dual on A, whichever is smaller) cost 8x fewer flops
+    # per Cholesky. The dual needs G^{-1}: only when G is well conditioned, judged by the bound
+    # cond(G) <= tr(G) tr(G^{-1}); otherwise every lane takes the full-size primal path.
+    K = -(-m // 2)
+    eye = jnp.eye(m, dtype=G.dtype)
+    chol_G = jnp.linalg.cholesky(G)
+    H = jax.scipy.linalg.cho_solve((chol_G, True), eye)
+    H = 0.5 * (H + H.T)
+    bound = jnp.trace(G) * jnp.trace(H)
+    limit = _DUAL_COND_LIMIT[jnp.finfo(G.dtype).bits >= 64]
+    ok = jnp.isfinite(bound) & (bound > 0) & (bound < limit)
+    GH = jnp.stack([G, H])  # one gather per lane picks the primal or the dual block
+
+    def compact(U):
+        return jax.vmap(lambda u: _bpp_one(G, u, max_iter, (H, GH, K)))(U)
+
+    return jax.lax.cond(ok, compact, full, U)
