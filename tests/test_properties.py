@@ -26,6 +26,10 @@ AGGREGATORS = {
     "mean": jd.mean(),
     "sum": jd.sum(),
     "random": jd.random(),
+    "imtl_g": jd.imtl_g(),
+    "aligned_mtl": jd.aligned_mtl(),
+    "config": jd.config(),
+    "pcgrad": jd.pcgrad(),
 }
 
 
@@ -78,6 +82,9 @@ PERM = {
     "mgda": 1e-4,
     "mean": 1e-12,
     "sum": 1e-12,
+    "imtl_g": 1e-6,
+    "aligned_mtl": 1e-6,
+    "config": 1e-6,
 }
 
 
@@ -95,7 +102,7 @@ def test_permutation_invariant(name, case, x64):
         assert np.linalg.norm(out - base) <= PERM[name] * scale + 1e-11 * np.linalg.norm(a)
 
 
-LUS = {"upgrad_exact": 1e-6, "mean": 1e-12, "sum": 1e-12}
+LUS = {"upgrad_exact": 1e-6, "mean": 1e-12, "sum": 1e-12, "config": 1e-6}
 
 
 @pytest.mark.parametrize("name", list(LUS))

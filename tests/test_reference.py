@@ -8,7 +8,20 @@ from helpers import reference, reference_cases, rel_err
 
 import jaxjd as jd
 
-CLASSES = ("UPGrad", "DualProj", "MGDA", "Mean", "Sum", "Constant")
+CLASSES = (
+    "UPGrad",
+    "DualProj",
+    "MGDA",
+    "Mean",
+    "Sum",
+    "Constant",
+    "IMTLG",
+    "AlignedMTL",
+    "ConFIG",
+    "Krum",
+    "TrimmedMean",
+    "PCGrad",
+)
 # Relative to the output norm (largest row norm for badly scaled inputs).
 TOL = {
     "UPGrad": 1e-8,
@@ -17,7 +30,19 @@ TOL = {
     "Mean": 1e-10,
     "Sum": 1e-10,
     "Constant": 1e-10,
+    "IMTLG": 1e-9,
+    "AlignedMTL": 1e-9,
+    "ConFIG": 1e-9,
+    "Krum": 1e-9,
+    "TrimmedMean": 1e-9,
+    "PCGrad": 1e-9,
 }
+
+
+# Eigendecompositions of G for row norms 1e-6, 1, 1e6: eigenvalues 1e12, 1, 1e-12, so the
+# eigenvectors are only determined to eps * 1e12 / gap ~ 2e-4 by any LAPACK; TorchJD's and ours
+# differ by that much (both equally exact).
+CASE_TOL = {"badscale_3x10__AlignedMTL_scale_mode=rmse": 3e-4}
 
 
 def build(case):
@@ -32,9 +57,15 @@ def build(case):
         "Mean": (jd.mean, jd.mean_weighting),
         "Sum": (jd.sum, jd.sum_weighting),
         "Constant": (jd.constant, jd.constant_weighting),
+        "IMTLG": (jd.imtl_g, jd.imtl_g_weighting),
+        "AlignedMTL": (jd.aligned_mtl, jd.aligned_mtl_weighting),
+        "ConFIG": (jd.config, None),
+        "Krum": (jd.krum, jd.krum_weighting),
+        "TrimmedMean": (jd.trimmed_mean, None),
+        "PCGrad": (jd.pcgrad, jd.pcgrad_weighting),
     }
     agg, weighting = factories[cls]
-    return agg(**params), weighting(**params)
+    return agg(**params), (None if weighting is None else weighting(**params))
 
 
 def _scale(case, ref):
@@ -57,6 +88,12 @@ def test_every_case_is_covered():
         "Mean": 24,
         "Sum": 24,
         "Constant": 24,
+        "IMTLG": 24,
+        "AlignedMTL": 96,
+        "ConFIG": 48,
+        "Krum": 31,
+        "TrimmedMean": 52,
+        "PCGrad": 6,
     }
 
 
@@ -67,16 +104,17 @@ def test_matches_torchjd(case, x64):
     J = jnp.asarray(arrays[mat["J_key"]])
     G = jnp.asarray(arrays[mat["G_key"]])
     agg, weighting = build(case)
-    tol = TOL[case["class"]]
+    tol = CASE_TOL.get(case["key"], TOL[case["class"]])
     out = case["outputs"]
 
     update = np.asarray(agg(J))
-    weights = np.asarray(agg.weights(J))
     assert update.dtype == np.float64
     ref_agg = arrays[out["aggregation"]]
     assert rel_err(update, ref_agg, _scale(case, ref_agg)) <= tol
-    ref_w = arrays[out["weights"]]
-    assert rel_err(weights, ref_w, max(np.linalg.norm(ref_w), 1e-12)) <= tol
+    if "weights" in out:
+        weights = np.asarray(agg.weights(J))
+        ref_w = arrays[out["weights"]]
+        assert rel_err(weights, ref_w, max(np.linalg.norm(ref_w), 1e-12)) <= tol
     if "gramian_weights" in out:
         ref_wg = arrays[out["gramian_weights"]]
         wg = np.asarray(weighting(G))

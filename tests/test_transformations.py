@@ -16,6 +16,12 @@ FACTORIES = {
     "sum": lambda: jd.sum(),
     "constant": lambda: jd.constant(weights=[1.0, -0.5, 2.0, 0.25]),
     "random": lambda: jd.random(),
+    "imtl_g": lambda: jd.imtl_g(),
+    "aligned_mtl": lambda: jd.aligned_mtl(scale_mode="median"),
+    "config": lambda: jd.config(),
+    "krum": lambda: jd.krum(n_byzantine=1, n_selected=2),
+    "trimmed_mean": lambda: jd.trimmed_mean(trim_number=1),
+    "pcgrad": lambda: jd.pcgrad(),
 }
 KEY = jax.random.key(3)
 

@@ -1,5 +1,6 @@
 """Aggregators (Jacobian -> update) and weightings (Gramian -> weights)."""
 
+from ._aligned_mtl import AlignedMTL, AlignedMTLWeighting, aligned_mtl, aligned_mtl_weighting
 from ._base import Aggregator, GramianWeightedAggregator, ShapeWeighting, Weighting
 from ._basic import (
     Constant,
@@ -19,6 +20,7 @@ from ._basic import (
     sum,
     sum_weighting,
 )
+from ._config import ConFIG, config
 from ._dual_cone import (
     DualProj,
     DualProjWeighting,
@@ -29,4 +31,8 @@ from ._dual_cone import (
     upgrad,
     upgrad_weighting,
 )
+from ._imtl_g import IMTLG, IMTLGWeighting, imtl_g, imtl_g_weighting
+from ._krum import Krum, KrumWeighting, krum, krum_weighting
 from ._mgda import MGDA, MGDAWeighting, mgda, mgda_weighting
+from ._pcgrad import PCGrad, PCGradWeighting, pcgrad, pcgrad_weighting
+from ._trimmed_mean import TrimmedMean, trimmed_mean

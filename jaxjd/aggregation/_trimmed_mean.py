@@ -1,0 +1,44 @@
+"""Coordinate-wise trimmed mean (Yin et al. 2018): needs coordinates, not a Gramian."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._tree import num_objectives
+from ._base import Aggregator, build_or_apply
+
+
+class TrimmedMean(Aggregator):
+    """Per coordinate, drop the ``trim_number`` smallest and largest entries of the m rows and
+    average the rest. Needs the Jacobian's coordinates (works leaf by leaf on a pytree) and
+    ``m >= 2 trim_number + 1``."""
+
+    trim_number: int = eqx.field(static=True)
+
+    def __init__(self, trim_number: int):
+        if int(trim_number) != trim_number or trim_number < 0:
+            raise ValueError(f"trim_number must be a non-negative integer; got {trim_number}.")
+        self.trim_number = int(trim_number)
+
+    def __call__(self, jacobian, /, *, key=None):
+        m = num_objectives(jacobian)
+        if m < 2 * self.trim_number + 1:
+            raise ValueError(
+                f"TrimmedMean({self.trim_number}) needs at least {2 * self.trim_number + 1} "
+                f"rows; got m = {m}."
+            )
+        t = self.trim_number
+
+        def one(leaf):
+            kept = jnp.sort(leaf, axis=0)[t : m - t]
+            return jnp.mean(kept, axis=0).astype(leaf.dtype)
+
+        return jax.tree_util.tree_map(one, jacobian)
+
+
+def trimmed_mean(jacobian=None, /, *, trim_number):
+    """Trimmed mean: ``trimmed_mean(J, trim_number=t)`` returns the update,
+    ``trimmed_mean(trim_number=t)`` a :class:`TrimmedMean`."""
+    return build_or_apply(TrimmedMean(trim_number), jacobian)

@@ -1,0 +1,83 @@
+"""Method-specific behaviour: goldens, equivalences, hyper-parameter validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxjd as jd
+
+J_BASE = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+
+
+def test_goldens_of_torchjd_readme():
+    cases = {
+        jd.imtl_g(): [0.0767, 1.0, 1.0],
+        jd.aligned_mtl(): [0.2133, 0.9673, 0.9673],
+        jd.aligned_mtl(scale_mode="median"): [0.2133, 0.9673, 0.9673],
+        jd.aligned_mtl(scale_mode="rmse"): [0.5764, 2.6142, 2.6142],
+        jd.config(): [0.1588, 2.0706, 2.0706],
+        jd.pcgrad(): [0.5848, 3.8012, 3.8012],
+    }
+    for agg, expected in cases.items():
+        np.testing.assert_allclose(agg(J_BASE), expected, atol=1e-4)
+    krum_in = jnp.array([[1.0, 1, 1], [1, 0, 1], [75, -666, 23], [1, 2, 3], [2, 0, 1]])
+    agg = jd.krum(n_byzantine=1, n_selected=4)
+    np.testing.assert_allclose(agg(krum_in), [1.25, 0.75, 1.5], atol=1e-6)
+    np.testing.assert_allclose(agg.weights(krum_in), [0.25, 0.25, 0, 0.25, 0.25])
+    tm_in = jnp.array([[1e11, 3], [1, -1e11], [-1e10, 1e10], [2, 2]])
+    np.testing.assert_allclose(jd.trimmed_mean(tm_in, trim_number=1), [1.5, 2.5])
+
+
+@pytest.mark.parametrize("n", [5, 50, 1000])
+def test_pcgrad_equals_upgrad_with_ones_preference_for_two_objectives(n, x64):
+    rng = np.random.default_rng(n)
+    J = jnp.asarray(rng.standard_normal((2, n)) * np.array([[1.0], [-3.0]]))
+    exact_upgrad = jd.upgrad(pref_vector=[1.0, 1.0], norm_eps=0.0, reg_eps=0.0)
+    np.testing.assert_allclose(jd.pcgrad(J), exact_upgrad(J), rtol=1e-10, atol=1e-12)
+
+
+def test_pcgrad_is_reproducible_per_key_and_depends_on_it():
+    rng = np.random.default_rng(0)
+    J = jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)
+    a = jd.pcgrad(J, key=jax.random.key(1))
+    np.testing.assert_array_equal(a, jd.pcgrad(J, key=jax.random.key(1)))
+    outs = {tuple(np.round(np.asarray(jd.pcgrad(J, key=jax.random.key(k))), 5)) for k in range(8)}
+    assert len(outs) > 1
+    with pytest.raises(ValueError, match="PRNG key"):
+        jd.pcgrad(J)
+
+
+def test_zero_matrix_gives_zero_update():
+    Z = jnp.zeros((3, 4))
+    for agg in (jd.imtl_g(), jd.aligned_mtl(), jd.config(), jd.pcgrad()):
+        out = agg(Z, key=jax.random.key(0))
+        assert bool(jnp.all(out == 0)) and bool(jnp.isfinite(out).all())
+
+
+def test_config_on_a_pytree_equals_the_matrix(x64):
+    rng = np.random.default_rng(2)
+    J = rng.standard_normal((4, 9))
+    tree = {"a": jnp.asarray(J[:, :4].reshape(4, 2, 2)), "b": jnp.asarray(J[:, 4:])}
+    out = jd.config(tree)
+    flat = np.concatenate([np.asarray(out["a"]).ravel(), np.asarray(out["b"])])
+    np.testing.assert_allclose(flat, jd.config(jnp.asarray(J)), rtol=1e-12)
+
+
+def test_hyper_parameter_validation():
+    with pytest.raises(ValueError, match="n_byzantine"):
+        jd.krum(n_byzantine=-1)
+    with pytest.raises(ValueError, match="n_selected"):
+        jd.krum(n_byzantine=0, n_selected=0)
+    with pytest.raises(ValueError, match="n_byzantine \\+ 3"):
+        jd.krum(jnp.ones((3, 2)), n_byzantine=1)
+    with pytest.raises(ValueError, match="n_selected = 5"):
+        jd.krum(jnp.ones((4, 2)), n_byzantine=0, n_selected=5)
+    with pytest.raises(ValueError, match="trim_number"):
+        jd.trimmed_mean(trim_number=-1)
+    with pytest.raises(ValueError, match="at least 5"):
+        jd.trimmed_mean(jnp.ones((4, 2)), trim_number=2)
+    with pytest.raises(ValueError, match="scale_mode"):
+        jd.aligned_mtl(scale_mode="max")
+    with pytest.raises(ValueError, match="length 3"):
+        jd.config(jnp.ones((2, 3)), pref_vector=[1.0, 1.0, 1.0])
