@@ -81,3 +81,25 @@ def test_hyper_parameter_validation():
         jd.aligned_mtl(scale_mode="max")
     with pytest.raises(ValueError, match="length 3"):
         jd.config(jnp.ones((2, 3)), pref_vector=[1.0, 1.0, 1.0])
+
+
+def test_graddrop_masks_and_leak():
+    rng = np.random.default_rng(5)
+    J = jnp.asarray(rng.standard_normal((4, 50)), jnp.float32)
+    key = jax.random.key(2)
+    out = jd.graddrop(J, key=key)
+    np.testing.assert_array_equal(out, jd.graddrop(J, key=key))
+    # Each coordinate keeps either the positive or the negative entries.
+    pos = np.asarray(jnp.sum(jnp.maximum(J, 0), 0))
+    neg = np.asarray(jnp.sum(jnp.minimum(J, 0), 0))
+    o = np.asarray(out)
+    assert np.all(np.isclose(o, pos, atol=1e-6) | np.isclose(o, neg, atol=1e-6))
+    assert np.any(np.isclose(o, pos, atol=1e-6) & ~np.isclose(pos, 0))
+    assert np.any(np.isclose(o, neg, atol=1e-6) & ~np.isclose(neg, 0))
+    # Full leak keeps everything: the sum of the rows.
+    full = jd.graddrop(J, key=key, leak=[1.0] * 4)
+    np.testing.assert_allclose(full, jnp.sum(J, 0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="PRNG key"):
+        jd.graddrop(J)
+    with pytest.raises(ValueError, match="length 3"):
+        jd.graddrop(J, key=key, leak=[0.1, 0.2, 0.3])

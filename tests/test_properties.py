@@ -30,6 +30,7 @@ AGGREGATORS = {
     "aligned_mtl": jd.aligned_mtl(),
     "config": jd.config(),
     "pcgrad": jd.pcgrad(),
+    "graddrop": jd.graddrop(),
 }
 
 

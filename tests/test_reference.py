@@ -21,6 +21,7 @@ CLASSES = (
     "Krum",
     "TrimmedMean",
     "PCGrad",
+    "GradDrop",
 )
 # Relative to the output norm (largest row norm for badly scaled inputs).
 TOL = {
@@ -36,6 +37,7 @@ TOL = {
     "Krum": 1e-9,
     "TrimmedMean": 1e-9,
     "PCGrad": 1e-9,
+    "GradDrop": 1e-12,
 }
 
 
@@ -63,6 +65,7 @@ def build(case):
         "Krum": (jd.krum, jd.krum_weighting),
         "TrimmedMean": (jd.trimmed_mean, None),
         "PCGrad": (jd.pcgrad, jd.pcgrad_weighting),
+        "GradDrop": (jd.graddrop, None),
     }
     agg, weighting = factories[cls]
     return agg(**params), (None if weighting is None else weighting(**params))
@@ -94,6 +97,7 @@ def test_every_case_is_covered():
         "Krum": 31,
         "TrimmedMean": 52,
         "PCGrad": 6,
+        "GradDrop": 6,
     }
 
 
@@ -107,7 +111,7 @@ def test_matches_torchjd(case, x64):
     tol = CASE_TOL.get(case["key"], TOL[case["class"]])
     out = case["outputs"]
 
-    update = np.asarray(agg(J))
+    update = np.asarray(agg(J, key=jax.random.key(0)))  # only random methods read the key
     assert update.dtype == np.float64
     ref_agg = arrays[out["aggregation"]]
     assert rel_err(update, ref_agg, _scale(case, ref_agg)) <= tol

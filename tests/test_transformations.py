@@ -22,6 +22,7 @@ FACTORIES = {
     "krum": lambda: jd.krum(n_byzantine=1, n_selected=2),
     "trimmed_mean": lambda: jd.trimmed_mean(trim_number=1),
     "pcgrad": lambda: jd.pcgrad(),
+    "graddrop": lambda: jd.graddrop(leak=[0.1, 0.2, 0.3, 0.4]),
 }
 KEY = jax.random.key(3)
 
@@ -66,12 +67,15 @@ def test_vmap_over_a_batch_of_jacobians(name, dtype):
 def test_pytree_equals_matrix(name, dtype):
     agg = FACTORIES[name]()
     J = jacobian(dtype)
-    tree = {"w": J[:, :6].reshape(4, 2, 3), "b": (J[:, 6:],)}
+    # Leaves flatten as b, w: build the tree so that its matrix view is J.
+    tree = {"b": (J[:, :1],), "w": J[:, 1:].reshape(4, 2, 3)}
+    np.testing.assert_array_equal(jd.matrix_view(tree), J)
     out = agg(tree, key=KEY)
     assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure({"w": 0, "b": (0,)})
     assert out["w"].shape == (2, 3) and out["b"][0].shape == (1,)
-    flat = jnp.concatenate([out["w"].ravel(), out["b"][0]])
-    np.testing.assert_allclose(flat, agg(J, key=KEY), rtol=tol(dtype) * 10, atol=tol(dtype))
+    expected = jd.unravel_row(agg(J, key=KEY), tree)
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=tol(dtype) * 10, atol=tol(dtype))
     if isinstance(agg, jd.GramianWeightedAggregator):
         np.testing.assert_allclose(
             agg.weights(tree, key=KEY),
