@@ -103,3 +103,21 @@ def test_graddrop_masks_and_leak():
         jd.graddrop(J)
     with pytest.raises(ValueError, match="length 3"):
         jd.graddrop(J, key=key, leak=[0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 2.0])
+def test_fairgrad_solves_its_equation_and_is_non_conflicting(alpha, dtype):
+    rng = np.random.default_rng(7)
+    J = rng.standard_normal((5, 12)) * rng.choice([-2.0, 1.0], size=(5, 1))
+    J = jnp.asarray(J.astype(dtype))
+    agg = jd.fairgrad(alpha=alpha)
+    w = np.asarray(agg.weights(J), np.float64)
+    G = np.asarray(jd.gramian(J), np.float64)
+    target = w ** (-1.0 / alpha)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    assert np.abs(G @ w - target).max() <= tol * target.max()
+    directional = np.asarray(J, np.float64) @ np.asarray(agg(J), np.float64)
+    assert directional.min() > 0
+    np.testing.assert_allclose(jd.fairgrad(J, alpha=0.0), jd.mean(J), rtol=1e-6)
+    with pytest.raises(ValueError, match="alpha"):
+        jd.fairgrad(alpha=-1.0)

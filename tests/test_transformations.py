@@ -23,6 +23,7 @@ FACTORIES = {
     "trimmed_mean": lambda: jd.trimmed_mean(trim_number=1),
     "pcgrad": lambda: jd.pcgrad(),
     "graddrop": lambda: jd.graddrop(leak=[0.1, 0.2, 0.3, 0.4]),
+    "fairgrad": lambda: jd.fairgrad(alpha=1.0),
 }
 KEY = jax.random.key(3)
 

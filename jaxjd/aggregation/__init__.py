@@ -31,6 +31,7 @@ from ._dual_cone import (
     upgrad,
     upgrad_weighting,
 )
+from ._fairgrad import FairGrad, FairGradWeighting, fairgrad, fairgrad_weighting
 from ._graddrop import GradDrop, graddrop
 from ._imtl_g import IMTLG, IMTLGWeighting, imtl_g, imtl_g_weighting
 from ._krum import Krum, KrumWeighting, krum, krum_weighting

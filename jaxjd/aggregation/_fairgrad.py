@@ -1,0 +1,107 @@
+"""FairGrad (Ban & Ji, ICML 2024): alpha-fair weights, solved in-graph by damped Newton."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._tree import accumulation_dtype, check_gramian
+from ._base import GramianWeightedAggregator, Weighting, build_or_apply
+
+
+class FairGradWeighting(Weighting):
+    r"""Weights of FairGrad: the positive solution of ``G x = x^{-1/alpha}`` (element-wise), so
+    that ``g_i . d = x_i^{-1/alpha} > 0`` for every objective (non-conflicting). ``alpha = 0`` gives
+    the uniform ``1/m``.
+
+    The solution minimises the convex ``phi(x) = x^T G x / 2 - sum_i h(x_i)`` over ``x > 0``
+    (``h = log`` for ``alpha = 1``, ``h(t) = t^{1 - 1/alpha} / (1 - 1/alpha)`` otherwise): Newton
+    steps with the Hessian ``G + diag(x^{-1/alpha - 1}) / alpha``, a fraction-to-the-boundary rule
+    and Armijo backtracking, from ``x = 1/m``, until ``|G x - x^{-1/alpha}|_inf <= tol`` relative
+    to ``max(x^{-1/alpha})`` or ``max_iters`` Newton steps (TorchJD uses scipy's least squares).
+    When no positive solution exists (a positive ``v`` with ``J^T v = 0``, e.g. ``J = 0``),
+    ``phi`` is unbounded below; the iterate after ``max_iters`` steps (or the last finite one)
+    is returned: finite, positive, and large.
+    """
+
+    alpha: float = eqx.field(static=True)
+    max_iters: int = eqx.field(static=True)
+    tol: float | None = eqx.field(static=True)
+
+    def __init__(self, alpha: float, max_iters: int | None = None, tol: float | None = None):
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0; got {alpha}.")
+        if max_iters is not None and (int(max_iters) != max_iters or max_iters < 1):
+            raise ValueError(f"max_iters must be a positive integer; got {max_iters}.")
+        self.alpha = float(alpha)
+        self.max_iters = 100 if max_iters is None else int(max_iters)
+        self.tol = tol
+
+    def _weigh(self, gramian, key):
+        m = check_gramian(gramian)
+        G = jax.lax.stop_gradient(jnp.asarray(gramian, accumulation_dtype(gramian.dtype)))
+        uniform = jnp.full((m,), 1.0 / m, G.dtype)
+        if self.alpha == 0:
+            return uniform
+        a = self.alpha
+        tol = self.tol if self.tol is not None else (1e-12 if G.dtype == jnp.float64 else 1e-6)
+
+        def power(x):
+            return x ** (-1.0 / a)
+
+        def phi(x):
+            h = jnp.log(x) if a == 1 else x ** (1 - 1 / a) / (1 - 1 / a)
+            return 0.5 * x @ G @ x - jnp.sum(h)
+
+        def residual(x):
+            r = G @ x - power(x)
+            return jnp.max(jnp.abs(r)) / jnp.maximum(jnp.max(power(x)), 1e-300)
+
+        def cond(state):
+            _, it, res = state
+            return (res > tol) & (it < self.max_iters)
+
+        def body(state):
+            x, it, _ = state
+            grad = G @ x - power(x)
+            hess = G + jnp.diag(power(x) / (a * x))
+            d = -jnp.linalg.solve(hess, grad)
+            ratio = jnp.where(d < 0, -x / jnp.where(d < 0, d, -1.0), jnp.inf)
+            t0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))
+            f0 = phi(x)
+            slope = grad @ d
+
+            def ls_cond(t):
+                return (phi(x + t * d) > f0 + 1e-4 * t * slope) & (t > 1e-12)
+
+            t = jax.lax.while_loop(ls_cond, lambda t: 0.5 * t, t0)
+            new = x + t * d
+            res = residual(new)
+            # Diverging (no positive root): keep the last finite iterate and stop.
+            ok = jnp.all(jnp.isfinite(new)) & jnp.isfinite(res) & jnp.isfinite(phi(new))
+            x = jnp.where(ok, new, x)
+            return x, jnp.where(ok, it + 1, self.max_iters), jnp.where(ok, res, residual(x))
+
+        x, _, _ = jax.lax.while_loop(cond, body, (uniform, jnp.asarray(0), residual(uniform)))
+        return x
+
+
+class FairGrad(GramianWeightedAggregator):
+    """FairGrad aggregator: ``J^T w`` with :class:`FairGradWeighting` weights."""
+
+    weighting: FairGradWeighting
+
+    def __init__(self, alpha: float, max_iters: int | None = None, tol: float | None = None):
+        self.weighting = FairGradWeighting(alpha, max_iters, tol)
+
+
+def fairgrad(jacobian=None, /, *, alpha, max_iters=None, tol=None):
+    """FairGrad (Ban & Ji 2024): ``fairgrad(J, alpha=a)`` returns the update,
+    ``fairgrad(alpha=a)`` a :class:`FairGrad`."""
+    return build_or_apply(FairGrad(alpha, max_iters, tol), jacobian)
+
+
+def fairgrad_weighting(gramian=None, /, *, alpha, max_iters=None, tol=None):
+    """:class:`FairGradWeighting`: weights from a Gramian, or the weighting itself."""
+    return build_or_apply(FairGradWeighting(alpha, max_iters, tol), gramian)
