@@ -121,3 +121,17 @@ def test_fairgrad_solves_its_equation_and_is_non_conflicting(alpha, dtype):
     np.testing.assert_allclose(jd.fairgrad(J, alpha=0.0), jd.mean(J), rtol=1e-6)
     with pytest.raises(ValueError, match="alpha"):
         jd.fairgrad(alpha=-1.0)
+
+
+def test_cagrad_goldens_validation_and_non_conflict(dtype):
+    np.testing.assert_allclose(jd.cagrad(J_BASE, c=0.5), [0.1835, 1.2041, 1.2041], atol=1e-4)
+    np.testing.assert_allclose(jd.cagrad(J_BASE, c=0.0), jd.mean(J_BASE), rtol=1e-6)
+    with pytest.raises(ValueError, match="c must be"):
+        jd.cagrad(c=-0.5)
+    rng = np.random.default_rng(3)
+    for c in (1.0, 2.0):  # TorchJD's tests: non-conflicting for c >= 1
+        J = jnp.asarray(
+            (rng.standard_normal((6, 9)) * rng.choice([-2.0, 1.0], (6, 1))).astype(dtype)
+        )
+        d = np.asarray(J, np.float64) @ np.asarray(jd.cagrad(J, c=c), np.float64)
+        assert d.min() >= -1e-6 * np.linalg.norm(d)

@@ -24,6 +24,7 @@ FACTORIES = {
     "pcgrad": lambda: jd.pcgrad(),
     "graddrop": lambda: jd.graddrop(leak=[0.1, 0.2, 0.3, 0.4]),
     "fairgrad": lambda: jd.fairgrad(alpha=1.0),
+    "cagrad": lambda: jd.cagrad(c=0.5),
 }
 KEY = jax.random.key(3)
 
@@ -34,7 +35,14 @@ def jacobian(dtype, m=4, n=7, seed=0):
     return jnp.asarray(a.astype(dtype))
 
 
-def tol(dtype):
+# CAGrad's first-order solver stops on the gradient mapping: its weights are accurate to ~1e-7
+# (float64) and ~3e-4 (float32), so jit/vmap/pytree variants agree to that.
+LOOSE = {"cagrad": {"float64": 1e-7, "float32": 1e-4}}
+
+
+def tol(dtype, name=None):
+    if name in LOOSE:
+        return LOOSE[name][dtype]
     return 1e-12 if dtype == "float64" else 1e-5
 
 
@@ -48,7 +56,7 @@ def test_jit_equals_eager(name, dtype):
     static = jax.jit(lambda a, J, k: a(J, key=k), static_argnums=0)(agg, J, KEY)
     for out in (closed, as_arg, static):
         assert out.dtype == J.dtype
-        np.testing.assert_allclose(out, eager, rtol=tol(dtype) * 10, atol=tol(dtype))
+        np.testing.assert_allclose(out, eager, rtol=tol(dtype, name) * 10, atol=tol(dtype, name))
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
@@ -60,7 +68,7 @@ def test_vmap_over_a_batch_of_jacobians(name, dtype):
     assert batched.shape == (5, 7)
     for i in range(5):
         np.testing.assert_allclose(
-            batched[i], agg(Js[i], key=keys[i]), rtol=tol(dtype) * 10, atol=tol(dtype)
+            batched[i], agg(Js[i], key=keys[i]), rtol=tol(dtype, name) * 10, atol=tol(dtype, name)
         )
 
 
@@ -76,13 +84,13 @@ def test_pytree_equals_matrix(name, dtype):
     assert out["w"].shape == (2, 3) and out["b"][0].shape == (1,)
     expected = jd.unravel_row(agg(J, key=KEY), tree)
     for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=tol(dtype) * 10, atol=tol(dtype))
+        np.testing.assert_allclose(a, b, rtol=tol(dtype, name) * 10, atol=tol(dtype, name))
     if isinstance(agg, jd.GramianWeightedAggregator):
         np.testing.assert_allclose(
             agg.weights(tree, key=KEY),
             agg.weights(J, key=KEY),
-            rtol=tol(dtype) * 10,
-            atol=tol(dtype),
+            rtol=tol(dtype, name) * 10,
+            atol=tol(dtype, name),
         )
 
 

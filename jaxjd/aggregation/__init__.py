@@ -20,6 +20,7 @@ from ._basic import (
     sum,
     sum_weighting,
 )
+from ._cagrad import CAGrad, CAGradWeighting, cagrad, cagrad_weighting
 from ._config import ConFIG, config
 from ._dual_cone import (
     DualProj,
