@@ -147,86 +147,63 @@ _HYPER_DOC = """
 """
 
 
-def upgrad(
-    jacobian=None,
-    /,
-    *,
-    pref_vector=None,
-    norm_eps=1e-4,
-    reg_eps=1e-4,
-    solver="bpp",
-    tol=None,
-    max_iter=None,
-):
+def _factory(cls, name: str, doc: str):
+    """Both spellings for a dual-cone method: ``f(x, **hyper)`` applies, ``f(**hyper)`` builds."""
+
+    def factory(
+        x=None,
+        /,
+        *,
+        pref_vector=None,
+        norm_eps=1e-4,
+        reg_eps=1e-4,
+        solver="bpp",
+        tol=None,
+        max_iter=None,
+    ):
+        obj = cls(
+            pref_vector,
+            norm_eps=norm_eps,
+            reg_eps=reg_eps,
+            solver=solver,
+            tol=tol,
+            max_iter=max_iter,
+        )
+        return build_or_apply(obj, x)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc + _HYPER_DOC
+    return factory
+
+
+upgrad = _factory(
+    UPGrad,
+    "upgrad",
     r"""UPGrad (Quinton & Rey 2024): ``upgrad(J)`` returns the update, ``upgrad(**hyper)`` a
     reusable :class:`UPGrad` aggregator.
 
     Each row of J is projected onto the dual cone ``{x : J x >= 0}`` and the projections are
     averaged (weighted by ``pref_vector``), so no objective increases for a small step.
-    """
-    agg = UPGrad(
-        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
-    )
-    return build_or_apply(agg, jacobian)
-
-
-def upgrad_weighting(
-    gramian=None,
-    /,
-    *,
-    pref_vector=None,
-    norm_eps=1e-4,
-    reg_eps=1e-4,
-    solver="bpp",
-    tol=None,
-    max_iter=None,
-):
-    """:class:`UPGradWeighting`: ``upgrad_weighting(G)`` returns weights, ``upgrad_weighting()``
-    the weighting."""
-    w = UPGradWeighting(
-        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
-    )
-    return build_or_apply(w, gramian)
-
-
-def dualproj(
-    jacobian=None,
-    /,
-    *,
-    pref_vector=None,
-    norm_eps=1e-4,
-    reg_eps=1e-4,
-    solver="bpp",
-    tol=None,
-    max_iter=None,
-):
+""",
+)
+upgrad_weighting = _factory(
+    UPGradWeighting,
+    "upgrad_weighting",
+    """:class:`UPGradWeighting`: ``upgrad_weighting(G)`` returns weights,
+    ``upgrad_weighting()`` the weighting.
+""",
+)
+dualproj = _factory(
+    DualProj,
+    "dualproj",
     r"""DualProj: ``dualproj(J)`` returns the update, ``dualproj(**hyper)`` a :class:`DualProj`.
 
     The preference-weighted mean gradient projected onto the dual cone of the rows of J.
-    """
-    agg = DualProj(
-        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
-    )
-    return build_or_apply(agg, jacobian)
-
-
-def dualproj_weighting(
-    gramian=None,
-    /,
-    *,
-    pref_vector=None,
-    norm_eps=1e-4,
-    reg_eps=1e-4,
-    solver="bpp",
-    tol=None,
-    max_iter=None,
-):
-    """:class:`DualProjWeighting`: weights from a Gramian, or the weighting itself."""
-    w = DualProjWeighting(
-        pref_vector, norm_eps=norm_eps, reg_eps=reg_eps, solver=solver, tol=tol, max_iter=max_iter
-    )
-    return build_or_apply(w, gramian)
-
-
-for _f in (upgrad, upgrad_weighting, dualproj, dualproj_weighting):
-    _f.__doc__ += _HYPER_DOC
+""",
+)
+dualproj_weighting = _factory(
+    DualProjWeighting,
+    "dualproj_weighting",
+    """:class:`DualProjWeighting`: weights from a Gramian, or the weighting itself.
+""",
+)
