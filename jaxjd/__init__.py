@@ -11,7 +11,7 @@ from . import monitoring
 from ._jacobian import value_and_jacobian
 from ._optax import JDAggregateState, jd_aggregate
 from ._solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
-from ._tree import combine, gramian, matrix_view, num_objectives, unravel_row
+from ._tree import combine, cross_gramian, gramian, matrix_view, num_objectives, unravel_row
 from .aggregation import (
     IMTLG,
     MGDA,
@@ -35,11 +35,15 @@ from .aggregation import (
     Mean,
     MeanWeighting,
     MGDAWeighting,
+    MoDoWeighting,
     PCGrad,
     PCGradWeighting,
     Random,
     RandomWeighting,
+    SDMGradWeighting,
     ShapeWeighting,
+    SimplexWeightsState,
+    StatefulWeighting,
     Sum,
     SumWeighting,
     TrimmedMean,
@@ -66,10 +70,12 @@ from .aggregation import (
     mean_weighting,
     mgda,
     mgda_weighting,
+    modo_weighting,
     pcgrad,
     pcgrad_weighting,
     random,
     random_weighting,
+    sdmgrad_weighting,
     sum,
     sum_weighting,
     trimmed_mean,

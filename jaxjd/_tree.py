@@ -131,6 +131,23 @@ def _rows_gram(rows: Array, acc) -> Array:
     return total
 
 
+def cross_gramian(jacobian1: PyTreeJacobian, jacobian2: PyTreeJacobian) -> Float[Array, "m m"]:
+    r"""The cross product :math:`J_1 J_2^\top` of two Jacobians with the same structure (e.g. the
+    same losses on two mini-batches), leaf by leaf: the input of MoDo and SDMGrad."""
+    m1, m2 = num_objectives(jacobian1), num_objectives(jacobian2)
+    if jax.tree_util.tree_structure(jacobian1) != jax.tree_util.tree_structure(jacobian2):
+        raise ValueError("The two Jacobians must have the same pytree structure.")
+    total = None
+    for a, b in zip(_leaves(jacobian1), _leaves(jacobian2)):
+        if a.shape[1:] != b.shape[1:]:
+            raise ValueError(f"Leaf shapes differ: {a.shape} vs {b.shape}.")
+        acc = accumulation_dtype(jnp.result_type(a, b))
+        g = _dot_rows(_as_rows(a), _as_rows(b), acc)
+        total = g if total is None else total + g
+    assert total.shape == (m1, m2)
+    return total
+
+
 def combine(weights: Float[Array, " m"], jacobian: PyTreeJacobian) -> PyTree[Array]:
     r"""The weighted row combination :math:`J^\top w`, leaf by leaf.
 

@@ -135,3 +135,23 @@ def test_cagrad_goldens_validation_and_non_conflict(dtype):
         )
         d = np.asarray(J, np.float64) @ np.asarray(jd.cagrad(J, c=c), np.float64)
         assert d.min() >= -1e-6 * np.linalg.norm(d)
+
+
+def test_modo_one_step_by_hand_and_state_errors(x64):
+    A = jnp.array([[2.0, -1.0, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 3.0]])  # not symmetric
+    w = jd.modo_weighting(gamma=0.1, rho=0.1)
+    state = w.init(3, jnp.float64)
+    lam, state = w.update(A, state)
+    lam0 = np.full(3, 1 / 3)
+    step = lam0 - 0.1 * (np.asarray(A) @ lam0 + 0.1 * lam0)
+    expected = step - (step.sum() - 1) / 3  # interior of the simplex here: a shift
+    np.testing.assert_allclose(lam, expected, rtol=1e-12)
+    np.testing.assert_allclose(state.weights, lam)
+    with pytest.raises(TypeError, match="stateful"):
+        w(A)
+    with pytest.raises(ValueError, match="init"):
+        w.update(jnp.eye(4), state)
+    sdm = jd.sdmgrad_weighting(lambda_=0.3)
+    out, s2 = sdm.update(A, sdm.init(3, jnp.float64))
+    assert abs(float(out.sum()) - 1.0) < 1e-12 and bool(jnp.all(out >= 0))
+    assert abs(float(s2.weights.sum()) - 1.0) < 1e-12

@@ -1,7 +1,13 @@
 """Aggregators (Jacobian -> update) and weightings (Gramian -> weights)."""
 
 from ._aligned_mtl import AlignedMTL, AlignedMTLWeighting, aligned_mtl, aligned_mtl_weighting
-from ._base import Aggregator, GramianWeightedAggregator, ShapeWeighting, Weighting
+from ._base import (
+    Aggregator,
+    GramianWeightedAggregator,
+    ShapeWeighting,
+    StatefulWeighting,
+    Weighting,
+)
 from ._basic import (
     Constant,
     ConstantWeighting,
@@ -37,5 +43,12 @@ from ._graddrop import GradDrop, graddrop
 from ._imtl_g import IMTLG, IMTLGWeighting, imtl_g, imtl_g_weighting
 from ._krum import Krum, KrumWeighting, krum, krum_weighting
 from ._mgda import MGDA, MGDAWeighting, mgda, mgda_weighting
+from ._modo_sdmgrad import (
+    MoDoWeighting,
+    SDMGradWeighting,
+    SimplexWeightsState,
+    modo_weighting,
+    sdmgrad_weighting,
+)
 from ._pcgrad import PCGrad, PCGradWeighting, pcgrad, pcgrad_weighting
 from ._trimmed_mean import TrimmedMean, trimmed_mean

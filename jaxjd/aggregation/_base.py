@@ -52,6 +52,37 @@ def _weigh_jit(weighting, gramian, key):
     return weighting._weigh(gramian, key)
 
 
+class StatefulWeighting(Weighting):
+    """A weighting with explicit state, optax style: ``state = w.init(m)``, then
+    ``weights, state = w.update(matrix, state)`` at every step (jit- and scan-friendly)."""
+
+    def __call__(self, gramian, /, *, key=None):
+        raise TypeError(
+            f"{type(self).__name__} is stateful: use state = w.init(num_objectives) and "
+            "weights, state = w.update(matrix, state)."
+        )
+
+    def _weigh(self, gramian, key):  # pragma: no cover - never reached, __call__ refuses
+        raise TypeError("stateful")
+
+    @abc.abstractmethod
+    def init(self, num_objectives: int, dtype=jnp.float32):
+        """The initial state for ``num_objectives`` objectives."""
+
+    def update(self, matrix, state, /, *, key=None):
+        """``(weights, new_state)`` for this step's ``matrix``."""
+        check_gramian(matrix)
+        return _update_jit(self, matrix, state, key)
+
+    @abc.abstractmethod
+    def _update(self, matrix, state, key): ...
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _update_jit(weighting, matrix, state, key):
+    return weighting._update(matrix, state, key)
+
+
 class ShapeWeighting(Weighting):
     """A weighting that only reads m (Mean, Sum, Constant, Random): it accepts a Gramian, and an
     aggregator built on it never forms one."""

@@ -15,11 +15,12 @@ def project_onto_simplex(y):
     """Euclidean projection onto the probability simplex (sort-based, jit-friendly)."""
     m = y.shape[0]
     u = jnp.sort(y)[::-1]
-    css = jnp.cumsum(u)
+    # Sequential partial sums (not a parallel prefix): the same rounding as a running sum.
+    css = jax.lax.scan(lambda c, x: (c + x, c + x), jnp.zeros((), y.dtype), u)[1]
     k = jnp.arange(1, m + 1, dtype=y.dtype)
     ok = u - (css - 1.0) / k > 0
     rho = jnp.max(jnp.where(ok, jnp.arange(m), 0))
-    theta = (css[rho] - 1.0) / (rho + 1.0)
+    theta = jnp.where(rho == m - 1, (jnp.sum(y) - 1.0) / m, (css[rho] - 1.0) / (rho + 1.0))
     return jnp.maximum(y - theta, 0.0)
 
 
