@@ -155,3 +155,22 @@ def test_modo_one_step_by_hand_and_state_errors(x64):
     out, s2 = sdm.update(A, sdm.init(3, jnp.float64))
     assert abs(float(out.sum()) - 1.0) < 1e-12 and bool(jnp.all(out >= 0))
     assert abs(float(s2.weights.sum()) - 1.0) < 1e-12
+
+
+def test_crmogm_pass_through_frozen_and_validation(x64):
+    G = jd.gramian(jnp.asarray(np.random.default_rng(1).standard_normal((3, 5))))
+    inner = jd.upgrad_weighting()
+    through = jd.crmogm_weighting(inner, alpha=0.0)
+    w, _ = through.update(G, through.init(3, jnp.float64))
+    np.testing.assert_allclose(w, inner(G), rtol=1e-12)
+    frozen = jd.crmogm_weighting(inner, alpha=1.0, initial_weights=[0.2, 0.3, 0.5])
+    state = frozen.init(3, jnp.float64)
+    for _ in range(3):
+        w, state = frozen.update(G, state)
+    np.testing.assert_allclose(w, [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match="alpha"):
+        jd.crmogm_weighting(inner, alpha=1.5)
+    with pytest.raises(TypeError, match="stateless"):
+        jd.crmogm_weighting(jd.modo_weighting())
+    with pytest.raises(ValueError, match="expected m = 4"):
+        frozen.init(4)

@@ -317,3 +317,26 @@ def test_stateful_weightings_five_step_sequences(seq, x64):
         lambda s, a: weighting.update(a, s)[::-1], weighting.init(A.shape[1], A.dtype), A
     )
     np.testing.assert_allclose(scanned, np.stack(outs), rtol=1e-12, atol=1e-14)
+
+
+CRMOGM_SEQUENCES = [
+    s
+    for s in reference()[0]["sequences"]
+    if s["config"].startswith("CRMOGM") and s["deterministic"]
+]
+
+
+@pytest.mark.parametrize("seq", CRMOGM_SEQUENCES, ids=[s["key"] for s in CRMOGM_SEQUENCES])
+def test_crmogm_five_step_sequences(seq, x64):
+    index, arrays = reference()
+    inputs = index["sequence_inputs"][seq["sequence"]]
+    Js = arrays[inputs["J_key"]]
+    inner = {"UPGradWeighting()": jd.upgrad_weighting(), "MGDAWeighting()": jd.mgda_weighting()}
+    params = dict(seq["params"])
+    weighting = jd.crmogm_weighting(inner[params.pop("weighting")], **params)
+    state = weighting.init(Js.shape[1], jnp.float64)
+    for k, J in enumerate(Js):
+        J = jnp.asarray(J)
+        w, state = weighting.update(jd.gramian(J), state)
+        assert rel_err(w, arrays[seq["outputs"]["weights"]][k]) <= 1e-8
+        assert rel_err(jd.combine(w, J), arrays[seq["outputs"]["aggregation"]][k]) <= 1e-8

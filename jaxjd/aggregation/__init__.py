@@ -28,6 +28,7 @@ from ._basic import (
 )
 from ._cagrad import CAGrad, CAGradWeighting, cagrad, cagrad_weighting
 from ._config import ConFIG, config
+from ._crmogm import CRMOGMState, CRMOGMWeighting, crmogm_weighting
 from ._dual_cone import (
     DualProj,
     DualProjWeighting,
