@@ -36,8 +36,9 @@ def jacobian(dtype, m=4, n=7, seed=0):
 
 
 # CAGrad's first-order solver stops on the gradient mapping: its weights are accurate to ~1e-7
-# (float64) and ~3e-4 (float32), so jit/vmap/pytree variants agree to that.
-LOOSE = {"cagrad": {"float64": 1e-7, "float32": 1e-4}}
+# (float64) and ~1e-3 (float32, 3e-4 absolute seen on a vmapped batch), so jit/vmap/pytree
+# variants agree to that.
+LOOSE = {"cagrad": {"float64": 1e-7, "float32": 1e-3}}
 
 
 def tol(dtype, name=None):
