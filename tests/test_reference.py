@@ -173,6 +173,7 @@ def test_goldens_float32():
 F32_CASES = [c for c in CASES if c["class"] in ("UPGrad", "DualProj", "Mean", "Sum", "Constant")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", F32_CASES, ids=[c["key"] for c in F32_CASES])
 def test_matches_torchjd_in_float32(case):
     """The float64 reference reached in float32 (x64 off), to float32's accuracy. The update is a
