@@ -28,11 +28,14 @@ class SimplexWeightsState(NamedTuple):
     weights: jax.Array
 
 
-def _init(num_objectives, dtype):
-    if int(num_objectives) != num_objectives or num_objectives < 1:
-        raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
-    m = int(num_objectives)
-    return SimplexWeightsState(jnp.full((m,), 1.0 / m, accumulation_dtype(dtype)))
+class _SimplexStateWeighting(StatefulWeighting):
+    """A stateful weighting whose state is weights on the simplex, starting at ``1/m``."""
+
+    def init(self, num_objectives, dtype=jnp.float32):
+        if int(num_objectives) != num_objectives or num_objectives < 1:
+            raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
+        m = int(num_objectives)
+        return SimplexWeightsState(jnp.full((m,), 1.0 / m, accumulation_dtype(dtype)))
 
 
 def _checked(matrix, state):
@@ -46,7 +49,7 @@ def _checked(matrix, state):
     return m, A
 
 
-class MoDoWeighting(StatefulWeighting):
+class MoDoWeighting(_SimplexStateWeighting):
     r"""MoDo: one projected step per call, ``l <- P_simplex(l - gamma (A l + rho l))``, warm
     started from the previous weights (``1/m`` at first); returns the new ``l``."""
 
@@ -57,9 +60,6 @@ class MoDoWeighting(StatefulWeighting):
         self.gamma = check_positive(gamma, "gamma")
         self.rho = check_nonnegative(rho, "rho")
 
-    def init(self, num_objectives, dtype=jnp.float32):
-        return _init(num_objectives, dtype)
-
     def _update(self, matrix, state, key):
         _, A = _checked(matrix, state)
         lam = state.weights
@@ -67,7 +67,7 @@ class MoDoWeighting(StatefulWeighting):
         return lam, SimplexWeightsState(lam)
 
 
-class SDMGradWeighting(StatefulWeighting):
+class SDMGradWeighting(_SimplexStateWeighting):
     r"""SDMGrad: ``a = A / (mean(sqrt(max(diag A, 0)))^2 + 1e-8)``; ``n_iter`` momentum steps
     ``v <- mu v + a (w + lambda w~)``, ``w <- P_simplex(w - lr v)`` warm started from the previous
     ``w``; returns ``(w + lambda w~) / (1 + lambda)`` (``w~`` = preference, default ``1/m``)."""
@@ -88,9 +88,6 @@ class SDMGradWeighting(StatefulWeighting):
         self.n_iter = int(n_iter)
         self.lambda_ = check_nonnegative(lambda_, "lambda_")
         self.pref_vector = as_static_vector(pref_vector, "pref_vector")
-
-    def init(self, num_objectives, dtype=jnp.float32):
-        return _init(num_objectives, dtype)
 
     def _update(self, matrix, state, key):
         m, A = _checked(matrix, state)
