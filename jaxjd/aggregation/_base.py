@@ -54,7 +54,8 @@ def _weigh_jit(weighting, gramian, key):
 
 class StatefulWeighting(Weighting):
     """A weighting with explicit state, optax style: ``state = w.init(m)``, then
-    ``weights, state = w.update(matrix, state)`` at every step (jit- and scan-friendly)."""
+    ``weights, state = w.update(matrix, state)`` at every step (jit- and scan-friendly).
+    Nothing is hidden in the object: a state can be saved, reset (``init`` again) or vmapped."""
 
     def __call__(self, gramian, /, *, key=None):
         raise TypeError(
@@ -168,3 +169,54 @@ def check_positive(value: float, name: str) -> float:
 def build_or_apply(obj, first, **call_kwargs):
     """The dual spelling of every factory: ``f(**hyper)`` builds, ``f(x, **hyper)`` applies."""
     return obj if first is None else obj(first, **call_kwargs)
+
+
+class StatefulAggregator(eqx.Module):
+    r"""An aggregator with explicit state, optax style: ``state = agg.init(J)`` (``J`` may be an
+    abstract Jacobian of ``jax.ShapeDtypeStruct`` leaves), then
+    ``update, state = agg.update(J, state)`` at every step."""
+
+    needs_key: ClassVar[bool] = False
+
+    def __call__(self, jacobian, /, *, key=None):
+        raise TypeError(
+            f"{type(self).__name__} is stateful: use state = agg.init(jacobian) and "
+            "update, state = agg.update(jacobian, state)."
+        )
+
+    @abc.abstractmethod
+    def init(self, jacobian: PyTree, /):
+        """The initial state for Jacobians shaped like ``jacobian`` (arrays or shape structs)."""
+
+    @abc.abstractmethod
+    def weights(self, jacobian: PyTree, state, /, *, key: PRNGKeyArray | None = None):
+        """``(weights, new_state)``: the update is ``combine(weights, jacobian)``."""
+
+    def update(self, jacobian: PyTree, state, /, *, key: PRNGKeyArray | None = None):
+        """``(aggregated update, new_state)``."""
+        w, state = self.weights(jacobian, state, key=key)
+        return combine(w, jacobian), state
+
+
+def abstract_rows(jacobian) -> tuple[int, jnp.dtype]:
+    """``(m, accumulation dtype)`` of a Jacobian pytree of arrays or shape structs."""
+    m = num_objectives(jacobian)
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    return m, accumulation_dtype(jnp.result_type(*[leaf.dtype for leaf in leaves]))
+
+
+class StatefulGramianAggregator(StatefulAggregator):
+    r"""``A(J) = J^T w`` with ``w, state = weighting.update(J J^T, state)``."""
+
+    weighting: StatefulWeighting
+
+    @property
+    def needs_key(self):  # type: ignore[override]
+        return self.weighting.needs_key
+
+    def init(self, jacobian, /):
+        m, dtype = abstract_rows(jacobian)
+        return self.weighting.init(m, dtype)
+
+    def weights(self, jacobian, state, /, *, key=None):
+        return self.weighting.update(gramian(jacobian), state, key=key)

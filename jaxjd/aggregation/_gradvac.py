@@ -1,0 +1,112 @@
+"""GradVac (Wang et al., ICLR 2021): gradient vaccine with EMA cosine targets, from the Gramian."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._tree import accumulation_dtype, check_gramian
+from ._base import StatefulGramianAggregator, StatefulWeighting, check_nonnegative
+
+
+class GradVacState(NamedTuple):
+    """The EMA targets ``phi_hat`` (m x m, zeros at first; the diagonal is never used)."""
+
+    targets: jax.Array
+
+
+class GradVacWeighting(StatefulWeighting):
+    r"""Weights of GradVac, from the Gramian alone.
+
+    Each ``g_i`` is kept as coefficients ``c`` over the rows (``g_i^PC = J^T c``, ``c = e_i``).
+    For the other rows ``j`` in a random order: ``phi = (G c)_j / (|g_i^PC| |g_j| + eps)``; if
+    ``phi < phi_hat_ij``, ``c_j += |g_i^PC| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2))
+    / (|g_j| sqrt(1 - phi_hat^2) + eps)``; then ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi``.
+    The weights are ``sum_i c^(i)``. With zero targets (the first call) this is PCGrad.
+
+    State: :class:`GradVacState`, m x m. The order comes from the PRNG ``key`` (one permutation
+    per i); for m <= 2 it cannot matter and the key may be omitted. A ``lax.fori_loop`` over j,
+    vmapped over i.
+    """
+
+    beta: float = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+    needs_key = True
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8):
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1]; got {beta}.")
+        self.beta = float(beta)
+        self.eps = check_nonnegative(eps, "eps")
+
+    def init(self, num_objectives, dtype=jnp.float32):
+        if int(num_objectives) != num_objectives or num_objectives < 1:
+            raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
+        m = int(num_objectives)
+        return GradVacState(jnp.zeros((m, m), accumulation_dtype(dtype)))
+
+    def _update(self, matrix, state, key):
+        m = check_gramian(matrix)
+        if state.targets.shape != (m, m):
+            raise ValueError(
+                f"The state holds {state.targets.shape[0]} objectives but the Gramian has "
+                f"m = {m}: build a new state with init(m)."
+            )
+        dtype = state.targets.dtype
+        G = jax.lax.stop_gradient(jnp.asarray(matrix, dtype))
+        if key is None:
+            if m > 2:
+                raise ValueError("GradVac with m > 2 needs a PRNG key for its random task order.")
+            key = jax.random.key(0)
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
+        beta, eps = self.beta, self.eps
+
+        def vaccinate(i, k, targets):
+            order = jax.random.permutation(k, m)
+
+            def body(t, carry):
+                c, cG, phi_hat = carry
+                j = order[t]
+                other = j != i
+                norm_i = jnp.sqrt(jnp.maximum(cG @ c, 0.0))
+                phi = cG[j] / (norm_i * norms[j] + eps)
+                hat = phi_hat[j]
+                root_phi = jnp.sqrt(jnp.maximum(1.0 - phi * phi, 0.0))
+                root_hat = jnp.sqrt(jnp.maximum(1.0 - hat * hat, 0.0))
+                step = norm_i * (hat * root_phi - phi * root_hat) / (norms[j] * root_hat + eps)
+                step = jnp.where(other & (phi < hat), step, 0.0)
+                c = c.at[j].add(step)
+                cG = cG + step * G[j]
+                phi_hat = phi_hat.at[j].set(jnp.where(other, (1 - beta) * hat + beta * phi, hat))
+                return c, cG, phi_hat
+
+            c0 = jax.nn.one_hot(i, m, dtype=dtype)
+            c, _, phi_hat = jax.lax.fori_loop(0, m, body, (c0, G[i], targets))
+            return c, phi_hat
+
+        keys = jax.random.split(key, m)
+        C, targets = jax.vmap(vaccinate)(jnp.arange(m), keys, state.targets)
+        return jnp.sum(C, axis=0), GradVacState(targets)
+
+
+class GradVac(StatefulGramianAggregator):
+    """GradVac aggregator (stateful): ``state = agg.init(J)``, then
+    ``update, state = agg.update(J, state, key=key)``."""
+
+    weighting: GradVacWeighting
+
+    def __init__(self, beta: float = 0.5, eps: float = 1e-8):
+        self.weighting = GradVacWeighting(beta, eps)
+
+
+def gradvac(*, beta: float = 0.5, eps: float = 1e-8) -> GradVac:
+    """:class:`GradVac` (Wang et al., ICLR 2021), stateful."""
+    return GradVac(beta, eps)
+
+
+def gradvac_weighting(*, beta: float = 0.5, eps: float = 1e-8) -> GradVacWeighting:
+    """:class:`GradVacWeighting` (stateful: ``init`` then ``update``)."""
+    return GradVacWeighting(beta, eps)

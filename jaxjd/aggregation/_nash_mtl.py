@@ -1,0 +1,234 @@
+"""Nash-MTL (Navon et al., ICML 2022, Alg. 1): the bargaining solution ``alpha_i (G alpha)_i = 1``
+by a sequence of convex programs, each solved in-graph by a primal-dual interior-point method."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._solvers import project_onto_dual_cone
+from .._tree import accumulation_dtype, check_gramian
+from ._base import StatefulGramianAggregator, StatefulWeighting, check_nonnegative
+from ._mgda import MGDAWeighting
+
+
+class NashMTLState(NamedTuple):
+    """The last weights ``alpha`` (m,; ones at first, the warm start of the next solve) and the
+    number of calls so far (for ``update_weights_every``)."""
+
+    alpha: jax.Array
+    count: jax.Array
+
+
+def _positive_int(value, name):
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value}.")
+    return int(value)
+
+
+def _solve_step(G, nf, prev, start, tol, max_iter):
+    r"""One convex program of the sequence, by a primal-dual interior-point method (Boyd and
+    Vandenberghe, Sec. 11.7)::
+
+        min_a  1^T G a + phi'(prev)^T (a - prev) / nf
+        s.t.   log(a_i nf) + log((G a)_i) >= 0,
+
+    with ``phi'(prev) = 1 / prev + G (1 / (G prev))``. Starts from ``start`` (with ``G start > 0``)
+    scaled up until every constraint holds with margin 1. Returns ``(a, ok)``; ``ok`` is False
+    when ``phi'`` is not finite, the start is not strictly feasible, or the method did not
+    converge (e.g. an unbounded program).
+    """
+    m = G.shape[0]
+    dtype = G.dtype
+    log_nf = jnp.log(nf)
+    c = jnp.sum(G, axis=0) + (1.0 / prev + G @ (1.0 / (G @ prev))) / nf
+    u_start = G @ start
+    usable = jnp.all(jnp.isfinite(c)) & jnp.all(start > 0) & jnp.all(u_start > 0)
+    c = jnp.where(usable, c, 0.0)
+
+    def parts(a):
+        u = G @ a
+        ok = jnp.all(a > 0) & jnp.all(u > 0)
+        sa = jnp.where(a > 0, a, 1.0)
+        su = jnp.where(u > 0, u, 1.0)
+        f = -(log_nf + jnp.log(sa) + jnp.log(su))  # f <= 0 is feasible
+        Df = -(jnp.diag(1.0 / sa) + G / su[:, None])
+        return ok & jnp.all(f < 0), f, Df, sa, su
+
+    def residual(a, lam, t):
+        _, f, Df, _, _ = parts(a)
+        return c + Df.T @ lam, -lam * f - 1.0 / t
+
+    # Strictly feasible start: h_i(s a) = h_i(a) + 2 log s >= 1.
+    h_start = log_nf + jnp.log(jnp.where(usable, start, 1.0) * jnp.where(usable, u_start, 1.0))
+    a0 = jnp.where(usable, start, 1.0) * jnp.exp(jnp.maximum((1.0 - jnp.min(h_start)) / 2.0, 0.0))
+    _, f0, _, _, _ = parts(a0)
+    lam0 = -1.0 / jnp.where(f0 < 0, f0, -1.0)
+    # Newton is affine invariant, but stopping tests are not: measure the dual residual in the
+    # coordinates beta = alpha * |g| where every gradient has unit norm.
+    diag = jnp.diagonal(G)
+    D = jnp.where(diag > 0, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
+    scale = jnp.maximum(jnp.linalg.norm(D * c), jnp.finfo(dtype).tiny)
+
+    def cond(s):
+        _, _, it, done = s
+        return (~done) & (it < max_iter)
+
+    def body(s):
+        a, lam, it, _ = s
+        _, f, Df, sa, su = parts(a)
+        eta = -(f @ lam)
+        t = 10.0 * m / eta
+        r_dual, r_cent = residual(a, lam, t)
+        H = jnp.diag(lam / sa**2) + G.T @ ((lam / su**2)[:, None] * G)
+        M = H - Df.T @ ((lam / f)[:, None] * Df)
+        da = jnp.linalg.solve(M, -r_dual - Df.T @ (r_cent / f))
+        dlam = (r_cent - lam * (Df @ da)) / f
+        ratio = jnp.where(dlam < 0, -lam / jnp.where(dlam < 0, dlam, -1.0), jnp.inf)
+        step0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))
+        norm0 = jnp.linalg.norm(jnp.concatenate([D * r_dual, r_cent]))
+
+        def shrink(step):
+            return step * 0.5
+
+        def bad(step):
+            a1, lam1 = a + step * da, lam + step * dlam
+            feasible = parts(a1)[0]
+            rd, rc = residual(a1, lam1, t)
+            small = jnp.linalg.norm(jnp.concatenate([D * rd, rc])) <= (1.0 - 0.01 * step) * norm0
+            return (~(feasible & small)) & (step > 1e-12)
+
+        step = jax.lax.while_loop(bad, shrink, step0)
+        a, lam = a + step * da, lam + step * dlam
+        _, f, Df, _, _ = parts(a)
+        gap = -(f @ lam)
+        converged = (jnp.linalg.norm(D * (c + Df.T @ lam)) <= tol * scale) & (
+            gap <= tol * jnp.abs(c @ a)
+        )
+        return a, lam, it + 1, converged | (step <= 1e-12)
+
+    a, _, it, _ = jax.lax.while_loop(cond, body, (a0, lam0, jnp.asarray(0), ~usable))
+    ok = usable & jnp.all(jnp.isfinite(a)) & (it < max_iter) & parts(a)[0]
+    return a, ok
+
+
+class NashMTLWeighting(StatefulWeighting):
+    r"""Weights of Nash-MTL, from the Gramian (TorchJD reads the Jacobian; only ``J J^T`` is
+    needed).
+
+    With ``nf = |G|_F`` and ``G' = G / nf``, up to ``optim_niter`` convex programs
+    (:func:`_solve_step`) move ``alpha`` toward ``alpha_i (G alpha)_i = 1``, warm started from
+    the previous call's ``alpha`` (ones at first); TorchJD's stopping rules:
+    ``|G' alpha - 1 / alpha| < 1e-3`` or a change below ``1e-6``. Weights are recomputed every
+    ``update_weights_every`` calls and reused in between. If ``max_norm > 0`` and
+    ``|J^T alpha| = sqrt(alpha^T G alpha) > max_norm``, alpha is rescaled to that norm.
+
+    Where TorchJD fails, the answer is defined: when a program has no strictly feasible start
+    (``G alpha > 0`` fails at the warm start, the uniform and the UPGrad weights: e.g. a zero row,
+    or more objectives than directions that please them all) the previous ``alpha`` is kept, as
+    TorchJD does on a solver error; an all-zero Gramian keeps ``alpha`` (the update is zero);
+    m = 1 gives ``alpha = 1 / |g|`` before clipping. State: :class:`NashMTLState`.
+    """
+
+    max_norm: float = eqx.field(static=True)
+    update_weights_every: int = eqx.field(static=True)
+    optim_niter: int = eqx.field(static=True)
+
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter=20):
+        self.max_norm = check_nonnegative(max_norm, "max_norm")
+        self.update_weights_every = _positive_int(update_weights_every, "update_weights_every")
+        self.optim_niter = _positive_int(optim_niter, "optim_niter")
+
+    def init(self, num_objectives, dtype=jnp.float32):
+        m = _positive_int(num_objectives, "num_objectives")
+        return NashMTLState(jnp.ones((m,), accumulation_dtype(dtype)), jnp.zeros((), jnp.int32))
+
+    def _update(self, matrix, state, key):
+        m = check_gramian(matrix)
+        if state.alpha.shape != (m,):
+            raise ValueError(
+                f"The state holds {state.alpha.shape[0]} objectives but the Gramian has m = {m}: "
+                "build a new state with init(m)."
+            )
+        dtype = state.alpha.dtype
+        GTG = jax.lax.stop_gradient(jnp.asarray(matrix, dtype))
+        refresh = state.count % self.update_weights_every == 0
+        alpha = jax.lax.cond(refresh, self._solve, lambda G, a: a, GTG, state.alpha)
+        if self.max_norm > 0:
+            norm = jnp.sqrt(jnp.maximum(alpha @ GTG @ alpha, 0.0))
+            alpha_out = jnp.where(norm > self.max_norm, alpha / norm * self.max_norm, alpha)
+        else:
+            alpha_out = alpha
+        return alpha_out, NashMTLState(alpha, state.count + 1)
+
+    def _solve(self, GTG, alpha):
+        dtype = GTG.dtype
+        m = GTG.shape[0]
+        nf = jnp.linalg.norm(GTG)
+        solvable = (nf > 0) & jnp.isfinite(nf)
+        nf = jnp.where(solvable, nf, 1.0)
+        G = GTG / nf
+        tol = 1e-10 if dtype == jnp.float64 else 1e-5
+        max_iter = 100
+
+        # A strictly feasible start (alpha > 0, G alpha > 0): the previous alpha, else ones, else
+        # UPGrad's weights, else the minimum-norm point of the normalised gradients' hull (MGDA:
+        # its d satisfies g_i . d >= |d|^2 > 0 whenever any strictly feasible point exists).
+        diag = jnp.diagonal(G)
+        inv = jnp.where(diag > 0, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
+        C = G * jnp.outer(inv, inv)
+        margin = 1e-9 if dtype == jnp.float64 else 1e-5
+
+        def strict(a):
+            beta = a / jnp.where(inv > 0, inv, 1.0)
+            Cb = C @ beta
+            return jnp.all(a > 0) & jnp.all(Cb > margin * jnp.sqrt(jnp.maximum(beta @ Cb, 0.0)))
+
+        ones = jnp.ones((m,), dtype)
+        upgrad_w = jnp.sum(project_onto_dual_cone(jnp.eye(m, dtype=dtype), C)[0], axis=0) * inv
+        lam = MGDAWeighting(epsilon=1e-12, max_iters=1000)._weigh(C, None)
+        spread = jnp.maximum(jnp.max(jnp.abs(C @ ones)), jnp.finfo(dtype).tiny)
+        mgda_w = (lam + 0.5 * (lam @ C @ lam) / spread) * inv
+        fallback = jnp.where(strict(upgrad_w), upgrad_w, mgda_w)
+
+        def cond(carry):
+            _, stop, it = carry
+            return (~stop) & (it < self.optim_niter)
+
+        def body(carry):
+            a, _, it = carry
+            start = jnp.where(strict(a), a, jnp.where(strict(ones), ones, fallback))
+            new, ok = _solve_step(G, nf, a, start, tol, max_iter)
+            close = jnp.linalg.norm(G @ a - 1.0 / (a + 1e-10)) < 1e-3
+            still = jnp.linalg.norm(new - a) < 1e-6
+            stop_now = close | ~ok | still
+            return jnp.where(stop_now, a, new), stop_now, it + 1
+
+        a, _, _ = jax.lax.while_loop(cond, body, (alpha, ~solvable, jnp.asarray(0)))
+        return a
+
+
+class NashMTL(StatefulGramianAggregator):
+    """Nash-MTL aggregator (stateful): ``state = agg.init(J)``, then
+    ``update, state = agg.update(J, state)``."""
+
+    weighting: NashMTLWeighting
+
+    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter=20):
+        self.weighting = NashMTLWeighting(max_norm, update_weights_every, optim_niter)
+
+
+def nash_mtl(*, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20):
+    """:class:`NashMTL` (Navon et al., ICML 2022), stateful. No ``n_tasks``: m comes from
+    ``init``."""
+    return NashMTL(max_norm, update_weights_every, optim_niter)
+
+
+def nash_mtl_weighting(
+    *, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20
+):
+    """:class:`NashMTLWeighting` (stateful: ``init`` then ``update``)."""
+    return NashMTLWeighting(max_norm, update_weights_every, optim_niter)
