@@ -11,7 +11,7 @@ from jaxtyping import Array, PRNGKeyArray
 
 from ._tree import combine
 from ._tree import num_objectives as _num_rows
-from .aggregation import Aggregator, GramianWeightedAggregator
+from .aggregation import Aggregator, GramianWeightedAggregator, StatefulAggregator
 
 
 class JDAggregateState(NamedTuple):
@@ -20,14 +20,20 @@ class JDAggregateState(NamedTuple):
     Attributes:
         key: PRNG key for random aggregators (split at every step), else ``None``.
         weights: the last weights (m,) when ``num_objectives`` was given, else ``None``.
+        inner: the state of a stateful aggregator (GradVac, PCD, NashMTL, ExcessMTL, ...), else
+            ``None``.
     """
 
     key: PRNGKeyArray | None
     weights: Array | None
+    inner: Any = None
 
 
 def jd_aggregate(
-    aggregator: Aggregator, *, num_objectives: int | None = None, seed: int = 0
+    aggregator: Aggregator | StatefulAggregator,
+    *,
+    num_objectives: int | None = None,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """An optax transformation that turns a Jacobian pytree into a params-shaped update.
 
@@ -40,9 +46,14 @@ def jd_aggregate(
     Mask or label callables of ``optax.partition``/``optax.masked`` see Jacobian-shaped leaves:
     use static label trees.
 
+    Stateful aggregators (``jaxjd.gradvac()``, ``jaxjd.pcd()``, ``jaxjd.nash_mtl()``,
+    ``jaxjd.excess_mtl()``, ...) keep their state in ``JDAggregateState.inner``; they need
+    ``num_objectives`` so that ``init(params)`` can size it.
+
     Args:
         aggregator: any jaxjd aggregator, e.g. ``jaxjd.upgrad()``.
         num_objectives: m; when given, the last weights are kept in the state for monitoring.
+            Required for stateful aggregators.
         seed: seeds the PRNG key kept in the state for random aggregators (``key=`` overrides).
 
     >>> import jax.numpy as jnp, optax, jaxjd as jd
@@ -54,18 +65,36 @@ def jd_aggregate(
     >>> [round(float(x), 4) for x in updates["w"]]
     [-0.2929, -1.9004, -1.9004]
     """
-    if not isinstance(aggregator, Aggregator):
+    stateful = isinstance(aggregator, StatefulAggregator)
+    if not isinstance(aggregator, Aggregator) and not stateful:
         raise TypeError(f"jd_aggregate needs a jaxjd Aggregator; got {type(aggregator).__name__}.")
-    needs_key = isinstance(aggregator, GramianWeightedAggregator) and aggregator.weighting.needs_key
-    weighted = isinstance(aggregator, GramianWeightedAggregator)
+    if stateful:
+        needs_key = aggregator.needs_key
+    else:
+        needs_key = (
+            isinstance(aggregator, GramianWeightedAggregator) and aggregator.weighting.needs_key
+        )
+    weighted = stateful or isinstance(aggregator, GramianWeightedAggregator)
     if num_objectives is not None and (int(num_objectives) != num_objectives or num_objectives < 1):
         raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
+    if stateful and num_objectives is None:
+        raise ValueError(
+            f"{type(aggregator).__name__} is stateful: pass num_objectives=m to jd_aggregate so "
+            "that init(params) can build its state."
+        )
 
     def init(params: Any) -> JDAggregateState:
-        del params  # only shapes matter, and none are needed: works on abstract params
+        # Only shapes matter: works on abstract params.
         key = jax.random.key(seed) if needs_key else None
         weights = None if num_objectives is None else jnp.zeros((num_objectives,), jnp.float32)
-        return JDAggregateState(key, weights)
+        inner = None
+        if stateful:
+            jacobian = jax.tree_util.tree_map(
+                lambda p: jax.ShapeDtypeStruct((num_objectives, *jnp.shape(p)), jnp.result_type(p)),
+                params,
+            )
+            inner = aggregator.init(jacobian)
+        return JDAggregateState(key, weights, inner)
 
     def update(updates, state, params=None, *, key=None, losses=None, **extra_args):
         del params, losses, extra_args
@@ -79,7 +108,11 @@ def jd_aggregate(
         step_key = key
         if needs_key and key is None:
             new_key, step_key = jax.random.split(state.key)
-        if weighted:
+        inner = state.inner
+        if stateful:
+            w, inner = aggregator.weights(updates, inner, key=step_key)
+            out = combine(w, updates)
+        elif weighted:
             w = aggregator.weights(updates, key=step_key)
             out = combine(w, updates)
         else:
@@ -88,6 +121,6 @@ def jd_aggregate(
         weights = state.weights
         if weights is not None and w is not None:
             weights = w.astype(weights.dtype)
-        return out, JDAggregateState(new_key, weights)
+        return out, JDAggregateState(new_key, weights, inner)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -129,3 +129,11 @@ def scaled_matrices():
 
 def ids(cases):
     return [name for name, _ in cases]
+
+
+def fast_or_slow(cases, fast):
+    """pytest params: the cases where ``fast(case)`` holds run by default, the others only in
+    the slow sweep (``pytest -m slow``); ids are the case keys."""
+    import pytest
+
+    return [pytest.param(c, id=c["key"], marks=() if fast(c) else pytest.mark.slow) for c in cases]

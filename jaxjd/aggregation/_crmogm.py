@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -13,16 +13,19 @@ from ._base import StatefulWeighting, Weighting, as_static_vector
 
 
 class CRMOGMState(NamedTuple):
-    """The running weights and whether they have been set (by ``initial_weights`` or a step)."""
+    """The running weights, whether they have been set (by ``initial_weights`` or a step), and
+    the inner weighting's state (``None`` for a stateless inner weighting)."""
 
     weights: jax.Array
     started: jax.Array
+    inner: Any = None
 
 
 class CRMOGMWeighting(StatefulWeighting):
     r"""``l_k = alpha l_{k-1} + (1 - alpha) l^_k`` around an inner (stateless) weighting's
     ``l^_k``; ``l_0 = initial_weights`` if given, else the first ``l^`` (so the first output is the
-    inner one). ``alpha = 0`` passes through, ``alpha = 1`` freezes. The paper's schedule
+    inner one). ``alpha = 0`` passes through, ``alpha = 1`` freezes. A stateful inner weighting
+    (e.g. GradVac) keeps its state inside this one's. The paper's schedule
     ``alpha_k = 1 - lr_k / lr_0`` can be followed by rebuilding with a new ``alpha``: the state
     carries over."""
 
@@ -31,8 +34,8 @@ class CRMOGMWeighting(StatefulWeighting):
     initial_weights: tuple[float, ...] | None = eqx.field(static=True)
 
     def __init__(self, weighting: Weighting, alpha: float = 0.9, initial_weights=None):
-        if not isinstance(weighting, Weighting) or isinstance(weighting, StatefulWeighting):
-            raise TypeError("CRMOGMWeighting wraps a stateless jaxjd Weighting.")
+        if not isinstance(weighting, Weighting):
+            raise TypeError("CRMOGMWeighting wraps a jaxjd Weighting.")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1]; got {alpha}.")
         self.weighting = weighting
@@ -41,14 +44,23 @@ class CRMOGMWeighting(StatefulWeighting):
 
     def init(self, num_objectives, dtype=jnp.float32):
         m = int(num_objectives)
+        inner = self.weighting.init(m, dtype) if self._stateful else None
         dtype = accumulation_dtype(dtype)
         if self.initial_weights is None:
-            return CRMOGMState(jnp.zeros((m,), dtype), jnp.asarray(False))
+            return CRMOGMState(jnp.zeros((m,), dtype), jnp.asarray(False), inner)
         if len(self.initial_weights) != m:
             raise ValueError(
                 f"initial_weights has length {len(self.initial_weights)}; expected m = {m}."
             )
-        return CRMOGMState(jnp.asarray(self.initial_weights, dtype), jnp.asarray(True))
+        return CRMOGMState(jnp.asarray(self.initial_weights, dtype), jnp.asarray(True), inner)
+
+    @property
+    def _stateful(self):
+        return isinstance(self.weighting, StatefulWeighting)
+
+    @property
+    def needs_key(self):  # type: ignore[override]
+        return self.weighting.needs_key
 
     def _update(self, matrix, state, key):
         m = check_gramian(matrix)
@@ -56,10 +68,14 @@ class CRMOGMWeighting(StatefulWeighting):
             raise ValueError(
                 f"The state holds {state.weights.shape[0]} objectives but the matrix has m = {m}."
             )
-        hat = self.weighting._weigh(matrix, key).astype(state.weights.dtype)
+        if self._stateful:
+            hat, inner = self.weighting._update(matrix, state.inner, key)
+        else:
+            hat, inner = self.weighting._weigh(matrix, key), None
+        hat = hat.astype(state.weights.dtype)
         prev = jnp.where(state.started, state.weights, hat)
         new = self.alpha * prev + (1.0 - self.alpha) * hat
-        return new, CRMOGMState(new, jnp.asarray(True))
+        return new, CRMOGMState(new, jnp.asarray(True), inner)
 
 
 def crmogm_weighting(weighting, *, alpha=0.9, initial_weights=None):

@@ -9,7 +9,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._solvers import project_onto_dual_cone
 from .._tree import accumulation_dtype, check_gramian
 from ._base import StatefulGramianAggregator, StatefulWeighting, check_nonnegative
 from ._mgda import MGDAWeighting
@@ -38,8 +37,9 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
 
     with ``phi'(prev) = 1 / prev + G (1 / (G prev))``. Starts from ``start`` (with ``G start > 0``)
     scaled up until every constraint holds with margin 1. Returns ``(a, ok)``; ``ok`` is False
-    when ``phi'`` is not finite, the start is not strictly feasible, or the method did not
-    converge (e.g. an unbounded program).
+    when ``phi'`` is not finite, the start is not strictly feasible, or the final iterate is not
+    (e.g. an unbounded program). Like ECOS's "inaccurate" answers, a strictly feasible iterate
+    that ran out of iterations is kept: it is feasible and improves on the start.
     """
     m = G.shape[0]
     dtype = G.dtype
@@ -110,8 +110,10 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
         )
         return a, lam, it + 1, converged | (step <= 1e-12)
 
-    a, _, it, _ = jax.lax.while_loop(cond, body, (a0, lam0, jnp.asarray(0), ~usable))
-    ok = usable & jnp.all(jnp.isfinite(a)) & (it < max_iter) & parts(a)[0]
+    a, _, _, _ = jax.lax.while_loop(cond, body, (a0, lam0, jnp.asarray(0), ~usable))
+    # Like ECOS's "inaccurate" answers, a strictly feasible iterate that ran out of iterations is
+    # kept: it is feasible and improves on the start.
+    ok = usable & jnp.all(jnp.isfinite(a)) & parts(a)[0]
     return a, ok
 
 
@@ -127,10 +129,11 @@ class NashMTLWeighting(StatefulWeighting):
     ``|J^T alpha| = sqrt(alpha^T G alpha) > max_norm``, alpha is rescaled to that norm.
 
     Where TorchJD fails, the answer is defined: when a program has no strictly feasible start
-    (``G alpha > 0`` fails at the warm start, the uniform and the UPGrad weights: e.g. a zero row,
-    or more objectives than directions that please them all) the previous ``alpha`` is kept, as
+    (0 is in the hull of the normalised gradients: e.g. a zero row, or more objectives than
+    directions that please them all) the previous ``alpha`` is kept, as
     TorchJD does on a solver error; an all-zero Gramian keeps ``alpha`` (the update is zero);
-    m = 1 gives ``alpha = 1 / |g|`` before clipping. State: :class:`NashMTLState`.
+    m = 1 gives ``alpha = 1`` (``G / |G|_F = 1`` meets the stopping rule at once), clipped to
+    ``max_norm / |g|``. State: :class:`NashMTLState`.
     """
 
     max_norm: float = eqx.field(static=True)
@@ -175,8 +178,8 @@ class NashMTLWeighting(StatefulWeighting):
         max_iter = 100
 
         # A strictly feasible start (alpha > 0, G alpha > 0): the previous alpha, else ones, else
-        # UPGrad's weights, else the minimum-norm point of the normalised gradients' hull (MGDA:
-        # its d satisfies g_i . d >= |d|^2 > 0 whenever any strictly feasible point exists).
+        # the minimum-norm point of the normalised gradients' hull (MGDA: its d satisfies
+        # g_i . d >= |d|^2 > 0, and d = 0 certifies that no strictly feasible point exists).
         diag = jnp.diagonal(G)
         inv = jnp.where(diag > 0, 1.0 / jnp.sqrt(jnp.where(diag > 0, diag, 1.0)), 0.0)
         C = G * jnp.outer(inv, inv)
@@ -188,11 +191,9 @@ class NashMTLWeighting(StatefulWeighting):
             return jnp.all(a > 0) & jnp.all(Cb > margin * jnp.sqrt(jnp.maximum(beta @ Cb, 0.0)))
 
         ones = jnp.ones((m,), dtype)
-        upgrad_w = jnp.sum(project_onto_dual_cone(jnp.eye(m, dtype=dtype), C)[0], axis=0) * inv
         lam = MGDAWeighting(epsilon=1e-12, max_iters=1000)._weigh(C, None)
         spread = jnp.maximum(jnp.max(jnp.abs(C @ ones)), jnp.finfo(dtype).tiny)
         mgda_w = (lam + 0.5 * (lam @ C @ lam) / spread) * inv
-        fallback = jnp.where(strict(upgrad_w), upgrad_w, mgda_w)
 
         def cond(carry):
             _, stop, it = carry
@@ -200,7 +201,7 @@ class NashMTLWeighting(StatefulWeighting):
 
         def body(carry):
             a, _, it = carry
-            start = jnp.where(strict(a), a, jnp.where(strict(ones), ones, fallback))
+            start = jnp.where(strict(a), a, jnp.where(strict(ones), ones, mgda_w))
             new, ok = _solve_step(G, nf, a, start, tol, max_iter)
             close = jnp.linalg.norm(G @ a - 1.0 / (a + 1e-10)) < 1e-3
             still = jnp.linalg.norm(new - a) < 1e-6
