@@ -8,10 +8,18 @@ array([0.2929, 1.9004, 1.9004])
 """
 
 from . import monitoring
-from ._jacobian import value_and_jacobian
+from ._jacobian import mean_over_microbatches, value_and_jacobian
 from ._optax import JDAggregateState, jd_aggregate
 from ._solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
-from ._tree import combine, cross_gramian, gramian, matrix_view, num_objectives, unravel_row
+from ._tree import (
+    combine,
+    cross_gramian,
+    gramian,
+    matrix_view,
+    num_objectives,
+    row_dots,
+    unravel_row,
+)
 from .aggregation import (
     IMTLG,
     MGDA,

@@ -49,3 +49,48 @@ def value_and_jacobian(
         return ((losses, aux) if has_aux else losses), J
 
     return wrapped
+
+
+def mean_over_microbatches(fun: Callable) -> Callable:
+    """Accumulates ``fun(params, batch, *rest) -> (losses, J)`` over micro-batches.
+
+    Returns ``g(params, batches, *rest)`` where every leaf of ``batches`` has a leading axis of
+    micro-batches: a ``lax.scan`` that keeps one running sum of the outputs (one Jacobian in
+    memory) and returns their mean. When each loss is a mean over its micro-batch (of equal
+    sizes), that is the losses and the Jacobian of the whole batch, which then go to one
+    aggregation: JD's answer for the whole batch, unlike aggregating per micro-batch (use this
+    instead of wrapping ``jd_aggregate`` in ``optax.MultiSteps``).
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> def losses(p, batch):  # two losses, each a mean over the micro-batch
+    ...     return jnp.stack([jnp.mean(batch @ p), jnp.mean((batch @ p) ** 2)])
+    >>> step = jd.mean_over_microbatches(jd.value_and_jacobian(losses))
+    >>> batches = jnp.arange(12.0).reshape(3, 2, 2)  # 3 micro-batches of 2 samples
+    >>> values, J = step(jnp.array([1.0, -1.0]), batches)
+    >>> J.shape, J[0].tolist()
+    ((2, 2), [5.0, 6.0])
+    """
+
+    def wrapped(params, batches, *rest):
+        leaves = jax.tree_util.tree_leaves(batches)
+        if not leaves:
+            raise ValueError("batches has no array leaves.")
+        counts = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+        if len(counts) != 1 or None in counts:
+            raise ValueError(
+                "Every leaf of batches needs the same leading axis (the micro-batches); got "
+                f"{sorted(c for c in counts if c is not None)}."
+            )
+        (count,) = counts
+        first = jax.tree_util.tree_map(lambda b: b[0], batches)
+        shapes = jax.eval_shape(lambda b: fun(params, b, *rest), first)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(total, batch):
+            out = fun(params, batch, *rest)
+            return jax.tree_util.tree_map(jnp.add, total, out), None
+
+        total, _ = jax.lax.scan(body, zeros, batches)
+        return jax.tree_util.tree_map(lambda t: t / count, total)
+
+    return wrapped

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
-from ._tree import combine
+from ._tree import combine, gramian, row_dots
 from ._tree import num_objectives as _num_rows
 from .aggregation import Aggregator, GramianWeightedAggregator, StatefulAggregator
+from .monitoring import ConflictStats, conflict_statistics
 
 
 class JDAggregateState(NamedTuple):
@@ -22,11 +23,15 @@ class JDAggregateState(NamedTuple):
         weights: the last weights (m,) when ``num_objectives`` was given, else ``None``.
         inner: the state of a stateful aggregator (GradVac, PCD, NashMTL, ExcessMTL, ...), else
             ``None``.
+        stats: with ``monitor=True``, this step's
+            :class:`~jaxjd.monitoring.ConflictStats` (cosines, conflict fraction, directional
+            derivatives of the update, ...), else ``None``.
     """
 
     key: PRNGKeyArray | None
     weights: Array | None
     inner: Any = None
+    stats: ConflictStats | None = None
 
 
 def jd_aggregate(
@@ -34,6 +39,7 @@ def jd_aggregate(
     *,
     num_objectives: int | None = None,
     seed: int = 0,
+    monitor: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """An optax transformation that turns a Jacobian pytree into a params-shaped update.
 
@@ -53,8 +59,10 @@ def jd_aggregate(
     Args:
         aggregator: any jaxjd aggregator, e.g. ``jaxjd.upgrad()``.
         num_objectives: m; when given, the last weights are kept in the state for monitoring.
-            Required for stateful aggregators.
+            Required for stateful aggregators and ``monitor``.
         seed: seeds the PRNG key kept in the state for random aggregators (``key=`` overrides).
+        monitor: keep this step's conflict statistics in ``state.stats`` (one extra m x m
+            Gramian, which XLA shares with the aggregator's own under ``jit``).
 
     >>> import jax.numpy as jnp, optax, jaxjd as jd
     >>> tx = optax.chain(jd.jd_aggregate(jd.upgrad(), num_objectives=2), optax.sgd(1.0))
@@ -68,15 +76,12 @@ def jd_aggregate(
     stateful = isinstance(aggregator, StatefulAggregator)
     if not isinstance(aggregator, Aggregator) and not stateful:
         raise TypeError(f"jd_aggregate needs a jaxjd Aggregator; got {type(aggregator).__name__}.")
-    if stateful:
-        needs_key = aggregator.needs_key
-    else:
-        needs_key = (
-            isinstance(aggregator, GramianWeightedAggregator) and aggregator.weighting.needs_key
-        )
+    needs_key = bool(aggregator.needs_key)
     weighted = stateful or isinstance(aggregator, GramianWeightedAggregator)
     if num_objectives is not None and (int(num_objectives) != num_objectives or num_objectives < 1):
         raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
+    if monitor and num_objectives is None:
+        raise ValueError("monitor=True needs num_objectives=m to size the statistics.")
     if stateful and num_objectives is None:
         raise ValueError(
             f"{type(aggregator).__name__} is stateful: pass num_objectives=m to jd_aggregate so "
@@ -94,7 +99,12 @@ def jd_aggregate(
                 params,
             )
             inner = aggregator.init(jacobian)
-        return JDAggregateState(key, weights, inner)
+        stats = None
+        if monitor:
+            stats = conflict_statistics(
+                jnp.zeros((num_objectives, num_objectives)), jnp.zeros((num_objectives,))
+            )
+        return JDAggregateState(key, weights, inner, stats)
 
     def update(updates, state, params=None, *, key=None, losses=None, **extra_args):
         del params, losses, extra_args
@@ -121,6 +131,16 @@ def jd_aggregate(
         weights = state.weights
         if weights is not None and w is not None:
             weights = w.astype(weights.dtype)
-        return out, JDAggregateState(new_key, weights, inner)
+        stats = state.stats
+        if monitor:
+            G = gramian(updates).astype(jnp.float32)
+            if w is not None:
+                stats = conflict_statistics(G, w)
+            else:
+                stats = conflict_statistics(G, directional_derivatives=row_dots(updates, out))
+            stats = jax.tree_util.tree_map(
+                lambda new, old: new.astype(old.dtype), stats, state.stats
+            )
+        return out, JDAggregateState(new_key, weights, inner, stats)
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -7,6 +7,8 @@ one-leaf case. Nothing here concatenates the leaves unless a method asks for coo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,6 +176,34 @@ def combine(weights: Float[Array, " m"], jacobian: PyTreeJacobian) -> PyTree[Arr
         return out.astype(leaf.dtype)
 
     return jax.tree_util.tree_map(one, jacobian)
+
+
+def row_dots(jacobian: PyTreeJacobian, vector: PyTree[Array]) -> Float[Array, " m"]:
+    r"""``J d``: each objective's directional derivative along ``d`` (a pytree shaped like one
+    row of the Jacobian), leaf by leaf.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> jd.row_dots({"w": jnp.array([[1.0, 2.0], [3.0, -4.0]])}, {"w": jnp.array([1.0, 1.0])})
+    Array([ 3., -1.], dtype=float32)
+    """
+    m = num_objectives(jacobian)
+    if jax.tree_util.tree_structure(vector) != jax.tree_util.tree_structure(jacobian):
+        raise ValueError("The vector's pytree structure differs from the Jacobian's.")
+
+    def one(leaf, v):
+        if jnp.shape(v) != leaf.shape[1:]:
+            raise ValueError(
+                f"A leaf of shape {jnp.shape(v)} does not match rows {leaf.shape[1:]}."
+            )
+        acc = accumulation_dtype(jnp.result_type(leaf, v))
+        return jnp.dot(
+            _as_rows(leaf).astype(acc),
+            jnp.ravel(v).astype(acc),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(one, jacobian, vector))
+    return functools.reduce(jnp.add, parts, jnp.zeros((m,), parts[0].dtype))
 
 
 def matrix_view(jacobian: PyTreeJacobian) -> Float[Array, "m n"]:

@@ -31,10 +31,15 @@ class ConflictStats(NamedTuple):
 
 
 def conflict_statistics(
-    gramian: Float[Array, "m m"], weights: Float[Array, " m"] | None = None
+    gramian: Float[Array, "m m"],
+    weights: Float[Array, " m"] | None = None,
+    *,
+    directional_derivatives: Float[Array, " m"] | None = None,
 ) -> ConflictStats:
     r"""Conflict statistics of the gradients whose Gramian is ``gramian``; with the weights of an
-    update ``d = J^T w`` also its directional derivatives ``J d = G w``.
+    update ``d = J^T w`` also its directional derivatives ``J d = G w`` (for an update that is not
+    ``J^T w``, e.g. GradDrop's, pass ``directional_derivatives = J d``, see
+    :func:`jaxjd.row_dots`).
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
@@ -55,11 +60,18 @@ def conflict_statistics(
     biggest = jnp.max(norms)
     smallest = jnp.min(jnp.where(positive, norms, jnp.inf))
     norm_ratio = jnp.where(jnp.any(positive), biggest / smallest, 1.0)
-    if weights is None:
+    if weights is not None and directional_derivatives is not None:
+        raise ValueError("Pass weights or directional_derivatives, not both.")
+    if weights is None and directional_derivatives is None:
         dd = jnp.full((m,), jnp.nan, G.dtype)
         nc = jnp.asarray(False)
     else:
-        dd = G @ jnp.asarray(weights, G.dtype)
+        if weights is not None:
+            dd = G @ jnp.asarray(weights, G.dtype)
+        else:
+            dd = jnp.asarray(directional_derivatives, G.dtype)
+            if dd.shape != (m,):
+                raise ValueError(f"directional_derivatives must have shape ({m},); got {dd.shape}.")
         tol = 1e-6 * jnp.sqrt(jnp.maximum(jnp.trace(G), 0.0)) * jnp.linalg.norm(dd)
         nc = jnp.all(dd >= -tol)
     return ConflictStats(cosine, conflict_fraction, min_cosine, norm_ratio, dd, nc)

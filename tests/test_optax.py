@@ -115,3 +115,51 @@ def test_wrong_number_of_objectives_is_caught():
         tx.update(jacobian(), tx.init(PARAMS), PARAMS)
     with pytest.raises(TypeError, match="Aggregator"):
         jd.jd_aggregate(optax.adam(1e-3))
+
+
+def test_monitor_keeps_this_steps_conflict_statistics():
+    """monitor=True: state.stats equals conflict_statistics of this step's Gramian and weights;
+    for an aggregator without weights (GradDrop) the directional derivatives are J d."""
+    J = jacobian(1)
+    G = jd.gramian(J)
+    tx = jd.jd_aggregate(jd.upgrad(), num_objectives=3, monitor=True)
+    out, state = jax.jit(tx.update)(J, tx.init(PARAMS), PARAMS)
+    expected = jd.monitoring.conflict_statistics(G, jd.upgrad().weights(J))
+    for got, ref in zip(state.stats, expected):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert bool(state.stats.non_conflicting)
+    np.testing.assert_allclose(state.stats.directional_derivatives, jd.row_dots(J, out), rtol=1e-5)
+
+    tx = jd.jd_aggregate(jd.graddrop(), num_objectives=3, monitor=True, seed=2)
+    out, state = jax.jit(tx.update)(J, tx.init(PARAMS), PARAMS)
+    np.testing.assert_allclose(state.stats.directional_derivatives, jd.row_dots(J, out), rtol=1e-5)
+    assert bool(state.stats.non_conflicting) == bool(np.all(jd.row_dots(J, out) >= -1e-6))
+    with pytest.raises(ValueError, match="num_objectives"):
+        jd.jd_aggregate(jd.upgrad(), monitor=True)
+
+
+def test_microbatch_accumulation_equals_the_whole_batch():
+    """mean_over_microbatches(value_and_jacobian(f)) on 4 micro-batches equals the Jacobian of the
+    whole batch's mean losses, and feeding it to jd_aggregate gives the whole batch's update."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((16, 3)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((16, 2)), jnp.float32)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32), "b": jnp.zeros(2)}
+
+    def losses(p, batch):
+        xb, yb = batch
+        return jnp.mean((xb @ p["w"] + p["b"] - yb) ** 2, axis=0)  # one loss per output
+
+    whole_values, whole_J = jd.value_and_jacobian(losses)(params, (x, y))
+    step = jax.jit(jd.mean_over_microbatches(jd.value_and_jacobian(losses)))
+    values, J = step(params, (x.reshape(4, 4, 3), y.reshape(4, 4, 2)))
+    np.testing.assert_allclose(values, whole_values, rtol=1e-5)
+    for k in params:
+        np.testing.assert_allclose(J[k], whole_J[k], rtol=1e-5, atol=1e-6)
+    tx = jd.jd_aggregate(jd.upgrad())
+    a, _ = tx.update(J, tx.init(params))
+    b = jd.upgrad(whole_J)
+    for k in params:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="same leading axis"):
+        step(params, (x.reshape(4, 4, 3), y))

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import reference, reference_cases, rel_err
+from helpers import fast_or_slow, reference, reference_cases, rel_err
 
 import jaxjd as jd
 
@@ -101,7 +101,13 @@ def test_every_case_is_covered():
     }
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["key"] for c in CASES])
+def _default_suite(case):
+    """Every case with m <= 20 and every default configuration run by default; the other
+    configurations on m = 32 and 64 (each (configuration, m) compiles anew) in the slow sweep."""
+    return case["shape"][0] <= 20 or case["config"] == case["class"]
+
+
+@pytest.mark.parametrize("case", fast_or_slow(CASES, _default_suite))
 def test_matches_torchjd(case, x64):
     index, arrays = reference()
     mat = index["matrices"][case["matrix"]]

@@ -103,7 +103,9 @@ class ShapeWeighting(Weighting):
 
 class Aggregator(eqx.Module):
     r"""Maps a Jacobian pytree (leaves with a leading axis m) to an update with the structure of
-    one row: ``aggregator(J)``."""
+    one row: ``aggregator(J)``. ``needs_key``: whether it draws from a PRNG ``key=``."""
+
+    needs_key: ClassVar[bool] = False
 
     @abc.abstractmethod
     def __call__(self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None) -> PyTree:
@@ -118,6 +120,10 @@ class GramianWeightedAggregator(Aggregator):
     """
 
     weighting: Weighting
+
+    @property
+    def needs_key(self):  # type: ignore[override]
+        return self.weighting.needs_key
 
     def weights(
         self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None

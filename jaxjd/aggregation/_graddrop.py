@@ -25,6 +25,7 @@ class GradDrop(Aggregator):
 
     f: Callable = eqx.field(static=True)
     leak: tuple[float, ...] | None = eqx.field(static=True)
+    needs_key = True
 
     def __init__(self, f: Callable = _identity, leak=None):
         if not callable(f):
