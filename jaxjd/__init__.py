@@ -8,7 +8,13 @@ array([0.2929, 1.9004, 1.9004])
 """
 
 from . import monitoring
-from ._jacobian import mean_over_microbatches, value_and_jacobian
+from ._gramian_engine import value_and_gramian, value_and_weighted_grad
+from ._jacobian import (
+    mean_over_microbatches,
+    mtl_value_and_grad,
+    mtl_value_and_jacobian,
+    value_and_jacobian,
+)
 from ._optax import JDAggregateState, jd_aggregate
 from ._solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
 from ._tree import (

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ._tree import combine
+
 
 def value_and_jacobian(
     fun: Callable, argnums: int = 0, has_aux: bool = False, chunk_size: int | None = None
@@ -92,5 +94,69 @@ def mean_over_microbatches(fun: Callable) -> Callable:
 
         total, _ = jax.lax.scan(body, zeros, batches)
         return jax.tree_util.tree_map(lambda t: t / count, total)
+
+    return wrapped
+
+
+def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
+    """The multi-task split (TorchJD's ``mtl_backward``): a shared trunk and task-specific heads.
+
+    ``trunk(trunk_params, *args) -> features`` (any pytree) and
+    ``heads(head_params, features, *args) -> losses`` (m losses). Returns
+    ``f(trunk_params, head_params, *args) -> (losses, trunk_jacobian, head_grads)``: the trunk's
+    m-row Jacobian from **one** vmapped VJP of the stacked feature cotangents (never m full
+    backward passes), and the heads' ordinary gradient of the sum of the losses (each head only
+    sees its own loss).
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> trunk = lambda w, x: jnp.tanh(x @ w)
+    >>> heads = lambda h, f, x: jnp.stack([jnp.mean(f @ h[0]), jnp.mean((f @ h[1]) ** 2)])
+    >>> f = jd.mtl_value_and_jacobian(trunk, heads)
+    >>> losses, J, head_grads = f(jnp.ones((3, 4)), jnp.ones((2, 4)), jnp.ones((5, 3)))
+    >>> losses.shape, J.shape, head_grads.shape
+    ((2,), (2, 3, 4), (2, 4))
+    """
+
+    def wrapped(trunk_params, head_params, *args):
+        features, trunk_vjp = jax.vjp(lambda p: trunk(p, *args), trunk_params)
+        losses, heads_vjp = jax.vjp(lambda h, f: heads(h, f, *args), head_params, features)
+        m = losses.size
+        if m == 0:
+            raise ValueError("The heads returned no losses (m = 0).")
+        basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+        head_grads = heads_vjp(jnp.ones_like(losses))[0]
+        feature_cotangents = jax.vmap(lambda e: heads_vjp(e)[1])(basis)
+        trunk_jacobian = jax.vmap(lambda c: trunk_vjp(c)[0])(feature_cotangents)
+        return losses, trunk_jacobian, head_grads
+
+    return wrapped
+
+
+def mtl_value_and_grad(trunk: Callable, heads: Callable, aggregator) -> Callable:
+    """One call for a multi-task train step: :func:`mtl_value_and_jacobian`, then the trunk's
+    Jacobian aggregated by ``aggregator`` (stateless; a random one reads ``key=``).
+
+    Returns ``f(trunk_params, head_params, *args, key=None) -> (losses, (trunk_grad, head_grads),
+    weights)``; ``weights`` is ``None`` for aggregators that are not weighted (ConFIG, GradDrop,
+    TrimmedMean).
+    """
+    from .aggregation import StatefulAggregator
+
+    if isinstance(aggregator, StatefulAggregator):
+        raise TypeError(
+            "mtl_value_and_grad takes a stateless aggregator; for a stateful one use "
+            "mtl_value_and_jacobian and aggregator.update(J, state)."
+        )
+    vj = mtl_value_and_jacobian(trunk, heads)
+
+    def wrapped(trunk_params, head_params, *args, key=None):
+        losses, J, head_grads = vj(trunk_params, head_params, *args)
+        if hasattr(aggregator, "weights"):
+            weights = aggregator.weights(J, key=key)
+            trunk_grad = combine(weights, J)
+        else:
+            weights = None
+            trunk_grad = aggregator(J, key=key)
+        return losses, (trunk_grad, head_grads), weights
 
     return wrapped

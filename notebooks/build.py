@@ -44,7 +44,11 @@ def cells_of(source: str):
 def build(src: Path, execute: bool = True, timeout: int = 600) -> Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = cells_of(src.read_text())
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     out = HERE / (src.stem.removeprefix("src_") + ".ipynb")
     if execute:
         NotebookClient(nb, timeout=timeout, resources={"metadata": {"path": str(HERE)}}).execute()

@@ -42,8 +42,10 @@ for name, agg in methods.items():
     d = agg(J, key=key)
     directions[name] = np.asarray(d)
     jd_ = np.asarray(J @ d)
-    print(f"{name:<20} {np.array2string(np.asarray(d), precision=3):>22} "
-          f"{jd_[0]:8.3f} {jd_[1]:8.3f}  {bool(np.all(jd_ >= -1e-6))}")
+    print(
+        f"{name:<20} {np.array2string(np.asarray(d), precision=3):>22} "
+        f"{jd_[0]:8.3f} {jd_[1]:8.3f}  {bool(np.all(jd_ >= -1e-6))}"
+    )
 
 assert (J @ directions["mean"])[0] < 0  # the mean increases loss 1
 assert np.all(np.asarray(J @ directions["upgrad"]) >= 0)  # UPGrad does not
@@ -61,8 +63,11 @@ circle = np.stack([np.cos(t), np.sin(t)], 1)
 inside = np.all(circle @ np.asarray(J).T >= 0, axis=1)
 angles = t[inside]
 ax.fill(
-    np.r_[0, 5 * np.cos(angles), 0], np.r_[0, 5 * np.sin(angles), 0],
-    color="tab:green", alpha=0.15, label="dual cone {x : Jx >= 0}",
+    np.r_[0, 5 * np.cos(angles), 0],
+    np.r_[0, 5 * np.sin(angles), 0],
+    color="tab:green",
+    alpha=0.15,
+    label="dual cone {x : Jx >= 0}",
 )
 style = dict(angles="xy", scale_units="xy", scale=1, width=0.012)
 for vec, name, color in [
@@ -100,8 +105,14 @@ tree = {"w": J[:, :1], "b": J[:, 1]}  # same numbers, split into two leaves
 print("pytree:", jd.upgrad(tree), "| matrix:", jd.upgrad(J))
 
 weights, info = jd.upgrad_weighting().solve(G)
-print("weights:", weights, "| converged:", bool(info.converged.all()),
-      "| KKT residual:", float(info.kkt_residual.max()))
+print(
+    "weights:",
+    weights,
+    "| converged:",
+    bool(info.converged.all()),
+    "| KKT residual:",
+    float(info.kkt_residual.max()),
+)
 
 # %% [markdown]
 # Conflict statistics, cheap enough to log at every step of a jitted training loop:

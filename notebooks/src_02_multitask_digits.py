@@ -35,9 +35,7 @@ methods = {
 
 def train(aggregator, seed=0):
     params = demo.init_params(jax.random.key(seed))
-    tx = optax.chain(
-        jd.jd_aggregate(aggregator, num_objectives=3, monitor=True), optax.adam(3e-3)
-    )
+    tx = optax.chain(jd.jd_aggregate(aggregator, num_objectives=3, monitor=True), optax.adam(3e-3))
     state = tx.init(params)
 
     @jax.jit
@@ -50,7 +48,7 @@ def train(aggregator, seed=0):
     curves = {"step": [], "test_acc": [], "conflict": [], "min_cos": [], "non_conflicting": []}
     for i in range(STEPS):
         idx = rng.choice(len(ytr), BATCH, replace=False)
-        params, state, losses = step(params, state, xtr[idx], ytr[idx])
+        params, state, _ = step(params, state, xtr[idx], ytr[idx])
         stats = state[0].stats
         curves["conflict"].append(float(stats.conflict_fraction))
         curves["min_cos"].append(float(stats.min_cosine))
@@ -64,10 +62,16 @@ def train(aggregator, seed=0):
 
 results = {name: train(agg) for name, agg in methods.items()}
 
-print(f"{'method':<10}" + "".join(f"{t:>10}" for t in demo.TASKS) + "   conflicting pairs   steps non-conflicting")
+print(
+    f"{'method':<10}"
+    + "".join(f"{t:>10}" for t in demo.TASKS)
+    + "   conflicting pairs   steps non-conflicting"
+)
 for name, r in results.items():
     accs = "".join(f"{a:10.3f}" for a in r["test_acc"][-1])
-    print(f"{name:<10}{accs}   {np.mean(r['conflict']):17.2f}   {np.mean(r['non_conflicting']):21.0%}")
+    print(
+        f"{name:<10}{accs}   {np.mean(r['conflict']):17.2f}   {np.mean(r['non_conflicting']):21.0%}"
+    )
 
 # %% [markdown]
 # UPGrad's updates are non-conflicting at every step by construction (to the monitor's 1e-6
@@ -83,7 +87,7 @@ for r in results.values():
 # %%
 fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
 for name, r in results.items():
-    for k, task in enumerate(demo.TASKS):
+    for k in range(len(demo.TASKS)):
         axes[k].plot(r["step"], r["test_acc"][:, k], label=name)
     conflict = np.convolve(r["conflict"], np.ones(20) / 20, mode="valid")
     axes[3].plot(np.arange(len(conflict)) + 20, conflict, label=name)

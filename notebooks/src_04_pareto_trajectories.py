@@ -37,14 +37,16 @@ methods = {
 
 def run(aggregator, x0, steps=300, lr=0.3):
     def step(x, _):
-        values, J = jd.value_and_jacobian(objectives)(x)
+        _, J = jd.value_and_jacobian(objectives)(x)
         return x - lr * aggregator(J), x
 
     x_last, path = jax.lax.scan(step, x0, None, length=steps)
     return jnp.concatenate([path, x_last[None]])
 
 
-paths = {name: jax.jit(jax.vmap(lambda x0, a=agg: run(a, x0)))(starts) for name, agg in methods.items()}
+paths = {
+    name: jax.jit(jax.vmap(lambda x0, a=agg: run(a, x0)))(starts) for name, agg in methods.items()
+}
 
 
 def distance_to_pareto_set(x):
@@ -79,13 +81,26 @@ colors = dict(zip(methods, ["tab:red", "tab:blue", "tab:orange", "tab:green", "t
 seg = np.stack([-np.asarray(c), np.asarray(c)])
 ax1.plot(seg[:, 0], seg[:, 1], "k-", lw=3, alpha=0.3, label="Pareto set")
 s = np.linspace(0, 1, 200)
-ax2.plot(1 - np.exp(-4 * s**2), 1 - np.exp(-4 * (1 - s) ** 2), "k-", lw=3, alpha=0.3, label="Pareto front")
+ax2.plot(
+    1 - np.exp(-4 * s**2),
+    1 - np.exp(-4 * (1 - s) ** 2),
+    "k-",
+    lw=3,
+    alpha=0.3,
+    label="Pareto front",
+)
 for name, p in paths.items():
     p = np.asarray(p)
     values = np.asarray(jax.vmap(jax.vmap(objectives))(jnp.asarray(p)))
     for k in range(p.shape[0]):
         ax1.plot(p[k, :, 0], p[k, :, 1], color=colors[name], lw=1, label=name if k == 0 else None)
-        ax2.plot(values[k, :, 0], values[k, :, 1], color=colors[name], lw=1, label=name if k == 0 else None)
+        ax2.plot(
+            values[k, :, 0],
+            values[k, :, 1],
+            color=colors[name],
+            lw=1,
+            label=name if k == 0 else None,
+        )
         ax1.plot(*p[k, -1], "o", color=colors[name], ms=3)
 ax1.plot(*np.asarray(starts).T, "kx", label="starts")
 ax1.set_title("parameter space")

@@ -1,0 +1,153 @@
+"""Gramian engines: ``G = J J^T`` of a vector of losses without keeping the Jacobian, and the
+one-call weighted gradient (Gramian -> weights -> ``grad(w . losses)``), with partial JD."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._jacobian import value_and_jacobian
+from ._tree import gramian
+
+METHODS = ("jacobian", "columns")
+
+
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+
+
+def value_and_gramian(
+    fun: Callable,
+    argnums: int = 0,
+    has_aux: bool = False,
+    method: str = "jacobian",
+    chunk_size: int | None = None,
+) -> Callable:
+    r"""Like :func:`value_and_jacobian`, but returns the Gramian ``G = J J^T`` (m x m) of the
+    losses with respect to ``args[argnums]``.
+
+    Methods:
+
+    * ``"jacobian"``: materialise ``J`` (m vmapped VJPs, in chunks of ``chunk_size``) and form
+      ``G`` leaf by leaf. Memory O(m * params); fastest when that fits.
+    * ``"columns"``: never holds ``J``: one forward pass linearised once, then for each objective
+      ``k`` one VJP ``v = J^T e_k`` and one JVP ``J v`` (column ``k`` of ``G``), ``chunk_size``
+      at a time under ``lax.map``. Memory O(chunk_size * params + m^2).
+
+    Losses of any shape are flattened to m (so ``(B, T)`` instance-wise multi-task losses give a
+    ``B*T x B*T`` Gramian).
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
+    >>> losses, G = jd.value_and_gramian(f, method="columns")(jnp.array([1.0, 2.0]))
+    >>> G
+    Array([[ 2.,  2.],
+           [ 2., 20.]], dtype=float32)
+    """
+    _check_method(method)
+    if not isinstance(argnums, int):
+        raise TypeError("value_and_gramian differentiates one argument: argnums must be an int.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+    if method == "jacobian":
+        vj = value_and_jacobian(fun, argnums=argnums, has_aux=has_aux, chunk_size=chunk_size)
+
+        def by_jacobian(*args, **kwargs):
+            value, J = vj(*args, **kwargs)
+            return value, gramian(J)
+
+        return by_jacobian
+
+    def by_columns(*args, **kwargs):
+        def f(x):
+            out = fun(*args[:argnums], x, *args[argnums + 1 :], **kwargs)
+            return out if has_aux else (out, None)
+
+        losses, jvp, aux = jax.linearize(f, args[argnums], has_aux=True)
+        if losses.size == 0:
+            raise ValueError("The function returned no losses (m = 0).")
+        vjp = jax.linear_transpose(jvp, args[argnums])
+        m = losses.size
+        basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+
+        def column(e):
+            (v,) = vjp(e)
+            return jnp.reshape(jvp(v), (m,))
+
+        rows = jax.lax.map(column, basis, batch_size=chunk_size)
+        G = 0.5 * (rows + rows.T)
+        return ((losses, aux) if has_aux else losses), G
+
+    return by_columns
+
+
+def value_and_weighted_grad(
+    fun: Callable,
+    weighting,
+    *,
+    method: str = "jacobian",
+    gramian_filter: Any = None,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    r"""One call from losses to an aggregated gradient: ``G`` of the losses, ``w = weighting(G)``,
+    then ``grad_params (w . losses)`` (``= J^T w`` by linearity: a second backward pass instead of
+    holding ``J``).
+
+    Returns ``g(params, *args, key=None) -> (losses, weights, grad)`` (``((losses, aux), ...)``
+    with ``has_aux``) where ``fun(params, *args)`` returns the losses, of shape ``(m,)``,
+    ``(B,)`` (instance-wise risk minimisation) or ``(B, T)`` (instance-wise multi-task: flattened
+    to ``B*T`` objectives, weights returned in the losses' shape). ``weighting`` is any stateless
+    jaxjd weighting (``jd.upgrad_weighting()``, ...); random ones read ``key``.
+
+    Partial JD: ``gramian_filter`` (an equinox filter spec: a pytree prefix of ``params`` with
+    booleans, or a callable on leaves) selects the parameters whose Jacobian defines ``G`` (e.g.
+    the last layers); the update still covers every parameter.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> def losses(p, x):
+    ...     return (x @ p) ** 2  # one loss per sample
+    >>> step = jd.value_and_weighted_grad(losses, jd.upgrad_weighting())
+    >>> values, w, g = step(jnp.array([1.0, -1.0]), jnp.array([[1.0, 0.0], [0.0, 2.0]]))
+    >>> values.tolist(), w.shape, g.shape
+    ([1.0, 4.0], (2,), (2,))
+    """
+    _check_method(method)
+
+    def wrapped(params, *args, key=None):
+        if gramian_filter is None:
+
+            def losses_of(p):
+                return fun(p, *args)
+
+            value, G = value_and_gramian(
+                losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
+            )(params)
+        else:
+            chosen, rest = eqx.partition(params, gramian_filter)
+            if not jax.tree_util.tree_leaves(chosen):
+                raise ValueError("gramian_filter selects no parameter.")
+
+            def losses_of(p):
+                return fun(eqx.combine(p, rest), *args)
+
+            value, G = value_and_gramian(
+                losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
+            )(chosen)
+        losses = value[0] if has_aux else value
+        w = jax.lax.stop_gradient(weighting(G, key=key))
+
+        def weighted(p):
+            out = fun(p, *args)
+            out = out[0] if has_aux else out
+            return jnp.sum(jnp.reshape(w, out.shape).astype(out.dtype) * out)
+
+        grad = jax.grad(weighted)(params)
+        return value, jnp.reshape(w, losses.shape), grad
+
+    return wrapped
