@@ -66,14 +66,15 @@ for name, p in paths.items():
 
 # %% [markdown]
 # Every method ends on the Pareto set, but not at the same places. The mean of the objectives is a
-# weighted sum with equal weights: on a concave front it can only reach the **ends** (positions
-# +-1) from every start. MGDA stops at the first Pareto-stationary point it meets, which here
-# spreads the final points along the whole front; UPGrad and DualProj sit in between.
+# weighted sum with equal weights: on a concave front its minimisers sit near the **ends**
+# (positions +-0.96), which every start reaches (CAGrad with c = 0.5 follows it here). MGDA stops
+# at the first Pareto-stationary point it meets, which spreads the final points along the whole
+# front; UPGrad and DualProj sit in between.
 
 # %%
 for name in methods:
     assert float(distance_to_pareto_set(paths[name][:, -1]).max()) < 1e-2, name
-assert np.all(np.abs(positions["mean"]) > 0.99)  # only the ends
+assert np.all(np.abs(positions["mean"]) > 0.9)  # near the ends only
 assert np.any(np.abs(positions["mgda"]) < 0.5)  # the middle of the front is reached
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
