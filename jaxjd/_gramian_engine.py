@@ -10,10 +10,11 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from ._ghost import per_sample_gramian_parts, weighted_grad_from_factors
 from ._jacobian import value_and_jacobian
 from ._tree import gramian
 
-METHODS = ("jacobian", "columns")
+METHODS = ("jacobian", "columns", "per_sample")
 
 
 def _check_method(method):
@@ -39,8 +40,16 @@ def value_and_gramian(
       ``k`` one VJP ``v = J^T e_k`` and one JVP ``J v`` (column ``k`` of ``G``), ``chunk_size``
       at a time under ``lax.map``. Memory O(chunk_size * params + m^2).
 
+    * ``"per_sample"``: for instance-wise risk minimisation, losses ``(B,)`` of independent
+      samples (no batch statistics mixing them): the ghost Gramian. Dense uses ``x @ W`` give
+      ``(X X^T) * (D D^T)`` from activations and output cotangents captured in **one** backward
+      pass of ``sum(losses)``, biases added after a broadcast give ``D`` summed; they are found
+      by reading the function's jaxpr, so any ordinary JAX function of ``(params, batch)``
+      works. Every other parameter (used twice, convolution, embedding, scale, ...) falls back
+      to per-sample gradients of that parameter alone. No ``has_aux``/``chunk_size``.
+
     Losses of any shape are flattened to m (so ``(B, T)`` instance-wise multi-task losses give a
-    ``B*T x B*T`` Gramian).
+    ``B*T x B*T`` Gramian) by ``"jacobian"`` and ``"columns"``.
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
@@ -54,6 +63,19 @@ def value_and_gramian(
         raise TypeError("value_and_gramian differentiates one argument: argnums must be an int.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+    if method == "per_sample":
+        if has_aux:
+            raise ValueError("method='per_sample' does not support has_aux.")
+
+        def by_samples(*args, **kwargs):
+            def f(x, *others):
+                return fun(*others[:argnums], x, *others[argnums:], **kwargs)
+
+            others = args[:argnums] + args[argnums + 1 :]
+            losses, G, _ = per_sample_gramian_parts(f, args[argnums], *others)
+            return losses, G
+
+        return by_samples
     if method == "jacobian":
         vj = value_and_jacobian(fun, argnums=argnums, has_aux=has_aux, chunk_size=chunk_size)
 
@@ -107,7 +129,10 @@ def value_and_weighted_grad(
 
     Partial JD: ``gramian_filter`` (an equinox filter spec: a pytree prefix of ``params`` with
     booleans, or a callable on leaves) selects the parameters whose Jacobian defines ``G`` (e.g.
-    the last layers); the update still covers every parameter.
+    the last layers); the update still covers every parameter. With ``method="per_sample"`` (and
+    no filter) the update is formed from the factors the Gramian captured (``X^T diag(w) D`` for
+    dense layers): one forward and one backward pass in all, plus the fallback parameters'
+    per-sample gradients.
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> def losses(p, x):
@@ -120,6 +145,11 @@ def value_and_weighted_grad(
     _check_method(method)
 
     def wrapped(params, *args, key=None):
+        if method == "per_sample" and gramian_filter is None and not has_aux:
+            # The captured factors give J^T w directly: no second backward pass.
+            losses, G, factors = per_sample_gramian_parts(fun, params, *args)
+            w = jax.lax.stop_gradient(weighting(G, key=key))
+            return losses, w, weighted_grad_from_factors(w, factors)
         if gramian_filter is None:
 
             def losses_of(p):

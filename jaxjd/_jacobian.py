@@ -140,7 +140,7 @@ def mtl_value_and_grad(trunk: Callable, heads: Callable, aggregator) -> Callable
     weights)``; ``weights`` is ``None`` for aggregators that are not weighted (ConFIG, GradDrop,
     TrimmedMean).
     """
-    from .aggregation import StatefulAggregator
+    from .aggregation import GramianWeightedAggregator, StatefulAggregator
 
     if isinstance(aggregator, StatefulAggregator):
         raise TypeError(
@@ -151,7 +151,7 @@ def mtl_value_and_grad(trunk: Callable, heads: Callable, aggregator) -> Callable
 
     def wrapped(trunk_params, head_params, *args, key=None):
         losses, J, head_grads = vj(trunk_params, head_params, *args)
-        if hasattr(aggregator, "weights"):
+        if isinstance(aggregator, GramianWeightedAggregator):
             weights = aggregator.weights(J, key=key)
             trunk_grad = combine(weights, J)
         else:

@@ -7,8 +7,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 ).strip()
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # Float64 runs inside ``jax.enable_x64(True)``; float32 runs with x64 off, as most users have it.
 # So both modes are exercised in one session, per test.

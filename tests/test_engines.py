@@ -101,13 +101,18 @@ def explicit(losses, params, batch):
     return J, jd.gramian(J)
 
 
-@pytest.mark.parametrize("method", ["jacobian", "columns"])
+@pytest.mark.parametrize("method", ["jacobian", "columns", "per_sample"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_gramian_engines_equal_jacrev(model, method, x64):
+    if method == "per_sample" and model == "multi_output_BxT":
+        pytest.skip("per_sample takes (B,) losses (one per sample); (B, T) has its own test")
     losses, params, batch = MODELS[model]()
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     _, G_ref = explicit(losses, params, batch)
-    values, G = jax.jit(jd.value_and_gramian(losses, method=method, chunk_size=3))(params, batch)
+    chunk = None if method == "per_sample" else 3
+    values, G = jax.jit(jd.value_and_gramian(losses, method=method, chunk_size=chunk))(
+        params, batch
+    )
     np.testing.assert_allclose(values, losses(params, batch), rtol=1e-12)
     np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-10 * float(jnp.abs(G_ref).max()))
 
@@ -115,20 +120,30 @@ def test_gramian_engines_equal_jacrev(model, method, x64):
 def test_gramian_engines_float32():
     losses, params, batch = MODELS["cnn"]()
     _, G_ref = explicit(losses, params, batch)
-    for method in ("jacobian", "columns"):
+    for method in ("jacobian", "columns", "per_sample"):
         _, G = jax.jit(jd.value_and_gramian(losses, method=method))(params, batch)
         assert G.dtype == jnp.float32
         np.testing.assert_allclose(G, G_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(G_ref).max()))
 
 
-@pytest.mark.parametrize("model", ["mlp", "multi_output_BxT"])
-def test_weighted_grad_equals_aggregating_the_jacobian(model, x64):
-    """grad(w . losses) = J^T w with w = weighting(J J^T); (B, T) weights keep the losses' shape."""
+@pytest.mark.parametrize(
+    "model,method",
+    [
+        ("mlp", "columns"),
+        ("multi_output_BxT", "jacobian"),
+        ("mlp", "per_sample"),
+        ("cnn", "per_sample"),
+        ("embedding_layernorm", "per_sample"),
+    ],
+)
+def test_weighted_grad_equals_aggregating_the_jacobian(model, method, x64):
+    """grad(w . losses) = J^T w with w = weighting(J J^T); (B, T) weights keep the losses' shape;
+    per_sample forms J^T w from its captured factors (and the fallback per-sample gradients)."""
     losses, params, batch = MODELS[model]()
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     J, G = explicit(losses, params, batch)
     weighting = jd.upgrad_weighting()
-    step = jax.jit(jd.value_and_weighted_grad(losses, weighting, method="columns"))
+    step = jax.jit(jd.value_and_weighted_grad(losses, weighting, method=method))
     values, w, grad = step(params, batch)
     assert w.shape == values.shape
     np.testing.assert_allclose(jnp.ravel(w), weighting(G), rtol=1e-9, atol=1e-12)
@@ -180,9 +195,36 @@ def test_columns_engine_never_holds_the_jacobian():
         f = jax.jit(jd.value_and_gramian(losses, method=method, chunk_size=4))
         return f.lower(params, x).compile().memory_analysis().temp_size_in_bytes
 
-    jac, cols = temp_bytes("jacobian"), temp_bytes("columns")
+    jac, cols, ghost = temp_bytes("jacobian"), temp_bytes("columns"), temp_bytes("per_sample")
     assert jac >= 64 * 512 * 512 * 4  # the Jacobian is there
     assert cols * 4 < jac
+    # The ghost engine keeps activations and cotangents (64 x 512 each), not 64 gradients.
+    assert ghost * 20 < jac
+
+
+def test_per_sample_structure_and_its_limits(x64):
+    """Which parameters the ghost engine treats from factors (dense weights, biases) and which
+    fall back (used twice, convolution kernel, embedding table, layer-norm scale); (B, T) losses
+    are refused with a pointer to the other methods."""
+    from jaxjd._ghost import per_sample_gramian_parts
+
+    expected = {
+        "mlp": {"l1/b", "l1/w", "l2/b", "l2/w"},
+        "cnn": {"head/b", "head/w"},
+        "embedding_layernorm": {"ln/bias", "out/b", "out/w"},
+        "shared_weight": set(),
+    }
+    for model, names in expected.items():
+        losses, params, batch = MODELS[model]()
+        paths = [
+            "/".join(str(k.key) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+        ]
+        _, _, factors = per_sample_gramian_parts(losses, params, batch)
+        assert {paths[i] for i in factors[0].structural} == names, model
+    losses, params, batch = MODELS["multi_output_BxT"]()
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        jd.value_and_gramian(losses, method="per_sample")(params, batch)
 
 
 def test_engine_errors():
