@@ -18,8 +18,9 @@ class FairGradWeighting(Weighting):
     The solution minimises the convex ``phi(x) = x^T G x / 2 - sum_i h(x_i)`` over ``x > 0``
     (``h = log`` for ``alpha = 1``, ``h(t) = t^{1 - 1/alpha} / (1 - 1/alpha)`` otherwise): Newton
     steps with the Hessian ``G + diag(x^{-1/alpha - 1}) / alpha``, a fraction-to-the-boundary rule
-    and Armijo backtracking, from ``x = 1/m``, until ``|G x - x^{-1/alpha}|_inf <= tol`` relative
-    to ``max(x^{-1/alpha})`` or ``max_iters`` Newton steps (TorchJD uses scipy's least squares).
+    and Armijo backtracking, from the minimiser of ``phi`` on the ray of ``1/m``, until
+    ``|G x - x^{-1/alpha}|_inf <= tol`` relative to ``max(x^{-1/alpha})``, a step below the
+    dtype's precision, or ``max_iters`` Newton steps (TorchJD uses scipy's least squares).
     When no positive solution exists (a positive ``v`` with ``J^T v = 0``, e.g. ``J = 0``),
     ``phi`` is unbounded below; the iterate after ``max_iters`` steps (or the last finite one)
     is returned: finite, positive, and large.
@@ -80,10 +81,21 @@ class FairGradWeighting(Weighting):
             res = residual(new)
             # Diverging (no positive root): keep the last finite iterate and stop.
             ok = jnp.all(jnp.isfinite(new)) & jnp.isfinite(res) & jnp.isfinite(phi(new))
+            # Stagnating at the dtype's precision (a float32 residual cannot always reach tol):
+            # stop too.
+            moved = jnp.max(jnp.abs(t * d)) > 4 * jnp.finfo(G.dtype).eps * jnp.max(jnp.abs(x))
             x = jnp.where(ok, new, x)
-            return x, jnp.where(ok, it + 1, self.max_iters), jnp.where(ok, res, residual(x))
+            it = jnp.where(ok & moved, it + 1, self.max_iters)
+            return x, it, jnp.where(ok, res, residual(x))
 
-        x, _, _ = jax.lax.while_loop(cond, body, (uniform, jnp.asarray(0), residual(uniform)))
+        # Start on the ray of 1/m at the minimiser of phi along it:
+        # s^(1 + 1/alpha) = sum(u^(1 - 1/alpha)) / u^T G u.
+        curvature = uniform @ G @ uniform
+        scale = (jnp.sum(uniform ** (1 - 1 / a)) / jnp.where(curvature > 0, curvature, 1.0)) ** (
+            1 / (1 + 1 / a)
+        )
+        start = jnp.where((curvature > 0) & jnp.isfinite(scale), scale * uniform, uniform)
+        x, _, _ = jax.lax.while_loop(cond, body, (start, jnp.asarray(0), residual(start)))
         return x
 
 
