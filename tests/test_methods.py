@@ -174,3 +174,19 @@ def test_crmogm_pass_through_frozen_and_validation(x64):
         jd.crmogm_weighting(lambda G: G[0])
     with pytest.raises(ValueError, match="expected m = 4"):
         frozen.init(4)
+
+
+@pytest.mark.parametrize("m", [5, 40])  # the rank path (m <= 32) and the top_k path
+def test_trimmed_mean_ties_outliers_and_nan(m, x64):
+    """Equal entries are trimmed once each (not all at once); huge outliers do not cancel the
+    kept entries; a NaN in a coordinate makes that coordinate NaN, never a silent number."""
+    rng = np.random.default_rng(m)
+    J = rng.standard_normal((m, 4))
+    J[:, 0] = 3.0  # all tied
+    J[0, 1], J[1, 1] = 1e300, -1e300  # outliers
+    J[2, 3] = np.nan
+    out = np.asarray(jd.trimmed_mean(jnp.asarray(J), trim_number=2))
+    kept = np.sort(J[:, 1])[2 : m - 2]
+    np.testing.assert_allclose(out[:2], [3.0, kept.mean()], rtol=1e-12)
+    np.testing.assert_allclose(out[2], np.sort(J[:, 2])[2 : m - 2].mean(), rtol=1e-12)
+    assert np.isnan(out[3])
