@@ -20,6 +20,14 @@ def value_and_jacobian(
     forward pass and m vmapped VJPs. ``chunk_size`` bounds memory by running the VJPs in chunks
     (``lax.map``); the result does not depend on it. Losses of any shape are flattened to m.
 
+    Any pytree of parameters works (dicts, flax ``params``). For an equinox module, split the
+    arrays from the rest and differentiate the arrays::
+
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        losses, J = jd.value_and_jacobian(
+            lambda p, x, y: losses_fn(eqx.combine(p, static), x, y)
+        )(params, x, y)  # J mirrors params: None where the model has no array
+
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
     >>> losses, J = jd.value_and_jacobian(f)(jnp.array([1.0, 2.0]))

@@ -284,3 +284,25 @@ def test_mtl_helper_equals_brute_force(x64):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     with pytest.raises(TypeError, match="stateless"):
         jd.mtl_value_and_grad(trunk, heads, jd.pcd())
+
+
+def test_equinox_module_with_the_filter_pattern(x64):
+    """value_and_jacobian on an equinox model: partition the arrays, combine inside."""
+    import equinox as eqx
+
+    model = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(0))
+    model = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, model)
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def losses(p, x):
+        out = jax.vmap(eqx.combine(p, static))(x)
+        return jnp.mean(out**2, axis=0)  # 2 objectives
+
+    values, J = jd.value_and_jacobian(losses)(params, x)
+    np.testing.assert_allclose(values, losses(params, x), rtol=1e-12)
+    J_ref = jax.jacrev(losses)(params, x)
+    for a, b in zip(jax.tree_util.tree_leaves(J), jax.tree_util.tree_leaves(J_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    update = jd.upgrad(J)
+    assert jax.tree_util.tree_structure(update) == jax.tree_util.tree_structure(params)

@@ -163,3 +163,23 @@ def test_microbatch_accumulation_equals_the_whole_batch():
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="same leading axis"):
         step(params, (x.reshape(4, 4, 3), y))
+
+
+def test_state_round_trips_through_host_memory():
+    """The whole optax state (key, weights, a stateful aggregator's state, statistics) is a plain
+    pytree: copied to numpy and back (as a checkpoint would), it continues the run identically."""
+    tx = optax.chain(
+        jd.jd_aggregate(jd.nash_mtl(), num_objectives=3, monitor=True), optax.adam(1e-2)
+    )
+    step = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    _, state = step(jacobian(0), state, PARAMS)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    restored = jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(np.asarray(x)) for x in jax.device_get(leaves)]
+    )
+    a, sa = step(jacobian(1), state, PARAMS)
+    b, sb = step(jacobian(1), restored, PARAMS)
+    for x, y in zip(jax.tree_util.tree_leaves((a, sa)), jax.tree_util.tree_leaves((b, sb))):
+        np.testing.assert_array_equal(x, y)
+    assert int(sa[0].inner.count) == 2  # the stateful aggregator advanced twice
