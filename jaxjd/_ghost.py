@@ -5,9 +5,11 @@ A dense use ``y = x @ W`` (x: ``(B, ..., d_in)``) gives sample b the gradient
 ``X_b^T D_b`` (``X_b``: its rows of x, ``D_b``: the matching rows of the cotangent of y), so
 ``<g_b, g_c> = sum (X_b X_c^T) * (D_b D_c^T)``: the Gramian needs only activations and output
 cotangents, which one backward pass of ``sum(losses)`` gives for every sample at once (the
-samples are independent). A bias added after a broadcast gives ``g_b = sum_l D_bl``. Both are
-found by reading the function's jaxpr; every other parameter (used twice, in a convolution, an
-embedding, a layer norm, ...) falls back to per-sample gradients of that parameter only.
+samples are independent). A bias added after a broadcast gives ``g_b = sum_l D_bl``. A
+convolution kernel or an embedding table gets sample b's gradient from its own op's VJP on
+sample b's captured operands and cotangent (vmapped; no pass through the rest of the network).
+All are found by reading the function's jaxpr; every other parameter (used twice, a layer-norm
+scale, ...) falls back to per-sample gradients of that parameter only.
 """
 
 from __future__ import annotations
@@ -24,11 +26,40 @@ from jax.extend import core as jcore
 class _Plan:
     dense: dict = field(default_factory=dict)  # eqn id -> param index
     bias: dict = field(default_factory=dict)  # add-eqn id -> (param index, broadcast dims)
+    local: dict = field(default_factory=dict)  # eqn id -> (param index, eqn, param position)
     structural: set = field(default_factory=set)
 
 
 def _is_var(v):
     return isinstance(v, jcore.Var) and not isinstance(v, jcore.Literal)
+
+
+def _is_local(eqn, pos, batch_size):
+    """A convolution kernel or an embedding table: sample b's gradient is the op's own VJP on
+    sample b's slice of the other operands and of the output cotangent (batch axis 0 in, 0 out,
+    and no operand shape recorded in the op's parameters)."""
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval
+    if out.ndim == 0 or out.shape[0] != batch_size:
+        return False
+    others = [v.aval for i, v in enumerate(eqn.invars) if i != pos]
+    if name == "conv_general_dilated" and pos == 1:
+        dn = eqn.params["dimension_numbers"]
+        return (
+            dn.lhs_spec[0] == 0
+            and dn.out_spec[0] == 0
+            and eqn.params["batch_group_count"] == 1
+            and others[0].shape[0] == batch_size
+        )
+    if name == "gather" and pos == 0:
+        dn = eqn.params["dimension_numbers"]
+        return (
+            not dn.operand_batching_dims
+            and others[0].ndim >= 1
+            and others[0].shape[0] == batch_size
+            and 0 not in dn.offset_dims
+        )
+    return False
 
 
 def _analyse(closed, n_params, batch_size):
@@ -61,6 +92,8 @@ def _analyse(closed, n_params, batch_size):
                         and lhs.shape[0] == batch_size
                     ):
                         kind = "dense"
+                elif _is_local(eqn, pos, batch_size):
+                    kind = "local"
                 elif name == "broadcast_in_dim":
                     dims = tuple(eqn.params["broadcast_dimensions"])
                     out = eqn.outvars[0].aval
@@ -69,7 +102,7 @@ def _analyse(closed, n_params, batch_size):
                     ):
                         kind = "broadcast"
                         bias_of[eqn.outvars[0]] = (p, dims)
-                uses.setdefault(p, []).append((kind, id(eqn)))
+                uses.setdefault(p, []).append((kind, id(eqn), (eqn, pos)))
             if name == "add":
                 for pos, v in enumerate(eqn.invars):
                     if _is_var(v) and v in bias_of:
@@ -90,6 +123,9 @@ def _analyse(closed, n_params, batch_size):
         kinds = [u[0] for u in us]
         if kinds == ["dense"]:
             plan.dense[us[0][1]] = p
+            plan.structural.add(p)
+        elif kinds == ["local"]:
+            plan.local[us[0][1]] = (p, *us[0][2])
             plan.structural.add(p)
         elif kinds == ["broadcast", "bias_add"]:
             plan.bias[us[1][1]] = (p, us[1][2])
@@ -155,6 +191,8 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
             k = id(eqn)
             if k in plan.dense:
                 captured[k] = invals[0]
+            if k in plan.local:
+                captured[k] = tuple(invals)
             if k in perturbations:
                 return [outvals[0] + perturbations[k]]
             return outvals
@@ -168,7 +206,7 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
         shapes = {}
 
         def hook(eqn, invals, outvals):
-            if id(eqn) in plan.dense or id(eqn) in plan.bias:
+            if id(eqn) in plan.dense or id(eqn) in plan.bias or id(eqn) in plan.local:
                 shapes[id(eqn)] = jax.ShapeDtypeStruct(outvals[0].shape, outvals[0].dtype)
             return outvals
 
@@ -200,6 +238,10 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
         g = jnp.sum(D, axis=axes).reshape(B, -1).astype(acc)
         bias_grads[p] = g
         G = G + g @ g.T
+    for k, (p, eqn, pos) in plan.local.items():
+        g = _local_per_sample(eqn, pos, captured[k], deltas[k], B)
+        bias_grads[p] = g.reshape(B, -1).astype(acc)
+        G = G + bias_grads[p] @ bias_grads[p].T
     fb_grads = {}
     if fallback:
 
@@ -216,6 +258,26 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
             G = G + g @ g.T
     factors = (plan, captured, deltas, bias_grads, fb_grads, treedef, leaves)
     return losses, G, factors
+
+
+def _local_per_sample(eqn, pos, invals, delta, B):
+    """Per-sample gradients of the parameter at position ``pos`` of ``eqn``: the op's VJP on
+    each sample's slice (vmapped), given its captured operands and output cotangent."""
+    batched = [i != pos and jnp.ndim(v) > 0 and v.shape[0] == B for i, v in enumerate(invals)]
+    params = eqn.primitive.get_bind_params(eqn.params)
+    sliced = [v.reshape(B, 1, *v.shape[1:]) if b else None for v, b in zip(invals, batched)]
+
+    def one(slices, d):
+        def f(w):
+            args = [s if b else v for s, v, b in zip(slices, invals, batched)]
+            args[pos] = w
+            return eqn.primitive.bind(*args, **params)
+
+        _, vjp = jax.vjp(f, invals[pos])
+        return vjp(d)[0]
+
+    in_axes = ([0 if b else None for b in batched], 0)
+    return jax.vmap(one, in_axes=in_axes)(sliced, delta.reshape(B, 1, *delta.shape[1:]))
 
 
 def weighted_grad_from_factors(weights, factors):

@@ -43,10 +43,11 @@ def value_and_gramian(
     * ``"per_sample"``: for instance-wise risk minimisation, losses ``(B,)`` of independent
       samples (no batch statistics mixing them): the ghost Gramian. Dense uses ``x @ W`` give
       ``(X X^T) * (D D^T)`` from activations and output cotangents captured in **one** backward
-      pass of ``sum(losses)``, biases added after a broadcast give ``D`` summed; they are found
-      by reading the function's jaxpr, so any ordinary JAX function of ``(params, batch)``
-      works. Every other parameter (used twice, convolution, embedding, scale, ...) falls back
-      to per-sample gradients of that parameter alone. No ``has_aux``/``chunk_size``.
+      pass of ``sum(losses)``, biases added after a broadcast give ``D`` summed, convolution
+      kernels and embedding tables get per-sample gradients from their own op's VJP on the
+      captured slices; they are found by reading the function's jaxpr, so any ordinary JAX
+      function of ``(params, batch)`` works. Every other parameter (used twice, a scale, ...)
+      falls back to per-sample gradients of that parameter alone. No ``has_aux``/``chunk_size``.
 
     Losses of any shape are flattened to m (so ``(B, T)`` instance-wise multi-task losses give a
     ``B*T x B*T`` Gramian) by ``"jacobian"`` and ``"columns"``.

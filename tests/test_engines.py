@@ -203,15 +203,16 @@ def test_columns_engine_never_holds_the_jacobian():
 
 
 def test_per_sample_structure_and_its_limits(x64):
-    """Which parameters the ghost engine treats from factors (dense weights, biases) and which
-    fall back (used twice, convolution kernel, embedding table, layer-norm scale); (B, T) losses
-    are refused with a pointer to the other methods."""
+    """Which parameters the ghost engine treats from captured factors (dense weights, biases;
+    convolution kernels and embedding tables by their own op's per-sample VJP) and which fall back
+    (used twice, layer-norm scale); (B, T) losses are refused with a pointer to the other
+    methods."""
     from jaxjd._ghost import per_sample_gramian_parts
 
     expected = {
         "mlp": {"l1/b", "l1/w", "l2/b", "l2/w"},
-        "cnn": {"head/b", "head/w"},
-        "embedding_layernorm": {"ln/bias", "out/b", "out/w"},
+        "cnn": {"conv", "head/b", "head/w"},
+        "embedding_layernorm": {"embed", "ln/bias", "out/b", "out/w"},
         "shared_weight": set(),
     }
     for model, names in expected.items():
