@@ -11,24 +11,16 @@ same run.
 
 from __future__ import annotations
 
-import os
+import argparse
+import warnings
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-    " intra_op_parallelism_threads=1"
-)
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"
+import _common  # noqa: F401  (one thread: must come before jax and torch)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import conflicting, emit, median_time, write_table
 
-import argparse  # noqa: E402
-import warnings  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from bench_upgrad import conflicting, median_time  # noqa: E402
-
-import jaxjd as jd  # noqa: E402
+import jaxjd as jd
 
 SIZES = [(2, 10), (5, 50), (10, 100), (20, 500), (32, 1000), (64, 1000), (128, 10000)]
 
@@ -155,12 +147,8 @@ def main():
                     f"| {name} | {m} | {n} | {t_floor * 1e3:.3f} | {t_jax * 1e3:.3f} | "
                     f"{t_jax / t_floor:.1f} | {t_torch * 1e3:.2f} | {t_torch / t_jax:.1f} |"
                 )
-                print(row, flush=True)
-                lines.append(row)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+                emit(lines, row)
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

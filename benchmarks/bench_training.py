@@ -15,24 +15,16 @@ sample), jaxjd vs a plain step vs TorchJD (when installed), one CPU thread, medi
 
 from __future__ import annotations
 
-import os
+import argparse
+import warnings
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-    " intra_op_parallelism_threads=1"
-)
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"
+import _common  # noqa: F401  (one thread: must come before jax and torch)
+import jax
+import jax.numpy as jnp
+import optax
+from _common import emit, median_time, write_table
 
-import argparse  # noqa: E402
-import warnings  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from bench_upgrad import median_time  # noqa: E402
-
-import jaxjd as jd  # noqa: E402
+import jaxjd as jd
 
 
 def dense_init(key, sizes):
@@ -258,8 +250,7 @@ def main():
             f"{t_jd * 1e3:.3f} | {t_jd / t_plain:.2f} | {floor:.2f} | "
             f"{t_jd / t_plain / floor:.2f} | {t_torch * 1e3:.2f} | {t_torch / t_jd:.1f} |"
         )
-        print(row, flush=True)
-        lines.append(row)
+        emit(lines, row)
     header = [
         "",
         "IWRM (UPGrad weighting of the B x B per-sample Gramian, then the weighted gradient).",
@@ -279,12 +270,8 @@ def main():
             f"{t['jacobian'] / t['plain']:.2f} | {t['torchjd'] * 1e3:.2f} | "
             f"{t['torchjd'] / t['per_sample']:.1f} |"
         )
-        print(row, flush=True)
-        lines.append(row)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+        emit(lines, row)
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

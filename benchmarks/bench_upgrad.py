@@ -1,6 +1,6 @@
 """UPGrad speed: jaxjd (each solver) vs the floor (J J^T and J^T w alone) vs TorchJD 0.18.
 
-One thread for both frameworks (set below, before importing either), medians over repeats,
+One thread for both frameworks (set by _common, before importing either), medians over repeats,
 ratios taken in the same run. TorchJD is optional:
 pip install torch==2.13.0 "torchjd[full]==0.18.0".
 
@@ -9,24 +9,14 @@ pip install torch==2.13.0 "torchjd[full]==0.18.0".
 
 from __future__ import annotations
 
-import os
+import argparse
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-    " intra_op_parallelism_threads=1"
-)
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[var] = "1"
+import _common  # noqa: F401  (one thread: must come before jax and torch)
+import jax
+import jax.numpy as jnp
+from _common import conflicting, emit, median_time, write_table
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import jaxjd as jd  # noqa: E402
+import jaxjd as jd
 
 SIZES = [
     (2, 10),
@@ -40,24 +30,6 @@ SIZES = [
     (32, 100_000),
     (256, 1000),
 ]
-
-
-def median_time(fn, repeats, min_total=0.2):
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_total and len(times) < 200):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def conflicting(m, n, seed=0):
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal(n)
-    rows = rng.standard_normal((m, n)) + rng.choice([-1.5, 1.0], size=(m, 1)) * base
-    return rows
 
 
 def torchjd_fn(a, dtype):
@@ -112,12 +84,8 @@ def main():
                     + f" | {times['bpp'] / t_floor:.2f} | {t_torch * 1e3:.2f} | "
                     f"{t_torch / times['bpp']:.1f} |"
                 )
-                print(row, flush=True)
-                lines.append(row)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+                emit(lines, row)
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

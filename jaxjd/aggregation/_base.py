@@ -166,6 +166,13 @@ def check_nonnegative(value: float, name: str) -> float:
     return float(value)
 
 
+def positive_int(value, name: str) -> int:
+    """A positive integer hyper-parameter or size (``num_objectives``, ``n_iter``, ...)."""
+    if int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value}.")
+    return int(value)
+
+
 def check_positive(value: float, name: str) -> float:
     if not value > 0:
         raise ValueError(f"{name} must be > 0; got {value}.")

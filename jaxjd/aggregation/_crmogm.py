@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import accumulation_dtype, check_gramian
-from ._base import StatefulWeighting, Weighting, as_static_vector
+from ._base import StatefulWeighting, Weighting, as_static_vector, positive_int
 
 
 class CRMOGMState(NamedTuple):
@@ -43,7 +43,7 @@ class CRMOGMWeighting(StatefulWeighting):
         self.initial_weights = as_static_vector(initial_weights, "initial_weights")
 
     def init(self, num_objectives, dtype=jnp.float32):
-        m = int(num_objectives)
+        m = positive_int(num_objectives, "num_objectives")
         inner = self.weighting.init(m, dtype) if self._stateful else None
         dtype = accumulation_dtype(dtype)
         if self.initial_weights is None:

@@ -9,7 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import accumulation_dtype, check_gramian
-from ._base import StatefulGramianAggregator, StatefulWeighting, check_nonnegative
+from ._base import (
+    StatefulGramianAggregator,
+    StatefulWeighting,
+    check_nonnegative,
+    positive_int,
+)
 
 
 class GradVacState(NamedTuple):
@@ -43,9 +48,7 @@ class GradVacWeighting(StatefulWeighting):
         self.eps = check_nonnegative(eps, "eps")
 
     def init(self, num_objectives, dtype=jnp.float32):
-        if int(num_objectives) != num_objectives or num_objectives < 1:
-            raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
-        m = int(num_objectives)
+        m = positive_int(num_objectives, "num_objectives")
         return GradVacState(jnp.zeros((m, m), accumulation_dtype(dtype)))
 
     def _update(self, matrix, state, key):

@@ -17,7 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import accumulation_dtype, check_gramian
-from ._base import StatefulWeighting, as_static_vector, check_nonnegative, check_positive
+from ._base import (
+    StatefulWeighting,
+    as_static_vector,
+    check_nonnegative,
+    check_positive,
+    positive_int,
+)
 from ._base import vector_for as _vector_for
 from ._cagrad import project_onto_simplex
 
@@ -32,9 +38,7 @@ class _SimplexStateWeighting(StatefulWeighting):
     """A stateful weighting whose state is weights on the simplex, starting at ``1/m``."""
 
     def init(self, num_objectives, dtype=jnp.float32):
-        if int(num_objectives) != num_objectives or num_objectives < 1:
-            raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
-        m = int(num_objectives)
+        m = positive_int(num_objectives, "num_objectives")
         return SimplexWeightsState(jnp.full((m,), 1.0 / m, accumulation_dtype(dtype)))
 
 
@@ -83,9 +87,7 @@ class SDMGradWeighting(_SimplexStateWeighting):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1); got {momentum}.")
         self.momentum = float(momentum)
-        if int(n_iter) != n_iter or n_iter < 1:
-            raise ValueError(f"n_iter must be a positive integer; got {n_iter}.")
-        self.n_iter = int(n_iter)
+        self.n_iter = positive_int(n_iter, "n_iter")
         self.lambda_ = check_nonnegative(lambda_, "lambda_")
         self.pref_vector = as_static_vector(pref_vector, "pref_vector")
 

@@ -10,7 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from .._tree import accumulation_dtype, check_gramian
-from ._base import StatefulGramianAggregator, StatefulWeighting, check_nonnegative
+from ._base import (
+    StatefulGramianAggregator,
+    StatefulWeighting,
+    check_nonnegative,
+    positive_int,
+)
 from ._mgda import MGDAWeighting
 
 
@@ -20,12 +25,6 @@ class NashMTLState(NamedTuple):
 
     alpha: jax.Array
     count: jax.Array
-
-
-def _positive_int(value, name):
-    if int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value}.")
-    return int(value)
 
 
 def _solve_step(G, nf, prev, start, tol, max_iter):
@@ -142,11 +141,11 @@ class NashMTLWeighting(StatefulWeighting):
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter=20):
         self.max_norm = check_nonnegative(max_norm, "max_norm")
-        self.update_weights_every = _positive_int(update_weights_every, "update_weights_every")
-        self.optim_niter = _positive_int(optim_niter, "optim_niter")
+        self.update_weights_every = positive_int(update_weights_every, "update_weights_every")
+        self.optim_niter = positive_int(optim_niter, "optim_niter")
 
     def init(self, num_objectives, dtype=jnp.float32):
-        m = _positive_int(num_objectives, "num_objectives")
+        m = positive_int(num_objectives, "num_objectives")
         return NashMTLState(jnp.ones((m,), accumulation_dtype(dtype)), jnp.zeros((), jnp.int32))
 
     def _update(self, matrix, state, key):

@@ -12,7 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._tree import accumulation_dtype, check_gramian
-from ._base import StatefulGramianAggregator, StatefulWeighting, check_nonnegative
+from ._base import (
+    StatefulGramianAggregator,
+    StatefulWeighting,
+    check_nonnegative,
+    positive_int,
+)
 
 
 class PCDState(NamedTuple):
@@ -127,9 +132,7 @@ class PCDWeighting(StatefulWeighting):
         self.eps = check_nonnegative(eps, "eps")
 
     def init(self, num_objectives, dtype=jnp.float32):
-        if int(num_objectives) != num_objectives or num_objectives < 1:
-            raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
-        m = int(num_objectives)
+        m = positive_int(num_objectives, "num_objectives")
         self._taus(m, jnp.float32)
         dtype = accumulation_dtype(dtype)
         return PCDState(jnp.zeros((m,), dtype), jnp.zeros((), jnp.int32))

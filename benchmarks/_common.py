@@ -1,0 +1,48 @@
+"""Shared by the benchmarks: one CPU thread for every framework (set on import, before jax or
+torch is imported), medians, the conflicting test matrices, writing a table."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    " intra_op_parallelism_threads=1"
+)
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = "1"
+
+import numpy as np  # noqa: E402
+
+
+def median_time(fn, repeats, min_total=0.2):
+    """Median wall time of ``fn()`` after one warm-up call (compilation excluded)."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start < min_total and len(times) < 200):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def conflicting(m, n, seed=0):
+    """Gaussian rows sharing a direction with random signs: many conflicting pairs."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(n)
+    return rng.standard_normal((m, n)) + rng.choice([-1.5, 1.0], size=(m, 1)) * base
+
+
+def emit(lines, row):
+    print(row, flush=True)
+    lines.append(row)
+
+
+def write_table(lines, out):
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
