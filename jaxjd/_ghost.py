@@ -67,8 +67,12 @@ def _analyse(closed, n_params, batch_size):
     uses = {}  # param index -> list of (kind, eqn id, extra)
     bias_of = {}  # broadcast output var -> (param index, broadcast eqn id, dims)
 
+    visits = {}  # eqn id -> how many times the evaluation reaches it (a jitted function called
+    # twice shares its inner equations: capturing at them would mix the calls)
+
     def walk(jaxpr, env):
         for eqn in jaxpr.eqns:
+            visits[id(eqn)] = visits.get(id(eqn), 0) + 1
             ins = [env.get(v) if _is_var(v) else None for v in eqn.invars]
             name = eqn.primitive.name
             if name in ("jit", "pjit") and "jaxpr" in eqn.params:
@@ -120,6 +124,8 @@ def _analyse(closed, n_params, batch_size):
     walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:n_params])})
     plan = _Plan()
     for p, us in uses.items():
+        if any(visits[u[1]] > 1 for u in us):
+            continue  # falls back: its equation runs more than once
         kinds = [u[0] for u in us]
         if kinds == ["dense"]:
             plan.dense[us[0][1]] = p
@@ -231,17 +237,17 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
         else:
             g = jnp.einsum("bld,ble->bde", X, D).reshape(B, -1)
             G = G + g @ g.T
-    bias_grads = {}
+    row_grads = {}
     for k, (p, dims) in plan.bias.items():
         D = deltas[k]
         axes = tuple(a for a in range(1, D.ndim) if a not in dims)
         g = jnp.sum(D, axis=axes).reshape(B, -1).astype(acc)
-        bias_grads[p] = g
+        row_grads[p] = g
         G = G + g @ g.T
     for k, (p, eqn, pos) in plan.local.items():
         g = _local_per_sample(eqn, pos, captured[k], deltas[k], B)
-        bias_grads[p] = g.reshape(B, -1).astype(acc)
-        G = G + bias_grads[p] @ bias_grads[p].T
+        row_grads[p] = g.reshape(B, -1).astype(acc)
+        G = G + row_grads[p] @ row_grads[p].T
     fb_grads = {}
     if fallback:
 
@@ -256,7 +262,7 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
             g = Ji.reshape(B, -1).astype(acc)
             fb_grads[i] = Ji
             G = G + g @ g.T
-    factors = (plan, captured, deltas, bias_grads, fb_grads, treedef, leaves)
+    factors = (plan, captured, deltas, row_grads, fb_grads, treedef, leaves)
     return losses, G, factors
 
 
@@ -282,14 +288,14 @@ def _local_per_sample(eqn, pos, invals, delta, B):
 
 def weighted_grad_from_factors(weights, factors):
     """``sum_b w_b g_b`` for every parameter from the captured factors (no second backward)."""
-    plan, captured, deltas, bias_grads, fb_grads, treedef, leaves = factors
+    plan, captured, deltas, row_grads, fb_grads, treedef, leaves = factors
     out = [None] * len(leaves)
     for k, p in plan.dense.items():
         X = captured[k].reshape(weights.shape[0], -1, captured[k].shape[-1])
         D = deltas[k].reshape(weights.shape[0], -1, deltas[k].shape[-1])
         acc = jnp.promote_types(X.dtype, jnp.float32)
         out[p] = jnp.einsum("b,bld,ble->de", weights.astype(acc), X, D).astype(leaves[p].dtype)
-    for p, g in bias_grads.items():
+    for p, g in row_grads.items():
         out[p] = (weights.astype(g.dtype) @ g).reshape(leaves[p].shape).astype(leaves[p].dtype)
     for p, J in fb_grads.items():
         out[p] = jnp.tensordot(weights.astype(J.dtype), J, axes=1).astype(leaves[p].dtype)

@@ -307,3 +307,19 @@ def test_equinox_module_with_the_filter_pattern(x64):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     update = jd.upgrad(J)
     assert jax.tree_util.tree_structure(update) == jax.tree_util.tree_structure(params)
+
+
+def test_per_sample_with_a_jitted_layer_called_twice(x64):
+    """A jitted layer reused with two weights shares its inner equations: the ghost engine must
+    not mix the two calls (both weights fall back) and still equal jacrev."""
+    layer = jax.jit(lambda w, x: jnp.tanh(x @ w))
+    k = jax.random.split(jax.random.key(9), 3)
+    params = {"a": jax.random.normal(k[0], (4, 4)), "b": jax.random.normal(k[1], (4, 4))}
+    x = jax.random.normal(k[2], (5, 4))
+
+    def losses(p, x):
+        return jnp.sum(layer(p["b"], layer(p["a"], x)) ** 2, axis=1)
+
+    _, G_ref = explicit(losses, params, x)
+    _, G = jd.value_and_gramian(losses, method="per_sample")(params, x)
+    np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-12)
