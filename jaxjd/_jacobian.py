@@ -132,8 +132,10 @@ def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
         if m == 0:
             raise ValueError("The heads returned no losses (m = 0).")
         basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
-        head_grads = heads_vjp(jnp.ones_like(losses))[0]
-        feature_cotangents = jax.vmap(lambda e: heads_vjp(e)[1])(basis)
+        # One vmapped VJP of the heads gives each task's head gradient and feature cotangent;
+        # the heads' gradient of the summed losses is the sum of the former (linearity).
+        head_rows, feature_cotangents = jax.vmap(heads_vjp)(basis)
+        head_grads = jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), head_rows)
         trunk_jacobian = jax.vmap(lambda c: trunk_vjp(c)[0])(feature_cotangents)
         return losses, trunk_jacobian, head_grads
 

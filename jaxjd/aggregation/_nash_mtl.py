@@ -190,9 +190,18 @@ class NashMTLWeighting(StatefulWeighting):
             return jnp.all(a > 0) & jnp.all(Cb > margin * jnp.sqrt(jnp.maximum(beta @ Cb, 0.0)))
 
         ones = jnp.ones((m,), dtype)
-        lam = MGDAWeighting(epsilon=1e-12, max_iters=1000)._weigh(C, None)
-        spread = jnp.maximum(jnp.max(jnp.abs(C @ ones)), jnp.finfo(dtype).tiny)
-        mgda_w = (lam + 0.5 * (lam @ C @ lam) / spread) * inv
+
+        def mgda_start():
+            lam = MGDAWeighting(epsilon=1e-12, max_iters=1000)._weigh(C, None)
+            spread = jnp.maximum(jnp.max(jnp.abs(C @ ones)), jnp.finfo(dtype).tiny)
+            return (lam + 0.5 * (lam @ C @ lam) / spread) * inv
+
+        def start_from(a):
+            # Lazily: the Frank-Wolfe certificate runs only when no cheaper start is strict.
+            def fallback():
+                return jax.lax.cond(strict(ones), lambda: ones, mgda_start)
+
+            return jax.lax.cond(strict(a), lambda: a, fallback)
 
         def cond(carry):
             _, stop, it = carry
@@ -200,7 +209,7 @@ class NashMTLWeighting(StatefulWeighting):
 
         def body(carry):
             a, _, it = carry
-            start = jnp.where(strict(a), a, jnp.where(strict(ones), ones, mgda_w))
+            start = start_from(a)
             new, ok = _solve_step(G, nf, a, start, tol, max_iter)
             close = jnp.linalg.norm(G @ a - 1.0 / (a + 1e-10)) < 1e-3
             still = jnp.linalg.norm(new - a) < 1e-6
