@@ -2,9 +2,11 @@
 sample), jaxjd vs a plain step vs TorchJD (when installed), one CPU thread, medians.
 
 * MTL: trunk MLP, m task heads, losses (m,). Plain step = grad of the summed losses + Adam.
-  jaxjd = ``mtl_value_and_grad(trunk, heads, upgrad())`` + Adam. FLOP floor of any exact JD step:
-  (1 + 2m)/3 plain steps (one forward, m trunk backward passes). TorchJD = ``mtl_backward`` +
-  ``jac_to_grad(..., UPGrad())`` + Adam.
+  jaxjd = ``mtl_value_and_grad(trunk, heads, upgrad(), method=...)`` + Adam ("layerwise", the
+  default, and "jacobian"). The (1 + 2m)/3 plain steps of the floor count one forward and m trunk
+  backward passes; the layerwise engine skips the per-task weight gradients of wide layers, so
+  its own floor is one forward plus m activation-cotangent passes. TorchJD = ``mtl_backward`` +
+  ``jac_to_grad(..., UPGrad())`` + Adam; its plain step (sum of the losses) for reference.
 * IWRM: MLP 784-512-512-10 (B = 32, 64) and a small CNN; per-sample cross-entropy losses (B,).
   Plain step = grad of the mean + SGD. jaxjd = ``value_and_weighted_grad(..., upgrad_weighting(),
   method=...)`` + SGD for the ghost engine ("per_sample") and the materialised Jacobian.
@@ -72,17 +74,25 @@ def mtl_case(width_in, width, tasks, batch):
         u, state = opt.update(g, state, params)
         return optax.apply_updates(params, u), state
 
-    jd_grad = jd.mtl_value_and_grad(trunk, heads, jd.upgrad())
+    def jd_step_for(method):
+        jd_grad = jd.mtl_value_and_grad(trunk, heads, jd.upgrad(), method=method)
 
-    @jax.jit
-    def jd_step(params, state, x, y):
-        _, grads, _ = jd_grad(params[0], params[1], x, y)
-        u, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, u), state
+        @jax.jit
+        def jd_step(params, state, x, y):
+            _, grads, _ = jd_grad(params[0], params[1], x, y)
+            u, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, u), state
 
-    t_plain = median_time(lambda: jax.block_until_ready(plain(params, state, x, y)), 10)
-    t_jd = median_time(lambda: jax.block_until_ready(jd_step(params, state, x, y)), 10)
-    return t_plain, t_jd, torch_mtl(width_in, width, tasks, batch)
+        return jd_step
+
+    times = {"plain": median_time(lambda: jax.block_until_ready(plain(params, state, x, y)), 10)}
+    for method in ("layerwise", "jacobian"):
+        step = jd_step_for(method)
+        times[method] = median_time(
+            lambda step=step: jax.block_until_ready(step(params, state, x, y)), 10
+        )
+    times["torchjd"], times["torch_plain"] = torch_mtl(width_in, width, tasks, batch)
+    return times
 
 
 def torch_mtl(width_in, width, tasks, batch):
@@ -91,7 +101,7 @@ def torch_mtl(width_in, width, tasks, batch):
         from torchjd.aggregation import UPGrad
         from torchjd.autojac import jac_to_grad, mtl_backward
     except ImportError:
-        return float("nan")
+        return float("nan"), float("nan")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     trunk = torch.nn.Sequential(
@@ -113,7 +123,13 @@ def torch_mtl(width_in, width, tasks, batch):
         jac_to_grad(list(trunk.parameters()), agg)
         opt.step()
 
-    return median_time(step, 10)
+    def plain_step():
+        opt.zero_grad()
+        f = trunk(x)
+        sum(((h(f)[:, 0] - y[:, i]) ** 2).mean() for i, h in enumerate(heads)).backward()
+        opt.step()
+
+    return median_time(step, 10), median_time(plain_step, 10)
 
 
 # ---------------------------------------------------------------------------------------- IWRM
@@ -234,21 +250,25 @@ def main():
     lines = [
         f"jax {jax.__version__}, float32, one CPU thread, medians of jitted steps.",
         "",
-        "MTL (UPGrad on the trunk's m-row Jacobian). floor = (1 + 2m)/3 plain steps.",
+        "MTL (UPGrad on the trunk's m-row Jacobian). floor = (1 + 2m)/3 plain steps. "
+        "layerwise = the default (Gramian and J^T w from per-layer task cotangents); "
+        "jacobian = trunk Jacobian materialised.",
         "",
-        "| trunk | tasks | B | plain ms | jaxjd ms | jaxjd / plain | floor | jaxjd / floor "
-        "| TorchJD ms | TorchJD / jaxjd |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trunk | tasks | B | plain ms | layerwise ms | / plain | floor | / floor "
+        "| jacobian ms | TorchJD ms | TorchJD plain ms | TorchJD / layerwise |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     mtl_sizes = [(32, 128, 3, 64)] if args.quick else [(32, 128, 3, 64), (64, 512, 8, 128)]
     for width_in, width, tasks, batch in mtl_sizes:
-        t_plain, t_jd, t_torch = mtl_case(width_in, width, tasks, batch)
+        t = mtl_case(width_in, width, tasks, batch)
         floor = (1 + 2 * tasks) / 3
+        ratio = t["layerwise"] / t["plain"]
         row = (
-            f"| {width_in}-{width}-{width} | {tasks} | {batch} | {t_plain * 1e3:.3f} | "
-            f"{t_jd * 1e3:.3f} | {t_jd / t_plain:.2f} | {floor:.2f} | "
-            f"{t_jd / t_plain / floor:.2f} | {t_torch * 1e3:.2f} | {t_torch / t_jd:.1f} |"
+            f"| {width_in}-{width}-{width} | {tasks} | {batch} | {t['plain'] * 1e3:.3f} | "
+            f"{t['layerwise'] * 1e3:.3f} | {ratio:.2f} | {floor:.2f} | {ratio / floor:.2f} | "
+            f"{t['jacobian'] * 1e3:.3f} | {t['torchjd'] * 1e3:.2f} | "
+            f"{t['torch_plain'] * 1e3:.2f} | {t['torchjd'] / t['layerwise']:.1f} |"
         )
         emit(lines, row)
     header = [

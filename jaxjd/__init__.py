@@ -12,6 +12,7 @@ from ._gramian_engine import value_and_gramian, value_and_weighted_grad
 from ._jacobian import (
     mean_over_microbatches,
     mtl_value_and_grad,
+    mtl_value_and_gramian,
     mtl_value_and_jacobian,
     value_and_jacobian,
 )

@@ -35,11 +35,21 @@ def _is_var(v):
 
 
 def _is_local(eqn, pos, batch_size):
-    """A convolution kernel or an embedding table: sample b's gradient is the op's own VJP on
-    sample b's slice of the other operands and of the output cotangent (batch axis 0 in, 0 out,
-    and no operand shape recorded in the op's parameters)."""
+    """Per sample (``batch_size`` given): a convolution kernel or an embedding table, whose
+    sample-b gradient is the op's own VJP on sample b's slice of the other operands and of the
+    output cotangent (batch axis 0 in, 0 out, and no operand shape recorded in the op's
+    parameters). Per task (``batch_size=None``): any single-output primitive without an inner
+    jaxpr and with a floating output, whose rows are its VJP on the stacked cotangents."""
     name = eqn.primitive.name
     out = eqn.outvars[0].aval
+    if batch_size is None:
+        return (
+            not eqn.primitive.multiple_results
+            and jnp.issubdtype(out.dtype, jnp.inexact)
+            and not any(
+                isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr)) for v in eqn.params.values()
+            )
+        )
     if out.ndim == 0 or out.shape[0] != batch_size:
         return False
     others = [v.aval for i, v in enumerate(eqn.invars) if i != pos]
@@ -92,13 +102,16 @@ def _analyse(closed, n_params, batch_size):
                         and rhs.ndim == 2
                         and tuple(rc) == (0,)
                         and tuple(lc) == (lhs.ndim - 1,)
-                        and lhs.ndim >= 2
-                        and lhs.shape[0] == batch_size
+                        and (
+                            lhs.ndim >= 2 and lhs.shape[0] == batch_size
+                            if batch_size is not None
+                            else jnp.issubdtype(lhs.dtype, jnp.inexact)
+                        )
                     ):
                         kind = "dense"
                 elif _is_local(eqn, pos, batch_size):
                     kind = "local"
-                elif name == "broadcast_in_dim":
+                elif name == "broadcast_in_dim" and batch_size is not None:
                     dims = tuple(eqn.params["broadcast_dimensions"])
                     out = eqn.outvars[0].aval
                     if 0 not in dims and all(
@@ -166,31 +179,29 @@ def _evaluate(jaxpr, consts, args, hook):
     return [read(v) for v in jaxpr.outvars]
 
 
-def per_sample_gramian_parts(fun: Callable, params, *args):
-    """``(losses, G, factors)`` for ``fun(params, *args) -> (B,)`` losses, one per independent
-    sample: the per-sample Gramian and, for the weighted update without a second backward pass,
-    the captured factors and the fallback per-sample gradients."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    n = len(leaves)
-    rest, rest_def = jax.tree_util.tree_flatten(args)
+class _Traced:
+    """``fun(params, *args)`` as a jaxpr over the flat parameter leaves and inputs, evaluated with
+    a hook that captures the operands of chosen equations and perturbs their outputs."""
 
-    def flat_fun(*flat):
-        p = jax.tree_util.tree_unflatten(treedef, flat[:n])
-        return fun(p, *jax.tree_util.tree_unflatten(rest_def, flat[n:]))
+    def __init__(self, fun, params, args):
+        self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
+        self.n = n = len(self.leaves)
+        self.rest, rest_def = jax.tree_util.tree_flatten(args)
+        out_defs = []
 
-    closed = jax.make_jaxpr(flat_fun)(*leaves, *rest)
-    if len(closed.out_avals) != 1 or closed.out_avals[0].ndim != 1:
-        raise ValueError(
-            "method='per_sample' needs losses of shape (B,), one per sample; got "
-            f"{[a.shape for a in closed.out_avals]}. Use method='jacobian' or 'columns'."
-        )
-    B = closed.out_avals[0].shape[0]
-    if B == 0:
-        raise ValueError("The function returned no losses (m = 0).")
-    plan = _analyse(closed, n, B)
-    flat_inputs = [*leaves, *rest]
+        def flat_fun(*flat):
+            p = jax.tree_util.tree_unflatten(self.treedef, flat[:n])
+            out = fun(p, *jax.tree_util.tree_unflatten(rest_def, flat[n:]))
+            outs, out_def = jax.tree_util.tree_flatten(out)
+            out_defs.append(out_def)
+            return outs
 
-    def run(perturbations, param_leaves):
+        self.closed = jax.make_jaxpr(flat_fun)(*self.leaves, *self.rest)
+        self.out_def = out_defs[0]
+
+    def run(self, plan, perturbations, param_leaves):
+        """The outputs (flat) and the captured operands, ``perturbations`` added to the outputs
+        of the equations they are keyed by."""
         captured = {}
 
         def hook(eqn, invals, outvals):
@@ -200,31 +211,59 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
             if k in plan.local:
                 captured[k] = tuple(invals)
             if k in perturbations:
-                return [outvals[0] + perturbations[k]]
+                return [outvals[0] + perturbations[k], *outvals[1:]]
             return outvals
 
-        ins = [*param_leaves, *flat_inputs[n:]]
-        (losses,) = _evaluate(closed.jaxpr, closed.consts, ins, hook)
-        return losses, captured
+        ins = [*param_leaves, *self.rest]
+        return _evaluate(self.closed.jaxpr, self.closed.consts, ins, hook), captured
 
-    # Shapes of the perturbed outputs: one abstract run.
-    def probe():
+    def perturbation_zeros(self, plan):
+        """Zeros shaped like the output of every equation the plan treats structurally."""
+        keys = {*plan.dense, *plan.bias, *plan.local}
         shapes = {}
 
         def hook(eqn, invals, outvals):
-            if id(eqn) in plan.dense or id(eqn) in plan.bias or id(eqn) in plan.local:
+            if id(eqn) in keys:
                 shapes[id(eqn)] = jax.ShapeDtypeStruct(outvals[0].shape, outvals[0].dtype)
             return outvals
 
         jax.eval_shape(
-            lambda *a: _evaluate(closed.jaxpr, closed.consts, list(a), hook), *flat_inputs
+            lambda *a: _evaluate(self.closed.jaxpr, self.closed.consts, list(a), hook),
+            *self.leaves,
+            *self.rest,
         )
-        return shapes
+        return {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
 
-    shapes = probe()
-    zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+    def with_fallback(self, fallback, values):
+        ps = list(self.leaves)
+        for i, leaf in zip(fallback, values):
+            ps[i] = leaf
+        return ps
+
+
+def per_sample_gramian_parts(fun: Callable, params, *args):
+    """``(losses, G, factors)`` for ``fun(params, *args) -> (B,)`` losses, one per independent
+    sample: the per-sample Gramian and, for the weighted update without a second backward pass,
+    the captured factors and the fallback per-sample gradients."""
+    traced = _Traced(fun, params, args)
+    closed, leaves, n = traced.closed, traced.leaves, traced.n
+    if len(closed.out_avals) != 1 or closed.out_avals[0].ndim != 1:
+        raise ValueError(
+            "method='per_sample' needs losses of shape (B,), one per sample; got "
+            f"{[a.shape for a in closed.out_avals]}. Use method='jacobian' or 'columns'."
+        )
+    B = closed.out_avals[0].shape[0]
+    if B == 0:
+        raise ValueError("The function returned no losses (m = 0).")
+    plan = _analyse(closed, n, B)
+    zeros = traced.perturbation_zeros(plan)
     fallback = [i for i in range(n) if i not in plan.structural]
-    losses, vjp_fn, captured = jax.vjp(lambda pert: run(pert, leaves), zeros, has_aux=True)
+
+    def run(pert):
+        (losses,), captured = traced.run(plan, pert, leaves)
+        return losses, captured
+
+    losses, vjp_fn, captured = jax.vjp(run, zeros, has_aux=True)
     (deltas,) = vjp_fn(jnp.ones_like(losses))
     acc = jnp.promote_types(losses.dtype, jnp.float32)
     G = jnp.zeros((B, B), acc)
@@ -241,29 +280,115 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
     for k, (p, dims) in plan.bias.items():
         D = deltas[k]
         axes = tuple(a for a in range(1, D.ndim) if a not in dims)
-        g = jnp.sum(D, axis=axes).reshape(B, -1).astype(acc)
-        row_grads[p] = g
-        G = G + g @ g.T
+        row_grads[p] = jnp.sum(D, axis=axes).reshape(B, -1).astype(acc)
     for k, (p, eqn, pos) in plan.local.items():
         g = _local_per_sample(eqn, pos, captured[k], deltas[k], B)
         row_grads[p] = g.reshape(B, -1).astype(acc)
-        G = G + row_grads[p] @ row_grads[p].T
+    for g in row_grads.values():
+        G = G + g @ g.T
     fb_grads = {}
     if fallback:
 
         def losses_of(fb):
-            ps = list(leaves)
-            for i, leaf in zip(fallback, fb):
-                ps[i] = leaf
-            return run({}, ps)[0]
+            return traced.run(plan, {}, traced.with_fallback(fallback, fb))[0][0]
 
         jac = jax.jacrev(losses_of)([leaves[i] for i in fallback])
         for i, Ji in zip(fallback, jac):
             g = Ji.reshape(B, -1).astype(acc)
             fb_grads[i] = Ji
             G = G + g @ g.T
-    factors = (plan, captured, deltas, row_grads, fb_grads, treedef, leaves)
+    factors = (plan, captured, deltas, row_grads, fb_grads, traced.treedef, leaves)
     return losses, G, factors
+
+
+def task_gramian_vjp(fun: Callable, params, *args):
+    r"""The Gramian of the rows ``J_t = c_t^T d fun / d params`` for m output cotangents
+    ``c_t``, layer by layer, without forming J.
+
+    Returns ``(out, pullback)``: ``out = fun(params, *args)`` (any pytree) and
+    ``pullback(cotangents, gramian=True) -> (G, factors)`` for cotangents shaped like ``out``
+    with a leading axis m. One vmapped VJP carries the m cotangents back to the output of every
+    dense use ``y = x @ W`` (cotangents ``D_t``), and with ``K = X X^T`` over the rows of x,
+    ``<X^T D_t, X^T D_u> = sum(D_t * (K D_u))``; when that is dearer than ``X^T D_t`` itself
+    (few rows, narrow layers) the rows are formed. Every other parameter used by one equation
+    gets its rows from that equation's own VJP; the rest (used twice, inside a loop or a custom
+    derivative) from the same vmapped VJP. :func:`task_weighted_grad` forms ``J^T w`` from the
+    factors: ``X^T (sum_t w_t D_t)`` for the dense uses.
+    """
+    traced = _Traced(fun, params, args)
+    leaves, n = traced.leaves, traced.n
+    plan = _analyse(traced.closed, n, None)
+    zeros = traced.perturbation_zeros(plan)
+    fallback = [i for i in range(n) if i not in plan.structural]
+
+    def run(pert, fb):
+        return traced.run(plan, pert, traced.with_fallback(fallback, fb))
+
+    outs, vjp_fn, captured = jax.vjp(run, zeros, [leaves[i] for i in fallback], has_aux=True)
+    out = jax.tree_util.tree_unflatten(traced.out_def, outs)
+
+    def pullback(cotangents, gramian=True):
+        cots = traced.out_def.flatten_up_to(cotangents)
+        m = cots[0].shape[0] if cots else 0
+        if m == 0 or any(c.shape[:1] != (m,) for c in cots):
+            raise ValueError("The cotangents need one shared, non-empty leading axis m.")
+        deltas, fb_rows = jax.vmap(vjp_fn)(cots)
+        acc = jnp.promote_types(jnp.result_type(*cots), jnp.float32)
+        G = jnp.zeros((m, m), acc) if gramian else None
+        ghost, rows = {}, {}
+        for k, p in plan.dense.items():
+            d_in = captured[k].shape[-1]
+            X = captured[k].reshape(-1, d_in).astype(acc)
+            D = deltas[k].reshape(m, X.shape[0], -1).astype(acc)
+            R, d_out = X.shape[0], D.shape[-1]
+            ghost_cost = R * R * d_in + m * R * R * d_out + m * m * R * d_out
+            rows_cost = m * R * d_in * d_out + m * m * d_in * d_out
+            # Both forms as plain matrix products over (R, m * d_out): einsums with the task axis
+            # in the middle run at a fraction of the GEMM speed on CPU.
+            Dr = jnp.swapaxes(D, 0, 1).reshape(R, m * d_out)
+            if gramian and ghost_cost >= rows_cost:
+                rows[p] = jnp.swapaxes((X.T @ Dr).reshape(d_in, m, d_out), 0, 1)
+            else:
+                ghost[p] = (X, D)
+                if gramian:
+                    KD = jnp.swapaxes(((X @ X.T) @ Dr).reshape(R, m, d_out), 0, 1)
+                    G = G + D.reshape(m, -1) @ KD.reshape(m, -1).T
+        for k, (p, eqn, pos) in plan.local.items():
+            rows[p] = _op_vjp_rows(eqn, pos, captured[k], deltas[k])
+        rows.update(zip(fallback, fb_rows))
+        rows = {p: r.reshape(m, -1).astype(acc) for p, r in rows.items()}
+        if gramian:
+            for r in rows.values():
+                G = G + r @ r.T
+        return G, (ghost, rows, traced.treedef, leaves)
+
+    return out, pullback
+
+
+def task_weighted_grad(weights, factors):
+    """``J^T w`` for every parameter from :func:`task_gramian_vjp`'s factors."""
+    ghost, rows, treedef, leaves = factors
+    out = [None] * len(leaves)
+    for p, (X, D) in ghost.items():
+        out[p] = X.T @ jnp.tensordot(weights.astype(D.dtype), D, axes=1)
+    for p, r in rows.items():
+        out[p] = weights.astype(r.dtype) @ r
+    out = [g.reshape(leaf.shape).astype(leaf.dtype) for g, leaf in zip(out, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _op_vjp_rows(eqn, pos, invals, deltas):
+    """Rows ``c_t^T d out / d operand`` of one equation's operand at ``pos``, for stacked output
+    cotangents (its own VJP, vmapped)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+
+    def f(w):
+        args = list(invals)
+        args[pos] = w
+        return eqn.primitive.bind(*args, **params)
+
+    _, vjp = jax.vjp(f, invals[pos])
+    return jax.vmap(lambda d: vjp(d)[0])(deltas)
 
 
 def _local_per_sample(eqn, pos, invals, delta, B):

@@ -10,11 +10,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._ghost import per_sample_gramian_parts, weighted_grad_from_factors
+from ._ghost import (
+    per_sample_gramian_parts,
+    task_gramian_vjp,
+    task_weighted_grad,
+    weighted_grad_from_factors,
+)
 from ._jacobian import value_and_jacobian
 from ._tree import gramian
 
-METHODS = ("jacobian", "columns", "per_sample")
+METHODS = ("jacobian", "columns", "per_sample", "layerwise")
 
 
 def _check_method(method):
@@ -48,6 +53,12 @@ def value_and_gramian(
       captured slices; they are found by reading the function's jaxpr, so any ordinary JAX
       function of ``(params, batch)`` works. Every other parameter (used twice, a scale, ...)
       falls back to per-sample gradients of that parameter alone. No ``has_aux``/``chunk_size``.
+    * ``"layerwise"``: any m losses (flattened); one vmapped VJP carries the m unit cotangents
+      to the output of every layer instead of to the parameters. A dense use ``y = x @ W`` then
+      gives ``G_tu += sum(D_t * (X X^T) D_u)`` (or the rows ``X^T D_t`` when that is cheaper), a
+      parameter used by one other equation gets its rows from that equation's VJP, the rest
+      from the same vmapped VJP. Memory O(m * activations + the non-dense rows) instead of
+      O(m * params); for few objectives on wide layers. No ``has_aux``/``chunk_size``.
 
     Losses of any shape are flattened to m (so ``(B, T)`` instance-wise multi-task losses give a
     ``B*T x B*T`` Gramian) by ``"jacobian"`` and ``"columns"``.
@@ -64,16 +75,19 @@ def value_and_gramian(
         raise TypeError("value_and_gramian differentiates one argument: argnums must be an int.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
-    if method == "per_sample":
-        if has_aux:
-            raise ValueError("method='per_sample' does not support has_aux.")
+    if method in ("per_sample", "layerwise"):
+        if has_aux or chunk_size is not None:
+            raise ValueError(f"method={method!r} supports neither has_aux nor chunk_size.")
 
         def by_samples(*args, **kwargs):
             def f(x, *others):
                 return fun(*others[:argnums], x, *others[argnums:], **kwargs)
 
             others = args[:argnums] + args[argnums + 1 :]
-            losses, G, _ = per_sample_gramian_parts(f, args[argnums], *others)
+            if method == "layerwise":
+                losses, G, _ = _layerwise_parts(f, args[argnums], *others)
+            else:
+                losses, G, _ = per_sample_gramian_parts(f, args[argnums], *others)
             return losses, G
 
         return by_samples
@@ -109,6 +123,18 @@ def value_and_gramian(
     return by_columns
 
 
+def _layerwise_parts(fun, params, *args):
+    """Losses, their Gramian and the factors for ``J^T w``, by :func:`task_gramian_vjp` with
+    the unit cotangents of the (flattened) losses."""
+    losses, pullback = task_gramian_vjp(fun, params, *args)
+    if not isinstance(losses, jax.Array) or losses.size == 0:
+        raise ValueError("method='layerwise' needs a non-empty array of losses.")
+    m = losses.size
+    basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+    G, factors = pullback(basis)
+    return losses, G, factors
+
+
 def value_and_weighted_grad(
     fun: Callable,
     weighting,
@@ -130,10 +156,9 @@ def value_and_weighted_grad(
 
     Partial JD: ``gramian_filter`` (an equinox filter spec: a pytree prefix of ``params`` with
     booleans, or a callable on leaves) selects the parameters whose Jacobian defines ``G`` (e.g.
-    the last layers); the update still covers every parameter. With ``method="per_sample"`` (and
-    no filter) the update is formed from the factors the Gramian captured (``X^T diag(w) D`` for
-    dense layers): one forward and one backward pass in all, plus the fallback parameters'
-    per-sample gradients.
+    the last layers); the update still covers every parameter. With ``method="per_sample"`` or
+    ``"layerwise"`` (and no filter) the update is formed from the factors the Gramian captured
+    (``X^T diag(w) D`` or ``X^T sum_t w_t D_t`` for dense layers): no second backward pass.
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> def losses(p, x):
@@ -151,6 +176,10 @@ def value_and_weighted_grad(
             losses, G, factors = per_sample_gramian_parts(fun, params, *args)
             w = jax.lax.stop_gradient(weighting(G, key=key))
             return losses, w, weighted_grad_from_factors(w, factors)
+        if method == "layerwise" and gramian_filter is None and not has_aux:
+            losses, G, factors = _layerwise_parts(fun, params, *args)
+            w = jax.lax.stop_gradient(weighting(G, key=key))
+            return losses, jnp.reshape(w, losses.shape), task_weighted_grad(w, factors)
         if gramian_filter is None:
 
             def losses_of(p):

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ._ghost import task_gramian_vjp, task_weighted_grad
 from ._tree import combine
 
 
@@ -106,6 +107,20 @@ def mean_over_microbatches(fun: Callable) -> Callable:
     return wrapped
 
 
+def _heads_pullback(heads, head_params, features, args):
+    """Losses, the m stacked feature cotangents and the heads' gradient of the summed losses,
+    from one vmapped VJP of the heads (each head only sees its own loss)."""
+    losses, heads_vjp = jax.vjp(lambda h, f: heads(h, f, *args), head_params, features)
+    m = losses.size
+    if m == 0:
+        raise ValueError("The heads returned no losses (m = 0).")
+    basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+    # The heads' gradient of the summed losses is the sum of the task rows (linearity).
+    head_rows, feature_cotangents = jax.vmap(heads_vjp)(basis)
+    head_grads = jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), head_rows)
+    return losses, feature_cotangents, head_grads
+
+
 def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
     """The multi-task split (TorchJD's ``mtl_backward``): a shared trunk and task-specific heads.
 
@@ -127,41 +142,92 @@ def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
 
     def wrapped(trunk_params, head_params, *args):
         features, trunk_vjp = jax.vjp(lambda p: trunk(p, *args), trunk_params)
-        losses, heads_vjp = jax.vjp(lambda h, f: heads(h, f, *args), head_params, features)
-        m = losses.size
-        if m == 0:
-            raise ValueError("The heads returned no losses (m = 0).")
-        basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
-        # One vmapped VJP of the heads gives each task's head gradient and feature cotangent;
-        # the heads' gradient of the summed losses is the sum of the former (linearity).
-        head_rows, feature_cotangents = jax.vmap(heads_vjp)(basis)
-        head_grads = jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), head_rows)
-        trunk_jacobian = jax.vmap(lambda c: trunk_vjp(c)[0])(feature_cotangents)
+        losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
+        trunk_jacobian = jax.vmap(lambda c: trunk_vjp(c)[0])(cotangents)
         return losses, trunk_jacobian, head_grads
 
     return wrapped
 
 
-def mtl_value_and_grad(trunk: Callable, heads: Callable, aggregator) -> Callable:
-    """One call for a multi-task train step: :func:`mtl_value_and_jacobian`, then the trunk's
-    Jacobian aggregated by ``aggregator`` (stateless; a random one reads ``key=``).
+def mtl_value_and_gramian(trunk: Callable, heads: Callable) -> Callable:
+    r"""Like :func:`mtl_value_and_jacobian` but returns the trunk's m x m Gramian ``J J^T``
+    instead of J, formed layer by layer from the m task cotangents at each layer (for a dense
+    use ``y = x @ W``: ``sum(D_t * (X X^T) D_u)``), never materialising the trunk Jacobian.
+
+    >>> import jax, jax.numpy as jnp, jaxjd as jd
+    >>> trunk = lambda w, x: jnp.tanh(x @ w)
+    >>> heads = lambda h, f, x: jnp.stack([jnp.mean(f @ h[0]), jnp.mean((f @ h[1]) ** 2)])
+    >>> args = jnp.ones((3, 4)) / 3, jnp.ones((2, 4)), jnp.ones((5, 3))
+    >>> losses, G, head_grads = jd.mtl_value_and_gramian(trunk, heads)(*args)
+    >>> _, J, _ = jd.mtl_value_and_jacobian(trunk, heads)(*args)
+    >>> bool(jnp.allclose(G, jd.gramian(J)))
+    True
+    """
+
+    def wrapped(trunk_params, head_params, *args):
+        features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
+        losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
+        G, _ = pullback(cotangents)
+        return losses, G, head_grads
+
+    return wrapped
+
+
+MTL_METHODS = ("layerwise", "jacobian")
+
+
+def mtl_value_and_grad(
+    trunk: Callable, heads: Callable, aggregator, *, method: str | None = None
+) -> Callable:
+    """One call for a multi-task train step: the trunk's Jacobian (or Gramian) aggregated by
+    ``aggregator`` (stateless; a random one reads ``key=``), the heads' ordinary gradients.
 
     Returns ``f(trunk_params, head_params, *args, key=None) -> (losses, (trunk_grad, head_grads),
     weights)``; ``weights`` is ``None`` for aggregators that are not weighted (ConFIG, GradDrop,
     TrimmedMean).
+
+    ``method``: ``"layerwise"`` (the default for Gramian-weighted aggregators) forms the Gramian
+    as :func:`mtl_value_and_gramian` does and ``J^T w`` from the same factors (``X^T sum_t w_t
+    D_t`` for a dense use): the trunk Jacobian is never materialised and the per-task weight
+    gradients of wide dense layers are never formed. ``"jacobian"`` (the default, and the only
+    choice, for the other aggregators) materialises it with :func:`mtl_value_and_jacobian`.
     """
-    from .aggregation import GramianWeightedAggregator, StatefulAggregator
+    from .aggregation import GramianWeightedAggregator, ShapeWeighting, StatefulAggregator
 
     if isinstance(aggregator, StatefulAggregator):
         raise TypeError(
             "mtl_value_and_grad takes a stateless aggregator; for a stateful one use "
             "mtl_value_and_jacobian and aggregator.update(J, state)."
         )
+    weighted = isinstance(aggregator, GramianWeightedAggregator)
+    if method is None:
+        method = "layerwise" if weighted else "jacobian"
+    if method not in MTL_METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {MTL_METHODS}.")
+    if method == "layerwise" and not weighted:
+        raise ValueError(
+            f"method='layerwise' needs a Gramian-weighted aggregator; {type(aggregator).__name__} "
+            "reads the Jacobian itself: use method='jacobian'."
+        )
     vj = mtl_value_and_jacobian(trunk, heads)
 
-    def wrapped(trunk_params, head_params, *args, key=None):
+    def by_layers(trunk_params, head_params, *args, key=None):
+        features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
+        losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
+        weighting = aggregator.weighting
+        if isinstance(weighting, ShapeWeighting):  # weights from m alone: no Gramian
+            _, factors = pullback(cotangents, gramian=False)
+            weights = weighting.weights_from_jacobian(
+                jnp.zeros((losses.size, 0), losses.dtype), key=key
+            )
+        else:
+            G, factors = pullback(cotangents)
+            weights = weighting(G, key=key)
+        return losses, (task_weighted_grad(weights, factors), head_grads), weights
+
+    def by_jacobian(trunk_params, head_params, *args, key=None):
         losses, J, head_grads = vj(trunk_params, head_params, *args)
-        if isinstance(aggregator, GramianWeightedAggregator):
+        if weighted:
             weights = aggregator.weights(J, key=key)
             trunk_grad = combine(weights, J)
         else:
@@ -169,4 +235,4 @@ def mtl_value_and_grad(trunk: Callable, heads: Callable, aggregator) -> Callable
             trunk_grad = aggregator(J, key=key)
         return losses, (trunk_grad, head_grads), weights
 
-    return wrapped
+    return by_layers if method == "layerwise" else by_jacobian

@@ -101,7 +101,7 @@ def explicit(losses, params, batch):
     return J, jd.gramian(J)
 
 
-@pytest.mark.parametrize("method", ["jacobian", "columns", "per_sample"])
+@pytest.mark.parametrize("method", ["jacobian", "columns", "per_sample", "layerwise"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_gramian_engines_equal_jacrev(model, method, x64):
     if method == "per_sample" and model == "multi_output_BxT":
@@ -109,7 +109,7 @@ def test_gramian_engines_equal_jacrev(model, method, x64):
     losses, params, batch = MODELS[model]()
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     _, G_ref = explicit(losses, params, batch)
-    chunk = None if method == "per_sample" else 3
+    chunk = None if method in ("per_sample", "layerwise") else 3
     values, G = jax.jit(jd.value_and_gramian(losses, method=method, chunk_size=chunk))(
         params, batch
     )
@@ -120,7 +120,7 @@ def test_gramian_engines_equal_jacrev(model, method, x64):
 def test_gramian_engines_float32():
     losses, params, batch = MODELS["cnn"]()
     _, G_ref = explicit(losses, params, batch)
-    for method in ("jacobian", "columns", "per_sample"):
+    for method in ("jacobian", "columns", "per_sample", "layerwise"):
         _, G = jax.jit(jd.value_and_gramian(losses, method=method))(params, batch)
         assert G.dtype == jnp.float32
         np.testing.assert_allclose(G, G_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(G_ref).max()))
@@ -134,11 +134,15 @@ def test_gramian_engines_float32():
         ("mlp", "per_sample"),
         ("cnn", "per_sample"),
         ("embedding_layernorm", "per_sample"),
+        ("embedding_layernorm", "layerwise"),
+        ("shared_weight", "layerwise"),
+        ("multi_output_BxT", "layerwise"),
+        ("cnn", "layerwise"),
     ],
 )
 def test_weighted_grad_equals_aggregating_the_jacobian(model, method, x64):
     """grad(w . losses) = J^T w with w = weighting(J J^T); (B, T) weights keep the losses' shape;
-    per_sample forms J^T w from its captured factors (and the fallback per-sample gradients)."""
+    per_sample and layerwise form J^T w from their captured factors (and the fallback rows)."""
     losses, params, batch = MODELS[model]()
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     J, G = explicit(losses, params, batch)
@@ -192,14 +196,19 @@ def test_columns_engine_never_holds_the_jacobian():
         return jnp.sum(jnp.tanh(x @ p["w"]) ** 2, axis=1)
 
     def temp_bytes(method):
-        f = jax.jit(jd.value_and_gramian(losses, method=method, chunk_size=4))
+        chunk = 4 if method in ("jacobian", "columns") else None
+        f = jax.jit(jd.value_and_gramian(losses, method=method, chunk_size=chunk))
         return f.lower(params, x).compile().memory_analysis().temp_size_in_bytes
 
-    jac, cols, ghost = temp_bytes("jacobian"), temp_bytes("columns"), temp_bytes("per_sample")
+    jac, cols = temp_bytes("jacobian"), temp_bytes("columns")
+    ghost, layer = temp_bytes("per_sample"), temp_bytes("layerwise")
     assert jac >= 64 * 512 * 512 * 4  # the Jacobian is there
     assert cols * 4 < jac
-    # The ghost engine keeps activations and cotangents (64 x 512 each), not 64 gradients.
+    # The ghost engine keeps activations and cotangents (64 x 512 each), not 64 gradients; the
+    # layerwise one keeps the 64 objectives' cotangents at the layer (64 x 64 x 512, a few
+    # copies: here m = B, its worst case).
     assert ghost * 20 < jac
+    assert layer * 2 < jac
 
 
 def test_per_sample_structure_and_its_limits(x64):
@@ -226,6 +235,56 @@ def test_per_sample_structure_and_its_limits(x64):
     losses, params, batch = MODELS["multi_output_BxT"]()
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
         jd.value_and_gramian(losses, method="per_sample")(params, batch)
+
+
+def test_layerwise_structure_ghost_and_rows(x64):
+    """The layerwise engine: which dense uses take the ghost form ``sum(D_t * K D_u)`` (many
+    output cotangent rows would be dearer: wide layer, few rows) and which form their rows; every
+    parameter used by one equation is structural (the layer-norm scale and the transposed kernel
+    too), a parameter used twice falls back; both equal jacrev and give J^T w."""
+    from jaxjd._ghost import task_gramian_vjp, task_weighted_grad
+
+    k = jax.random.split(jax.random.key(5), 5)
+    params = {
+        "wide": _dense(k[0], 32, 32),  # 16 rows, 32 x 32: ghost
+        "narrow": _dense(k[1], 32, 2),  # 16 rows, 32 x 2: rows
+        "scale": jnp.ones(2) + 0.1,
+        "t": jax.random.normal(k[2], (3, 2)),  # used as t.T
+        "tied": jax.random.normal(k[3], (3, 3)) * 0.3,
+    }
+    x = jax.random.normal(k[4], (16, 32))
+
+    def losses(p, x):
+        h = jnp.tanh(x @ p["wide"]["w"] + p["wide"]["b"])
+        h = jnp.tanh(h @ p["narrow"]["w"] + p["narrow"]["b"]) * p["scale"]
+        h = h @ p["t"].T
+        h = jnp.tanh(h @ p["tied"]) @ p["tied"]
+        return jnp.stack([jnp.mean(h**2), jnp.mean(h[:, 0]), jnp.mean(jnp.sin(h))])
+
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+    x = x.astype(jnp.float64)
+    J, G_ref = explicit(losses, params, x)
+    out, pullback = task_gramian_vjp(losses, params, x)
+    G, factors = pullback(jnp.eye(3))
+    ghost, rows, _, _ = factors
+    paths = [
+        "/".join(str(k.key) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
+    assert {paths[i] for i in ghost} == {"wide/w"}
+    assert {paths[i] for i in rows} == set(paths) - {"wide/w"}
+    np.testing.assert_allclose(out, losses(params, x), rtol=1e-12)
+    np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-12)
+    w = jnp.array([0.3, -1.2, 2.0])
+    for a, b in zip(
+        jax.tree_util.tree_leaves(task_weighted_grad(w, factors)),
+        jax.tree_util.tree_leaves(jd.combine(w, J)),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="leading axis m"):
+        pullback(jnp.zeros((0, 3)))
+    with pytest.raises(ValueError, match="has_aux"):
+        jd.value_and_gramian(losses, method="layerwise", chunk_size=2)
 
 
 def test_engine_errors():
@@ -285,6 +344,48 @@ def test_mtl_helper_equals_brute_force(x64):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     with pytest.raises(TypeError, match="stateless"):
         jd.mtl_value_and_grad(trunk, heads, jd.pcd())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mtl_layerwise_equals_the_materialised_jacobian(dtype, x64):
+    """The default layerwise MTL engine (Gramian and J^T w from the task cotangents at each
+    layer) against the brute-force trunk Jacobian: the Gramian, and the aggregated gradient for a
+    Gramian weighting, a shape-only weighting (no Gramian formed) and a random one (same key)."""
+    trunk, heads, tp, hp, x = _mtl_model()
+    tp, hp, x = (jax.tree_util.tree_map(lambda a: a.astype(dtype), t) for t in (tp, hp, x))
+    rtol = 1e-10 if dtype == "float64" else 1e-5
+
+    def full(tp):
+        return heads(hp, trunk(tp, x), x)
+
+    J_ref = jax.jacrev(full)(tp)
+    G_ref = jd.gramian(J_ref)
+    losses, G, head_grads = jax.jit(jd.mtl_value_and_gramian(trunk, heads))(tp, hp, x)
+    assert G.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(losses, full(tp), rtol=rtol)
+    np.testing.assert_allclose(G, G_ref, rtol=rtol, atol=rtol * float(jnp.abs(G_ref).max()))
+    h_ref = jax.grad(lambda h: jnp.sum(heads(h, trunk(tp, x), x)))(hp)
+    for a, b in zip(jax.tree_util.tree_leaves(head_grads), jax.tree_util.tree_leaves(h_ref)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
+    key = jax.random.key(3)
+    for agg in (jd.upgrad(), jd.mean(), jd.random(), jd.mgda()):
+        layer = jax.jit(jd.mtl_value_and_grad(trunk, heads, agg, method="layerwise"))
+        brute = jax.jit(jd.mtl_value_and_grad(trunk, heads, agg, method="jacobian"))
+        _, (g_layer, h_layer), w_layer = layer(tp, hp, x, key=key)
+        _, (g_brute, h_brute), w_brute = brute(tp, hp, x, key=key)
+        np.testing.assert_allclose(w_layer, agg.weights(J_ref, key=key), rtol=100 * rtol)
+        np.testing.assert_allclose(w_layer, w_brute, rtol=100 * rtol)
+        for a, b in zip(
+            jax.tree_util.tree_leaves((g_layer, g_layer, h_layer)),
+            jax.tree_util.tree_leaves((agg(J_ref, key=key), g_brute, h_brute)),
+        ):
+            np.testing.assert_allclose(
+                a, b, rtol=100 * rtol, atol=100 * rtol * float(jnp.abs(b).max())
+            )
+    with pytest.raises(ValueError, match="Unknown method"):
+        jd.mtl_value_and_grad(trunk, heads, jd.upgrad(), method="ghost")
+    with pytest.raises(ValueError, match="Gramian-weighted"):
+        jd.mtl_value_and_grad(trunk, heads, jd.config(), method="layerwise")
 
 
 def test_equinox_module_with_the_filter_pattern(x64):
