@@ -4,7 +4,8 @@ One thread for both frameworks (set by _common, before importing either), median
 ratios taken in the same run. TorchJD is optional:
 pip install torch==2.13.0 "torchjd[full]==0.18.0".
 
-    python benchmarks/bench_upgrad.py [--quick] [--out benchmarks/results/upgrad.md]
+    python benchmarks/bench_upgrad.py [--quick] [--sizes 64x1000,...]
+        [--out benchmarks/results/upgrad.md]
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--dtypes", default="float32,float64")
     parser.add_argument("--solvers", default="bpp,nesterov_pgd")
+    parser.add_argument("--sizes", default=None, help="e.g. 64x1000,128x10000")
     args = parser.parse_args()
     sizes = SIZES[:5] if args.quick else SIZES
+    if args.sizes:
+        sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     solvers = args.solvers.split(",")
     lines = [
         f"jax {jax.__version__}, one CPU thread, medians. Conflicting Gaussian Jacobians. "

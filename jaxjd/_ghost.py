@@ -14,6 +14,7 @@ scale, ...) falls back to per-sample gradients of that parameter only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -243,17 +244,22 @@ class _Traced:
 
 def per_sample_gramian_parts(fun: Callable, params, *args):
     """``(losses, G, factors)`` for ``fun(params, *args) -> (B,)`` losses, one per independent
-    sample: the per-sample Gramian and, for the weighted update without a second backward pass,
-    the captured factors and the fallback per-sample gradients."""
+    sample, or ``(B, T, ...)`` (T losses per sample, instance-wise multi-task: m = B T rows in
+    the order of ``ravel(losses)``): the per-sample Gramian and, for the weighted update without
+    a second backward pass, the captured factors and the fallback per-sample gradients. With T
+    losses per sample one vmapped backward pass carries T cotangents (loss t of every sample)."""
     traced = _Traced(fun, params, args)
     closed, leaves, n = traced.closed, traced.leaves, traced.n
-    if len(closed.out_avals) != 1 or closed.out_avals[0].ndim != 1:
+    if len(closed.out_avals) != 1 or closed.out_avals[0].ndim < 1:
         raise ValueError(
-            "method='per_sample' needs losses of shape (B,), one per sample; got "
-            f"{[a.shape for a in closed.out_avals]}. Use method='jacobian' or 'columns'."
+            "method='per_sample' needs one array of losses of shape (B,) or (B, T), one row per "
+            f"sample; got {[a.shape for a in closed.out_avals]}. Use method='jacobian' or "
+            "'columns'."
         )
-    B = closed.out_avals[0].shape[0]
-    if B == 0:
+    shape = closed.out_avals[0].shape
+    B, T = shape[0], math.prod(shape[1:])
+    m = B * T
+    if m == 0:
         raise ValueError("The function returned no losses (m = 0).")
     plan = _analyse(closed, n, B)
     zeros = traced.perturbation_zeros(plan)
@@ -264,26 +270,40 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
         return losses, captured
 
     losses, vjp_fn, captured = jax.vjp(run, zeros, has_aux=True)
-    (deltas,) = vjp_fn(jnp.ones_like(losses))
+    if losses.ndim == 1:
+        (deltas,) = vjp_fn(jnp.ones_like(losses))
+        deltas = {k: d[None] for k, d in deltas.items()}  # every cotangent gets a T axis
+    else:  # cotangent t: ones on loss t of every sample
+        basis = jnp.eye(T, dtype=losses.dtype).reshape((T, 1, *shape[1:]))
+        (deltas,) = jax.vmap(vjp_fn)(jnp.broadcast_to(basis, (T, *shape)))
     acc = jnp.promote_types(losses.dtype, jnp.float32)
-    G = jnp.zeros((B, B), acc)
+
+    def rows(g):  # (T, B, ...) -> (B T, -1), sample-major like ravel(losses)
+        return jnp.swapaxes(g.reshape(T, B, -1), 0, 1).reshape(m, -1).astype(acc)
+
+    G = jnp.zeros((m, m), acc)
     for k in plan.dense:
         X = captured[k].reshape(B, -1, captured[k].shape[-1]).astype(acc)
-        D = deltas[k].reshape(B, -1, deltas[k].shape[-1]).astype(acc)
+        D = deltas[k].reshape(T, B, X.shape[1], -1).astype(acc)
         L = X.shape[1]
-        if L * L <= X.shape[2] * D.shape[2]:
-            G = G + jnp.einsum("bld,cmd,ble,cme->bc", X, X, D, D, optimize=True)
-        else:
-            g = jnp.einsum("bld,ble->bde", X, D).reshape(B, -1)
+        if L * L > X.shape[2] * D.shape[-1]:
+            g = rows(jnp.einsum("bld,tble->tbde", X, D))
             G = G + g @ g.T
+        elif T == 1:
+            G = G + jnp.einsum("bld,cmd,ble,cme->bc", X, X, D[0], D[0], optimize=True)
+        else:
+            GT = jnp.einsum("bld,cmd,tble,ucme->btcu", X, X, D, D, optimize=True)
+            G = G + GT.reshape(m, m)
     row_grads = {}
     for k, (p, dims) in plan.bias.items():
         D = deltas[k]
-        axes = tuple(a for a in range(1, D.ndim) if a not in dims)
-        row_grads[p] = jnp.sum(D, axis=axes).reshape(B, -1).astype(acc)
+        axes = tuple(a + 1 for a in range(1, D.ndim - 1) if a not in dims)
+        row_grads[p] = rows(jnp.sum(D, axis=axes))
     for k, (p, eqn, pos) in plan.local.items():
-        g = _local_per_sample(eqn, pos, captured[k], deltas[k], B)
-        row_grads[p] = g.reshape(B, -1).astype(acc)
+        g = jax.vmap(
+            lambda d, eqn=eqn, pos=pos, k=k: _local_per_sample(eqn, pos, captured[k], d, B)
+        )(deltas[k])
+        row_grads[p] = rows(g)
     for g in row_grads.values():
         G = G + g @ g.T
     fb_grads = {}
@@ -294,10 +314,11 @@ def per_sample_gramian_parts(fun: Callable, params, *args):
 
         jac = jax.jacrev(losses_of)([leaves[i] for i in fallback])
         for i, Ji in zip(fallback, jac):
-            g = Ji.reshape(B, -1).astype(acc)
+            Ji = Ji.reshape(m, *leaves[i].shape)
+            g = Ji.reshape(m, -1).astype(acc)
             fb_grads[i] = Ji
             G = G + g @ g.T
-    factors = (plan, captured, deltas, row_grads, fb_grads, traced.treedef, leaves)
+    factors = (plan, captured, deltas, row_grads, fb_grads, traced.treedef, leaves, (B, T))
     return losses, G, factors
 
 
@@ -413,13 +434,18 @@ def _local_per_sample(eqn, pos, invals, delta, B):
 
 def weighted_grad_from_factors(weights, factors):
     """``sum_b w_b g_b`` for every parameter from the captured factors (no second backward)."""
-    plan, captured, deltas, row_grads, fb_grads, treedef, leaves = factors
+    plan, captured, deltas, row_grads, fb_grads, treedef, leaves, (B, T) = factors
     out = [None] * len(leaves)
     for k, p in plan.dense.items():
-        X = captured[k].reshape(weights.shape[0], -1, captured[k].shape[-1])
-        D = deltas[k].reshape(weights.shape[0], -1, deltas[k].shape[-1])
+        X = captured[k].reshape(B, -1, captured[k].shape[-1])
+        D = deltas[k].reshape(T, B, X.shape[1], -1)
         acc = jnp.promote_types(X.dtype, jnp.float32)
-        out[p] = jnp.einsum("b,bld,ble->de", weights.astype(acc), X, D).astype(leaves[p].dtype)
+        W = weights.reshape(B, T).astype(acc)
+        if T == 1:
+            g = jnp.einsum("b,bld,ble->de", W[:, 0], X, D[0])
+        else:
+            g = jnp.einsum("bt,bld,tble->de", W, X, D)
+        out[p] = g.astype(leaves[p].dtype)
     for p, g in row_grads.items():
         out[p] = (weights.astype(g.dtype) @ g).reshape(leaves[p].shape).astype(leaves[p].dtype)
     for p, J in fb_grads.items():

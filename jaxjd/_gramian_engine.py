@@ -46,7 +46,8 @@ def value_and_gramian(
       at a time under ``lax.map``. Memory O(chunk_size * params + m^2).
 
     * ``"per_sample"``: for instance-wise risk minimisation, losses ``(B,)`` of independent
-      samples (no batch statistics mixing them): the ghost Gramian. Dense uses ``x @ W`` give
+      samples (no batch statistics mixing them), or ``(B, T)`` (T losses per sample, m = B T;
+      one vmapped backward pass of T cotangents): the ghost Gramian. Dense uses ``x @ W`` give
       ``(X X^T) * (D D^T)`` from activations and output cotangents captured in **one** backward
       pass of ``sum(losses)``, biases added after a broadcast give ``D`` summed, convolution
       kernels and embedding tables get per-sample gradients from their own op's VJP on the
@@ -61,7 +62,7 @@ def value_and_gramian(
       O(m * params); for few objectives on wide layers. No ``has_aux``/``chunk_size``.
 
     Losses of any shape are flattened to m (so ``(B, T)`` instance-wise multi-task losses give a
-    ``B*T x B*T`` Gramian) by ``"jacobian"`` and ``"columns"``.
+    ``B*T x B*T`` Gramian) by every method.
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
@@ -175,7 +176,7 @@ def value_and_weighted_grad(
             # The captured factors give J^T w directly: no second backward pass.
             losses, G, factors = per_sample_gramian_parts(fun, params, *args)
             w = jax.lax.stop_gradient(weighting(G, key=key))
-            return losses, w, weighted_grad_from_factors(w, factors)
+            return losses, jnp.reshape(w, losses.shape), weighted_grad_from_factors(w, factors)
         if method == "layerwise" and gramian_filter is None and not has_aux:
             losses, G, factors = _layerwise_parts(fun, params, *args)
             w = jax.lax.stop_gradient(weighting(G, key=key))

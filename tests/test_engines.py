@@ -87,9 +87,22 @@ def multi_output():
     return losses, params, batch
 
 
+def cnn_multi_task():
+    _, params, batch = cnn()
+
+    def task_losses(p, batch):  # (B, T): every class's log-likelihood is a task
+        x, _ = batch
+        h = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "VALID")
+        h = jax.nn.relu(h).reshape(x.shape[0], -1)
+        return -jax.nn.log_softmax(h @ p["head"]["w"] + p["head"]["b"])
+
+    return task_losses, params, batch
+
+
 MODELS = {
     "mlp": mlp,
     "cnn": cnn,
+    "cnn_BxT": cnn_multi_task,
     "embedding_layernorm": embedding_layernorm,
     "shared_weight": shared_weight,
     "multi_output_BxT": multi_output,
@@ -104,8 +117,6 @@ def explicit(losses, params, batch):
 @pytest.mark.parametrize("method", ["jacobian", "columns", "per_sample", "layerwise"])
 @pytest.mark.parametrize("model", list(MODELS))
 def test_gramian_engines_equal_jacrev(model, method, x64):
-    if method == "per_sample" and model == "multi_output_BxT":
-        pytest.skip("per_sample takes (B,) losses (one per sample); (B, T) has its own test")
     losses, params, batch = MODELS[model]()
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     _, G_ref = explicit(losses, params, batch)
@@ -137,6 +148,7 @@ def test_gramian_engines_float32():
         ("embedding_layernorm", "layerwise"),
         ("shared_weight", "layerwise"),
         ("multi_output_BxT", "layerwise"),
+        ("multi_output_BxT", "per_sample"),
         ("cnn", "layerwise"),
     ],
 )
@@ -214,7 +226,7 @@ def test_columns_engine_never_holds_the_jacobian():
 def test_per_sample_structure_and_its_limits(x64):
     """Which parameters the ghost engine treats from captured factors (dense weights, biases;
     convolution kernels and embedding tables by their own op's per-sample VJP) and which fall back
-    (used twice, layer-norm scale); (B, T) losses are refused with a pointer to the other
+    (used twice, layer-norm scale); a scalar loss is refused with a pointer to the other
     methods."""
     from jaxjd._ghost import per_sample_gramian_parts
 
@@ -232,9 +244,9 @@ def test_per_sample_structure_and_its_limits(x64):
         ]
         _, _, factors = per_sample_gramian_parts(losses, params, batch)
         assert {paths[i] for i in factors[0].structural} == names, model
-    losses, params, batch = MODELS["multi_output_BxT"]()
-    with pytest.raises(ValueError, match=r"shape \(B,\)"):
-        jd.value_and_gramian(losses, method="per_sample")(params, batch)
+    losses, params, batch = MODELS["mlp"]()
+    with pytest.raises(ValueError, match=r"shape \(B,\) or \(B, T\)"):
+        jd.value_and_gramian(lambda p, b: jnp.sum(losses(p, b)), method="per_sample")(params, batch)
 
 
 def test_layerwise_structure_ghost_and_rows(x64):
