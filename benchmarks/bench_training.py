@@ -24,7 +24,7 @@ import _common  # noqa: F401  (one thread: must come before jax and torch)
 import jax
 import jax.numpy as jnp
 import optax
-from _common import emit, median_time, write_table
+from _common import emit, median_time, median_times, write_table
 
 import jaxjd as jd
 
@@ -85,12 +85,13 @@ def mtl_case(width_in, width, tasks, batch):
 
         return jd_step
 
-    times = {"plain": median_time(lambda: jax.block_until_ready(plain(params, state, x, y)), 10)}
-    for method in ("layerwise", "jacobian"):
-        step = jd_step_for(method)
-        times[method] = median_time(
-            lambda step=step: jax.block_until_ready(step(params, state, x, y)), 10
-        )
+    steps = {"plain": plain, **{m: jd_step_for(m) for m in ("layerwise", "jacobian")}}
+    times = median_times(
+        {
+            name: lambda step=step: jax.block_until_ready(step(params, state, x, y))
+            for name, step in steps.items()
+        }
+    )
     times["torchjd"], times["torch_plain"] = torch_mtl(width_in, width, tasks, batch)
     return times
 
@@ -129,7 +130,8 @@ def torch_mtl(width_in, width, tasks, batch):
         sum(((h(f)[:, 0] - y[:, i]) ** 2).mean() for i, h in enumerate(heads)).backward()
         opt.step()
 
-    return median_time(step, 10), median_time(plain_step, 10)
+    times = median_times({"jd": step, "plain": plain_step})
+    return times["jd"], times["plain"]
 
 
 # ---------------------------------------------------------------------------------------- IWRM
@@ -184,14 +186,14 @@ def iwrm_case(model, batch):
 
         return step
 
-    times = {
-        "plain": median_time(lambda: jax.block_until_ready(plain(params, state, x, labels)), 10)
-    }
-    for method in ("per_sample", "jacobian"):
-        step = jd_step_for(method)
-        times[method] = median_time(
-            lambda step=step: jax.block_until_ready(step(params, state, x, labels)), 10
-        )
+    steps = {"plain": plain, **{m: jd_step_for(m) for m in ("per_sample", "jacobian")}}
+    times = median_times(
+        {
+            name: lambda step=step: jax.block_until_ready(step(params, state, x, labels))
+            for name, step in steps.items()
+        },
+        repeats=7,
+    )
     times["torchjd"] = torch_iwrm(model, batch)
     return times
 

@@ -29,13 +29,13 @@ from ._common import ProjectionInfo, kkt_residual
 
 _BACKUP_BUDGET = 3
 _COMPACT_MIN_M = 16
-_LANE_FRACTION = 8
+_LANE_FRACTION = 8  # pending lanes advanced per loop iteration: about k / 8
 # Projected-gradient steps that guess the initial free set (m >= _WARM_MIN_M): at m = 64..256
 # they cut the pivoting steps per lane from ~1.5-3 to ~0-1; below, the guess costs more.
 _WARM_ITERATIONS = 80
-_WARM_MIN_M = 32  # pending lanes advanced per loop iteration: about k / 8
-# Largest tr(G) tr(G^-1) (an upper bound on the condition number) for which the dual half-size
-# systems are used: (float32, float64). Refinement squares the error kappa * eps.
+_WARM_MIN_M = 32
+# Largest estimated condition number for which the dual half-size systems are used: (float32,
+# float64). Refinement squares the error kappa * eps.
 _DUAL_COND_LIMIT = {False: 1e4, True: 1e10}
 
 
@@ -121,27 +121,29 @@ def _lambda_max(A, iterations=16):
     return jnp.vdot(x, A @ x) / jnp.maximum(jnp.vdot(x, x), jnp.finfo(A.dtype).tiny)
 
 
-def _warm_free(G, u, iterations, lmax):
-    """A guess of the free set from ``iterations`` steps of accelerated projected gradient on
-    ``s >= 0`` (vmapped over lanes, each step is one matrix product for all of them): far
+def _warm_free(G, U, iterations, lmax):
+    """A guess of every lane's free set from ``iterations`` steps of accelerated projected
+    gradient on ``s >= 0`` (each step is one ``(k, m) x (m, m)`` product for all lanes): far
     fewer pivoting steps, each of which is a factorisation per lane, than the sign of ``G u``."""
-    c = G @ u
+    C = U @ G  # G is symmetric: row i is G u_i
     step = 1.0 / jnp.maximum(1.1 * lmax, jnp.finfo(G.dtype).tiny)  # it only shapes the guess
 
     def body(_, state):
-        s, y, t = state
-        s_new = jnp.maximum(y - step * (G @ y + c), 0.0)
+        S, Y, t = state
+        S_new = jnp.maximum(Y - step * (Y @ G + C), 0.0)
         t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-        return s_new, s_new + ((t - 1.0) / t_new) * (s_new - s), t_new
+        return S_new, S_new + ((t - 1.0) / t_new) * (S_new - S), t_new
 
-    zero = jnp.zeros_like(u)
-    s, _, _ = jax.lax.fori_loop(0, iterations, body, (zero, zero, jnp.asarray(1.0, G.dtype)))
-    guess = s > 1e-3 * jnp.max(s)
-    return jnp.where(jnp.all(jnp.isfinite(s)) & jnp.any(guess), guess, c < 0)
+    zero = jnp.zeros_like(U)
+    S, _, _ = jax.lax.fori_loop(0, iterations, body, (zero, zero, jnp.asarray(1.0, G.dtype)))
+    guess = S > 1e-3 * jnp.max(S, axis=1, keepdims=True)
+    usable = jnp.all(jnp.isfinite(S), axis=1, keepdims=True) & jnp.any(guess, axis=1, keepdims=True)
+    return jnp.where(usable, guess, C < 0)
 
 
-def _lane_ops(G, compact, warm, lmax):
-    """``start(u)``, ``step(u, lane)`` and ``finish(u, lane)`` for one right-hand side."""
+def _lane_ops(G, compact):
+    """``start(u, free)`` (the first solve from a guessed free set), ``step(u, lane)`` and
+    ``finish(u, lane)`` for one right-hand side."""
     m = G.shape[0]
     eps = jnp.finfo(G.dtype).eps
     gmax = jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(G.dtype).tiny)
@@ -161,8 +163,7 @@ def _lane_ops(G, compact, warm, lmax):
         tol_lam = tol * gmax
         return jnp.where(free, s < -tol, lam < -tol_lam)
 
-    def start(u):
-        free = _warm_free(G, u, warm, lmax) if warm else G @ u < 0
+    def start(u, free):
         s, lam = solve(u, free)
         budget = jnp.asarray(_BACKUP_BUDGET)
         bad = infeasible(u, s, lam, free)
@@ -197,9 +198,9 @@ def _pivot_all(U, G, max_iter, compact=None, lmax=None):
     warm = _WARM_ITERATIONS if G.shape[0] >= _WARM_MIN_M else 0
     if warm and lmax is None:
         lmax = _lambda_max(G)
-    start, step, finish = _lane_ops(G, compact, warm, lmax)
+    start, step, finish = _lane_ops(G, compact)
     k = U.shape[0]
-    lanes = jax.vmap(start)(U)
+    lanes = jax.vmap(start)(U, _warm_free(G, U, warm, lmax) if warm else U @ G < 0)
 
     def pending(lanes):
         return jnp.any(lanes.bad, axis=1) & (lanes.it < max_iter)
