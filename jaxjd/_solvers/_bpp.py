@@ -183,8 +183,11 @@ def _lane_ops(G, compact):
         return _Lane(free, s, lam, infeasible(u, s, lam, free), lane.it + 1, best, budget)
 
     def finish(u, lane):
-        v = u + jnp.maximum(lane.s, 0.0)
-        converged = ~jnp.any(lane.bad) & jnp.all(jnp.isfinite(v))
+        # NaN/Inf anywhere (G, u or the solves) gives NaN weights and converged = False; the
+        # test is explicit because XLA's fast max(NaN, 0) may return 0.
+        finite = jnp.all(jnp.isfinite(lane.s) & jnp.isfinite(lane.lam) & jnp.isfinite(u))
+        v = jnp.where(finite, u + jnp.maximum(lane.s, 0.0), jnp.nan)
+        converged = ~jnp.any(lane.bad) & finite
         return v, ProjectionInfo(converged, lane.it, kkt_residual(G, u, v))
 
     return start, step, finish
