@@ -37,6 +37,17 @@ def dense_init(key, sizes):
     ]
 
 
+def time_steps(steps, args, repeats=15):
+    """Round-robin medians of jitted steps on the same arguments."""
+    return median_times(
+        {
+            name: lambda step=step: jax.block_until_ready(step(*args))
+            for name, step in steps.items()
+        },
+        repeats=repeats,
+    )
+
+
 def mlp(layers, x, last_relu=True):
     for i, layer in enumerate(layers):
         x = x @ layer["w"] + layer["b"]
@@ -86,12 +97,7 @@ def mtl_case(width_in, width, tasks, batch):
         return jd_step
 
     steps = {"plain": plain, **{m: jd_step_for(m) for m in ("layerwise", "jacobian")}}
-    times = median_times(
-        {
-            name: lambda step=step: jax.block_until_ready(step(params, state, x, y))
-            for name, step in steps.items()
-        }
-    )
+    times = time_steps(steps, (params, state, x, y))
     times["torchjd"], times["torch_plain"] = torch_mtl(width_in, width, tasks, batch)
     return times
 
@@ -187,13 +193,7 @@ def iwrm_case(model, batch):
         return step
 
     steps = {"plain": plain, **{m: jd_step_for(m) for m in ("per_sample", "jacobian")}}
-    times = median_times(
-        {
-            name: lambda step=step: jax.block_until_ready(step(params, state, x, labels))
-            for name, step in steps.items()
-        },
-        repeats=7,
-    )
+    times = time_steps(steps, (params, state, x, labels), repeats=7)
     times["torchjd"] = torch_iwrm(model, batch)
     return times
 
