@@ -420,6 +420,21 @@ def test_equinox_module_with_the_filter_pattern(x64):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     update = jd.upgrad(J)
     assert jax.tree_util.tree_structure(update) == jax.tree_util.tree_structure(params)
+    # The jaxpr-reading engines on the same vmapped equinox model (its kernels sit on the left
+    # of the product, so they take the per-equation VJP path): objectives and per-sample losses.
+    np.testing.assert_allclose(
+        jd.value_and_gramian(losses, method="layerwise")(params, x)[1],
+        jd.gramian(J_ref),
+        rtol=1e-10,
+    )
+
+    def per_sample(p, x):
+        return jnp.sum(jax.vmap(eqx.combine(p, static))(x) ** 2, axis=1)
+
+    G_ref = jd.gramian(jax.jacrev(per_sample)(params, x))
+    for method in ("per_sample", "layerwise"):
+        _, G = jax.jit(jd.value_and_gramian(per_sample, method=method))(params, x)
+        np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-14)
 
 
 def test_per_sample_with_a_jitted_layer_called_twice(x64):
