@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ._ghost import task_gramian_vjp, task_weighted_grad
-from ._tree import combine
+from ._tree import accumulation_dtype, combine
 
 
 def value_and_jacobian(
@@ -217,9 +217,7 @@ def mtl_value_and_grad(
         weighting = aggregator.weighting
         if isinstance(weighting, ShapeWeighting):  # weights from m alone: no Gramian
             _, factors = pullback(cotangents, gramian=False)
-            weights = weighting.weights_from_jacobian(
-                jnp.zeros((losses.size, 0), losses.dtype), key=key
-            )
+            weights = weighting._weights(losses.size, accumulation_dtype(losses.dtype), key)
         else:
             G, factors = pullback(cotangents)
             weights = weighting(G, key=key)
