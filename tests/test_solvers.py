@@ -45,7 +45,10 @@ def test_bpp_kkt_float64(J, reg):
         assert bool(info.converged.all())
         assert float(info.kkt_residual.max()) <= 1e-12
         dual, primal, slack = kkt(G, U, V)
-        assert dual >= -1e-14 and primal >= -1e-12 and slack <= 1e-12
+        # With a singular G (reg = 0) the weights can be large (only J^T v is unique), and
+        # rounding in G v grows with them: the bounds scale with max |v|.
+        scale = max(1.0, float(np.abs(np.asarray(V)).max()))
+        assert dual >= -1e-14 and primal >= -1e-12 * scale and slack <= 1e-12 * scale**2
         if reg == 0.0:  # exact projections are non-conflicting: J (J^T v) >= 0
             d = np.asarray(V) @ J
             bound = 1e-10 * np.linalg.norm(J) ** 2 * np.abs(np.asarray(V)).max()

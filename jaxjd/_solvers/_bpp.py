@@ -8,9 +8,10 @@ Murty's single-index rule (largest infeasible index) after three non-improving s
 it terminate in finitely many steps for positive definite G. Every iteration is one masked Cholesky
 solve per right-hand side, so the solver is a ``lax.while_loop`` with static shapes over a batch
 of right-hand sides ("lanes") sharing G. Two things keep the number of factorisations low: from
-m = 32 the initial free set is guessed by a few accelerated projected-gradient steps (matrix
-products for all lanes at once) instead of the sign of ``G u``, and after the first solve each
-loop iteration gathers only pending lanes (about k/8 of them), so converged lanes cost nothing.
+m = 8 the initial free set is guessed by a few ADMM steps (Boyd et al. 2011; one matrix product
+with a shared factorisation for all lanes at once) instead of the sign of ``G u``, so that most
+lanes are solved by their first factorisation; and after it each loop iteration gathers only
+pending lanes (about k/8 of them), so converged lanes cost nothing.
 
 A PSD but singular G (duplicated or zero rows, with ``reg_eps = 0``) is handled by adding
 ``m * eps * max(diag G)`` to the diagonal of the masked systems: the projected direction
@@ -30,10 +31,15 @@ from ._common import ProjectionInfo, kkt_residual
 _BACKUP_BUDGET = 3
 _COMPACT_MIN_M = 16
 _LANE_FRACTION = 8  # pending lanes advanced per loop iteration: about k / 8
-# Projected-gradient steps that guess the initial free set (m >= _WARM_MIN_M): at m = 64..256
-# they cut the pivoting steps per lane from ~1.5-3 to ~0-1; below, the guess costs more.
-_WARM_ITERATIONS = 80
-_WARM_MIN_M = 32
+# ADMM steps that guess the initial free set, for m >= _WARM_MIN_M: on conflicting Gaussian
+# Jacobians (m = 10..256) they leave 0-3% of the lanes to pivot, against ~1-3 pivoting steps per
+# lane from the sign of G u; below m = 8 the guess costs more than it saves.
+_WARM_MIN_M = 8
+
+
+def _warm_iterations(m: int) -> int:
+    return 6 if m < 32 else 10 if m <= 128 else 14
+
 # Largest estimated condition number for which the dual half-size systems are used: (float32,
 # float64). Refinement squares the error kappa * eps.
 _DUAL_COND_LIMIT = {False: 1e4, True: 1e10}
@@ -41,6 +47,14 @@ _DUAL_COND_LIMIT = {False: 1e4, True: 1e10}
 
 def default_max_iter(m: int) -> int:
     return 10 * m + 20
+
+
+def _ranks(mask):
+    """``cumsum(mask) - 1`` along the last axis as a product with a triangular matrix of ones
+    (exact in float32 below 2**24): XLA's CPU cumsum is a reduce-window, ~20x slower here."""
+    m = mask.shape[-1]
+    upper = jnp.triu(jnp.ones((m, m), jnp.float32))
+    return (mask.astype(jnp.float32) @ upper).astype(jnp.int32) - 1
 
 
 def _masked_solve(G, c, free, ridge):
@@ -53,7 +67,20 @@ def _masked_solve(G, c, free, ridge):
     return s, lam
 
 
-def _compact_solve(G, c, u, free, ridge, H, GH, K):
+def _padded_blocks(G, H, ridge, K):
+    """``[[G + ridge I, 0], [0, I_K]]`` stacked over ``[[H, 0], [0, I_K]]``, flattened: slot j
+    of a K x K system that has fewer than K indices points at padding index ``m + j``, so one
+    gather builds the system with unit rows and columns there, no masking."""
+    m = G.shape[0]
+    eye = jnp.eye(K, dtype=G.dtype)
+
+    def pad(A):
+        return jnp.block([[A, jnp.zeros((m, K), G.dtype)], [jnp.zeros((K, m), G.dtype), eye]])
+
+    return jnp.concatenate([pad(G + ridge * jnp.eye(m, dtype=G.dtype)), pad(H)]).reshape(-1)
+
+
+def _compact_solve(G, c, u, free, H, blocks, K):
     """The same solve on a K x K system, K = ceil(m / 2).
 
     When at most K indices are free, it is the primal system ``G_FF s_F = -c_F`` gathered into
@@ -63,22 +90,19 @@ def _compact_solve(G, c, u, free, ridge, H, GH, K):
     ``s_A = 0`` corrects the rounding of the K x K solve.
     """
     m = G.shape[0]
-    f = jnp.sum(free)
-    primal = f <= K
+    width = m + K
+    primal = jnp.sum(free) <= K
     chosen = jnp.where(primal, free, ~free)
-    # The chosen indices in increasing order, from a cumulative count (sorting, gathering at
-    # 2-D indices and scattering back cost several times more under vmap on CPU).
-    pos = jnp.cumsum(chosen) - 1
-    order = jnp.minimum(jnp.sum(pos[None, :] < jnp.arange(K)[:, None], axis=1), m - 1)
-    valid = jnp.arange(K) < jnp.where(primal, f, m - f)
-    vf = valid.astype(G.dtype)
-    # Rows of G (primal) or of H (dual) from the stacked (2m, m) matrix, then the columns.
-    rows = jnp.take(GH, order + jnp.where(primal, 0, m), axis=0)
-    B = jnp.take(rows, order, axis=1)
-    M = B * vf[:, None] * vf[None, :] + jnp.diag(1.0 - vf + jnp.where(primal, ridge, 0.0) * vf)
+    # The chosen indices in increasing order, then padding (a scatter of the ranks: sorting or
+    # comparing every rank with every slot costs several times more under vmap on CPU).
+    pos = _ranks(chosen)
+    order = (m + jnp.arange(K)).at[jnp.where(chosen, pos, K)].set(jnp.arange(m), mode="drop")
+    rows = order + jnp.where(primal, 0, width)
+    M = jnp.take(blocks, rows[:, None] * width + order[None, :])
     chol = jnp.linalg.cholesky(M)
-    rhs = jnp.where(primal, -c[order], u[order]) * vf
-    x = jax.scipy.linalg.cho_solve((chol, True), rhs) * vf
+    pad = jnp.zeros((K,), G.dtype)
+    rhs = jnp.concatenate([jnp.where(primal, -c, u), pad])[order]
+    x = jax.scipy.linalg.cho_solve((chol, True), rhs)
     slot = jnp.clip(pos, 0, K - 1)
 
     def scatter(y):
@@ -92,7 +116,7 @@ def _compact_solve(G, c, u, free, ridge, H, GH, K):
     # Dual: mu on A, s = G^{-1}(mu - c), refine so that s_A = 0.
     mu = scattered
     s_dual = H @ (mu - c)
-    correction = jax.scipy.linalg.cho_solve((chol, True), -s_dual[order] * vf) * vf
+    correction = jax.scipy.linalg.cho_solve((chol, True), -jnp.concatenate([s_dual, pad])[order])
     mu = mu + scatter(correction)
     s_dual = (H @ (mu - c)) * p
     lam_dual = mu * (1.0 - p)
@@ -111,34 +135,55 @@ class _Lane(NamedTuple):
     budget: Array  # non-improving block steps left before the backup rule
 
 
-def _lambda_max(A, iterations=16):
-    """Largest eigenvalue of a PSD matrix by power iteration (a slight underestimate)."""
-    m = A.shape[0]
-    x = 1.0 + jnp.arange(m, dtype=A.dtype) / m
-    x = jax.lax.fori_loop(
-        0, iterations, lambda _, x: A @ x / jnp.maximum(jnp.linalg.norm(x), 1e-30), x
-    )
-    return jnp.vdot(x, A @ x) / jnp.maximum(jnp.vdot(x, x), jnp.finfo(A.dtype).tiny)
+def _lambda_bound(A, squarings=4):
+    """An upper bound of the largest eigenvalue of a PSD matrix: ``tr(A^p)^(1/p)`` with
+    ``p = 2^squarings``, at most ``m^(1/p)`` times too large, by repeated squaring rescaled to
+    unit trace (``log tr(A^p) / p = log tr A + sum_j log tr(B_j^2) / 2^j``): a few matrix
+    products, no loop."""
+    tiny = jnp.finfo(A.dtype).tiny
+    trace = jnp.trace(A)
+    B = A / jnp.maximum(trace, tiny)
+    log_bound = jnp.log(trace)
+    for j in range(1, squarings + 1):
+        B = B @ B
+        t = jnp.maximum(jnp.trace(B), tiny)
+        B = B / t
+        log_bound = log_bound + jnp.log(t) / 2**j
+    return jnp.exp(log_bound)
 
 
-def _warm_free(G, U, iterations, lmax):
-    """A guess of every lane's free set from ``iterations`` steps of accelerated projected
-    gradient on ``s >= 0`` (each step is one ``(k, m) x (m, m)`` product for all lanes): far
-    fewer pivoting steps, each of which is a factorisation per lane, than the sign of ``G u``."""
-    C = U @ G  # G is symmetric: row i is G u_i
-    step = 1.0 / jnp.maximum(1.1 * lmax, jnp.finfo(G.dtype).tiny)  # it only shapes the guess
+def _warm_free(G, U, iterations):
+    """A guess of every lane's free set from ``iterations`` steps of ADMM (over-relaxed, as in
+    OSQP) on ``min 1/2 s^T G s + c^T s, s >= 0``, all lanes at once. The splitting ``s = z``,
+    ``z >= 0`` makes every step one product with ``(G + rho I)^{-1}``, a single factorisation
+    shared by the lanes, so the isolated large eigenvalues of a Gramian (shared gradient
+    directions) do not slow it down as they do projected gradient. ``rho`` is the geometric mean
+    of the eigenvalues (from a Cholesky factor). Computed in float32 on a rescaled copy: only the
+    signs matter, and pivoting corrects any wrong index."""
+    m = G.shape[0]
+    work = jnp.float32 if G.dtype == jnp.float64 else G.dtype
+    tiny = jnp.finfo(G.dtype).tiny
+    Gs = (G / jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(G))), tiny)).astype(work)
+    Us = (U / jnp.maximum(jnp.max(jnp.abs(U), axis=1, keepdims=True), tiny)).astype(work)
+    eye = jnp.eye(m, dtype=work)
+    mean = jnp.trace(Gs) / m
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(Gs + 1e-4 * mean * eye))))
+    rho = jnp.exp(logdet / m)
+    rho = jnp.where(jnp.isfinite(rho) & (rho > 0), rho, jnp.maximum(mean, 1.0))
+    Minv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(Gs + rho * eye), True), eye)
+    C = Us @ Gs  # G is symmetric: row i is G u_i
 
     def body(_, state):
-        S, Y, t = state
-        S_new = jnp.maximum(Y - step * (Y @ G + C), 0.0)
-        t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
-        return S_new, S_new + ((t - 1.0) / t_new) * (S_new - S), t_new
+        Z, W = state  # W = y / rho, the scaled multipliers of s = z
+        S = (rho * (Z - W) - C) @ Minv
+        S = 1.6 * S - 0.6 * Z
+        Z_new = jnp.maximum(S + W, 0.0)
+        return Z_new, W + S - Z_new
 
-    zero = jnp.zeros_like(U)
-    S, _, _ = jax.lax.fori_loop(0, iterations, body, (zero, zero, jnp.asarray(1.0, G.dtype)))
-    guess = S > 1e-3 * jnp.max(S, axis=1, keepdims=True)
-    usable = jnp.all(jnp.isfinite(S), axis=1, keepdims=True) & jnp.any(guess, axis=1, keepdims=True)
-    return jnp.where(usable, guess, C < 0)
+    zero = jnp.zeros_like(Us)
+    Z, _ = jax.lax.fori_loop(0, iterations, body, (zero, zero), unroll=True)
+    usable = jnp.all(jnp.isfinite(Z), axis=1, keepdims=True)
+    return jnp.where(usable, Z > 0, C < 0)
 
 
 def _lane_ops(G, compact):
@@ -149,13 +194,15 @@ def _lane_ops(G, compact):
     gmax = jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(G.dtype).tiny)
     ridge = m * eps * gmax
     index = jnp.arange(m)
+    if compact is not None:
+        H, K = compact
+        blocks = _padded_blocks(G, H, ridge, K)
 
     def solve(u, free):
         c = G @ u
         if compact is None:
             return _masked_solve(G, c, free, ridge)
-        H, GH, K = compact
-        return _compact_solve(G, c, u, free, ridge, H, GH, K)
+        return _compact_solve(G, c, u, free, H, blocks, K)
 
     def infeasible(u, s, lam, free):
         smax = jnp.max(jnp.abs(s)) + jnp.max(jnp.abs(u))
@@ -193,17 +240,15 @@ def _lane_ops(G, compact):
     return start, step, finish
 
 
-def _pivot_all(U, G, max_iter, compact=None, lmax=None):
+def _pivot_all(U, G, max_iter, compact=None):
     """Every right-hand side to its solution. After the first solve, each loop iteration
     advances at most ``Q ~ k / 8`` pending lanes, gathered by a cumulative count: a lane that has
     converged costs nothing more (a plain vmapped loop would keep solving every lane until the
     slowest is done, and each solve is a Cholesky factorisation)."""
-    warm = _WARM_ITERATIONS if G.shape[0] >= _WARM_MIN_M else 0
-    if warm and lmax is None:
-        lmax = _lambda_max(G)
+    warm = _warm_iterations(G.shape[0]) if G.shape[0] >= _WARM_MIN_M else 0
     start, step, finish = _lane_ops(G, compact)
     k = U.shape[0]
-    lanes = jax.vmap(start)(U, _warm_free(G, U, warm, lmax) if warm else U @ G < 0)
+    lanes = jax.vmap(start)(U, _warm_free(G, U, warm) if warm else U @ G < 0)
 
     def pending(lanes):
         return jnp.any(lanes.bad, axis=1) & (lanes.it < max_iter)
@@ -223,7 +268,7 @@ def _pivot_all(U, G, max_iter, compact=None, lmax=None):
 
         def body(lanes):
             todo = pending(lanes)
-            rank = jnp.cumsum(todo) - 1
+            rank = _ranks(todo)
             idx = jnp.minimum(jnp.sum(rank[None, :] < jnp.arange(Q)[:, None], axis=1), k - 1)
             sub = jax.tree_util.tree_map(lambda a: a[idx], lanes)
             new = jax.vmap(step)(U[idx], sub)
@@ -246,27 +291,24 @@ def bpp(
 
     if m < _COMPACT_MIN_M:
         return _pivot_all(U, G, max_iter)
-    lmax = _lambda_max(G)
 
     def full(U):
-        return _pivot_all(U, G, max_iter, lmax=lmax)
+        return _pivot_all(U, G, max_iter)
 
     # Half-size systems (primal on F or dual on A, whichever is smaller) cost 8x fewer flops
     # per Cholesky. The dual needs G^{-1}: only when G is well conditioned, judged by
-    # 4 lambda_max(G) lambda_max(G^{-1}) (power iterations; x 4 for their underestimate) or by
-    # the rigorous but loose cond(G) <= tr(G) tr(G^{-1}); otherwise every lane takes the
-    # full-size primal path.
+    # two upper bounds of cond(G): tr(G^16)^(1/16) tr(H^16)^(1/16) (at most m^(1/8) too large)
+    # and tr(G) tr(H); otherwise every lane takes the full-size primal path.
     K = -(-m // 2)
     eye = jnp.eye(m, dtype=G.dtype)
     chol_G = jnp.linalg.cholesky(G)
     H = jax.scipy.linalg.cho_solve((chol_G, True), eye)
     H = 0.5 * (H + H.T)
-    bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), 4.0 * lmax * _lambda_max(H))
+    bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), _lambda_bound(G) * _lambda_bound(H))
     limit = _DUAL_COND_LIMIT[jnp.finfo(G.dtype).bits >= 64]
     ok = jnp.isfinite(bound) & (bound > 0) & (bound < limit) & jnp.all(jnp.isfinite(H))
-    GH = jnp.concatenate([G, H])  # one row gather per lane picks the primal or the dual block
 
     def compact(U):
-        return _pivot_all(U, G, max_iter, (H, GH, K), lmax)
+        return _pivot_all(U, G, max_iter, (H, K))
 
     return jax.lax.cond(ok, compact, full, U)
