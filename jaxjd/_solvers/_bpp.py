@@ -40,6 +40,7 @@ _WARM_MIN_M = 8
 def _warm_iterations(m: int) -> int:
     return 6 if m < 32 else 10 if m <= 128 else 14
 
+
 # Largest estimated condition number for which the dual half-size systems are used: (float32,
 # float64). Refinement squares the error kappa * eps.
 _DUAL_COND_LIMIT = {False: 1e4, True: 1e10}
