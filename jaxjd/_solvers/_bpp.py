@@ -42,7 +42,7 @@ def _warm_iterations(m: int) -> int:
 
 
 # Largest estimated condition number for which the dual half-size systems are used: (float32,
-# float64). Refinement squares the error kappa * eps.
+# float64); beyond, G^{-1} itself is unreliable.
 _DUAL_COND_LIMIT = {False: 1e4, True: 1e10}
 
 
@@ -87,8 +87,9 @@ def _compact_solve(G, c, u, free, H, blocks, K):
     When at most K indices are free, it is the primal system ``G_FF s_F = -c_F`` gathered into
     K slots. Otherwise fewer than K are active and it solves the dual system on the active set A:
     the multipliers ``mu = lambda_A`` satisfy ``H_AA mu = u_A`` with ``H = G^{-1}`` (because
-    ``G^{-1} c = u``), then ``s = G^{-1}(mu - c)``; one step of iterative refinement on
-    ``s_A = 0`` corrects the rounding of the K x K solve.
+    ``G^{-1} c = u``), then ``s = G^{-1}(mu - c)`` on F. (Measured on conflicting Gramians with
+    condition numbers up to 5e6: as accurate as the full-size primal solve, with or without a
+    step of iterative refinement on ``s_A = 0``.)
     """
     m = G.shape[0]
     width = m + K
@@ -114,11 +115,8 @@ def _compact_solve(G, c, u, free, H, blocks, K):
     p = free.astype(G.dtype)
     s_primal = scattered
     lam_primal = (G @ s_primal + c) * (1.0 - p)
-    # Dual: mu on A, s = G^{-1}(mu - c), refine so that s_A = 0.
+    # Dual: mu on A, s = G^{-1}(mu - c) on F.
     mu = scattered
-    s_dual = H @ (mu - c)
-    correction = jax.scipy.linalg.cho_solve((chol, True), -jnp.concatenate([s_dual, pad])[order])
-    mu = mu + scatter(correction)
     s_dual = (H @ (mu - c)) * p
     lam_dual = mu * (1.0 - p)
     return jnp.where(primal, s_primal, s_dual), jnp.where(primal, lam_primal, lam_dual)
@@ -136,20 +134,20 @@ class _Lane(NamedTuple):
     budget: Array  # non-improving block steps left before the backup rule
 
 
-def _lambda_bound(A, squarings=4):
-    """An upper bound of the largest eigenvalue of a PSD matrix: ``tr(A^p)^(1/p)`` with
-    ``p = 2^squarings``, at most ``m^(1/p)`` times too large, by repeated squaring rescaled to
-    unit trace (``log tr(A^p) / p = log tr A + sum_j log tr(B_j^2) / 2^j``): a few matrix
-    products, no loop."""
+def _lambda_bounds(A, squarings=4):
+    """Upper bounds of the largest eigenvalues of a stack of PSD matrices: ``tr(A^p)^(1/p)``
+    with ``p = 2^squarings``, at most ``m^(1/p)`` times too large, by repeated squaring rescaled
+    to unit trace: ``log tr(A^p) / p = log tr A + sum_j log tr(B_j^2) / 2^j`` where
+    ``tr(B^2) = |B|_F^2`` for symmetric B. A few batched matrix products, no loop."""
     tiny = jnp.finfo(A.dtype).tiny
-    trace = jnp.trace(A)
-    B = A / jnp.maximum(trace, tiny)
+    trace = jnp.trace(A, axis1=-2, axis2=-1)
+    B = A / jnp.maximum(trace, tiny)[..., None, None]
     log_bound = jnp.log(trace)
     for j in range(1, squarings + 1):
-        B = B @ B
-        t = jnp.maximum(jnp.trace(B), tiny)
-        B = B / t
+        t = jnp.maximum(jnp.sum(B * B, axis=(-2, -1)), tiny)
         log_bound = log_bound + jnp.log(t) / 2**j
+        if j < squarings:
+            B = (B @ B) / t[..., None, None]
     return jnp.exp(log_bound)
 
 
@@ -174,17 +172,16 @@ def _warm_free(G, U, iterations):
     Minv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(Gs + rho * eye), True), eye)
     C = Us @ Gs  # G is symmetric: row i is G u_i
 
-    def body(_, state):
-        Z, W = state  # W = y / rho, the scaled multipliers of s = z
-        S = (rho * (Z - W) - C) @ Minv
-        S = 1.6 * S - 0.6 * Z
-        Z_new = jnp.maximum(S + W, 0.0)
-        return Z_new, W + S - Z_new
+    # The step: s = (G + rho I)^{-1} (rho (z - w) - c); t = 1.6 s - 0.6 z + w (relaxation);
+    # z = max(t, 0); w = min(t, 0) (w = y / rho, the scaled multipliers of s = z). With
+    # z - w = |t| it is a recursion on t alone: three operations per step.
+    def body(_, T):
+        S = (rho * jnp.abs(T) - C) @ Minv
+        return 1.6 * S - 0.6 * jnp.maximum(T, 0.0) + jnp.minimum(T, 0.0)
 
-    zero = jnp.zeros_like(Us)
-    Z, _ = jax.lax.fori_loop(0, iterations, body, (zero, zero), unroll=True)
-    usable = jnp.all(jnp.isfinite(Z), axis=1, keepdims=True)
-    return jnp.where(usable, Z > 0, C < 0)
+    T = jax.lax.fori_loop(0, iterations, body, jnp.zeros_like(Us), unroll=True)
+    usable = jnp.all(jnp.isfinite(T), axis=1, keepdims=True)
+    return jnp.where(usable, T > 0, C < 0)
 
 
 def _lane_ops(G, compact):
@@ -305,7 +302,7 @@ def bpp(
     chol_G = jnp.linalg.cholesky(G)
     H = jax.scipy.linalg.cho_solve((chol_G, True), eye)
     H = 0.5 * (H + H.T)
-    bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), _lambda_bound(G) * _lambda_bound(H))
+    bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), jnp.prod(_lambda_bounds(jnp.stack([G, H]))))
     limit = _DUAL_COND_LIMIT[jnp.finfo(G.dtype).bits >= 64]
     ok = jnp.isfinite(bound) & (bound > 0) & (bound < limit) & jnp.all(jnp.isfinite(H))
 
