@@ -52,10 +52,12 @@ def default_max_iter(m: int) -> int:
 
 def _ranks(mask):
     """``cumsum(mask) - 1`` along the last axis as a product with a triangular matrix of ones
-    (exact in float32 below 2**24): XLA's CPU cumsum is a reduce-window, ~20x slower here."""
+    (exact in float32 below 2**24, at full precision on accelerators too): XLA's CPU cumsum is a
+    reduce-window, ~20x slower here."""
     m = mask.shape[-1]
     upper = jnp.triu(jnp.ones((m, m), jnp.float32))
-    return (mask.astype(jnp.float32) @ upper).astype(jnp.int32) - 1
+    counts = jnp.matmul(mask.astype(jnp.float32), upper, precision=jax.lax.Precision.HIGHEST)
+    return counts.astype(jnp.int32) - 1
 
 
 def _masked_solve(G, c, free, ridge):
