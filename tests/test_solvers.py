@@ -159,6 +159,15 @@ def test_bad_inputs():
         jd.project_onto_dual_cone(jnp.ones((1, 0)), jnp.ones((0, 0)))
 
 
+def test_half_precision_inputs_are_solved_in_float32():
+    G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    V32, _ = jd.project_onto_dual_cone(jnp.eye(2), G)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        V, info = jd.project_onto_dual_cone(jnp.eye(2, dtype=dtype), G.astype(dtype))
+        assert V.dtype == dtype and bool(info.converged.all())
+        np.testing.assert_allclose(np.asarray(V, np.float32), V32, rtol=1e-2)
+
+
 def test_qpax_missing_gives_clear_import_error(monkeypatch):
     import importlib.util
 

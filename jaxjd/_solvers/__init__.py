@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._tree import check_gramian
+from .._tree import accumulation_dtype, check_gramian
 from ._bpp import bpp
 from ._common import ProjectionInfo, kkt_residual
 from ._pgd import nesterov_pgd
@@ -61,7 +61,8 @@ def project_onto_dual_cone(
 
     Args:
         U: right-hand sides, any leading shape, last axis m.
-        G: a PSD Gramian ``J J^T`` (used as given: no normalisation here).
+        G: a PSD Gramian ``J J^T`` (used as given: no normalisation here). Half-precision
+            inputs are solved in float32; the weights come back in the inputs' dtype.
         solver: ``"bpp"`` (exact block principal pivoting, default), ``"nesterov_pgd"``
             (accelerated projected gradient to ``tol``) or ``"qpax"`` (interior point, optional).
         tol: stopping tolerance of the iterative solvers (scaled KKT residual); ignored by bpp.
@@ -85,7 +86,11 @@ def project_onto_dual_cone(
     dtype = jnp.result_type(U, G)
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float32
-    return _project_jit(jnp.asarray(U, dtype), jnp.asarray(G, dtype), solver, tol, max_iter)
+    # Half-precision inputs are solved in float32 (LAPACK has no bfloat16/float16 kernels) and
+    # the weights returned in the input dtype.
+    work = accumulation_dtype(dtype)
+    V, info = _project_jit(jnp.asarray(U, work), jnp.asarray(G, work), solver, tol, max_iter)
+    return V.astype(dtype), info
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
