@@ -240,15 +240,21 @@ def _lane_ops(G, compact):
     return start, step, finish
 
 
-def _pivot_all(U, G, max_iter, compact=None):
-    """Every right-hand side to its solution. After the first solve, each loop iteration
-    advances at most ``Q ~ k / 8`` pending lanes, gathered by a cumulative count: a lane that has
-    converged costs nothing more (a plain vmapped loop would keep solving every lane until the
-    slowest is done, and each solve is a Cholesky factorisation)."""
-    warm = _warm_iterations(G.shape[0]) if G.shape[0] >= _WARM_MIN_M else 0
+def _first_free(U, G):
+    """The guessed free set of every lane: ADMM from m = _WARM_MIN_M, else the sign of G u."""
+    m = G.shape[0]
+    return _warm_free(G, U, _warm_iterations(m)) if m >= _WARM_MIN_M else U @ G < 0
+
+
+def _pivot_all(U, G, max_iter, compact=None, free=None):
+    """Every right-hand side to its solution, from the guessed free sets ``free`` (computed
+    here when not given). After the first solve, each loop iteration advances at most
+    ``Q ~ k / 8`` pending lanes, gathered by a cumulative count: a lane that has converged costs
+    nothing more (a plain vmapped loop would keep solving every lane until the slowest is done,
+    and each solve is a Cholesky factorisation)."""
     start, step, finish = _lane_ops(G, compact)
     k = U.shape[0]
-    lanes = jax.vmap(start)(U, _warm_free(G, U, warm) if warm else U @ G < 0)
+    lanes = jax.vmap(start)(U, _first_free(U, G) if free is None else free)
 
     def pending(lanes):
         return jnp.any(lanes.bad, axis=1) & (lanes.it < max_iter)
@@ -292,8 +298,12 @@ def bpp(
     if m < _COMPACT_MIN_M:
         return _pivot_all(U, G, max_iter)
 
+    # The guess is shared by both paths: computed (and compiled) once, also under vmap, where
+    # the cond below runs both branches.
+    free = _first_free(U, G)
+
     def full(U):
-        return _pivot_all(U, G, max_iter)
+        return _pivot_all(U, G, max_iter, free=free)
 
     # Half-size systems (primal on F or dual on A, whichever is smaller) cost 8x fewer flops
     # per Cholesky. The dual needs G^{-1}: only when G is well conditioned, judged by
@@ -309,6 +319,6 @@ def bpp(
     ok = jnp.isfinite(bound) & (bound > 0) & (bound < limit) & jnp.all(jnp.isfinite(H))
 
     def compact(U):
-        return _pivot_all(U, G, max_iter, (H, K))
+        return _pivot_all(U, G, max_iter, (H, K), free)
 
     return jax.lax.cond(ok, compact, full, U)
