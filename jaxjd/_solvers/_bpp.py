@@ -60,6 +60,14 @@ def _ranks(mask):
     return counts.astype(jnp.int32) - 1
 
 
+def _first_true(mask, ranks, fill):
+    """The indices of the first ``len(fill)`` true entries of ``mask`` in increasing order, then
+    ``fill`` for the slots left over: a scatter of the ranks (sorting, or comparing every rank
+    with every slot, costs several times more under vmap on CPU)."""
+    slots = fill.shape[0]
+    return fill.at[jnp.where(mask, ranks, slots)].set(jnp.arange(mask.shape[0]), mode="drop")
+
+
 def _masked_solve(G, c, free, ridge):
     """Solves ``G_FF s_F = -c_F`` with ``s`` zero outside F; returns ``(s, lambda)``."""
     p = free.astype(G.dtype)
@@ -97,22 +105,15 @@ def _compact_solve(G, c, u, free, H, blocks, K):
     width = m + K
     primal = jnp.sum(free) <= K
     chosen = jnp.where(primal, free, ~free)
-    # The chosen indices in increasing order, then padding (a scatter of the ranks: sorting or
-    # comparing every rank with every slot costs several times more under vmap on CPU).
+    # The chosen indices in increasing order, then the padding indices.
     pos = _ranks(chosen)
-    order = (m + jnp.arange(K)).at[jnp.where(chosen, pos, K)].set(jnp.arange(m), mode="drop")
+    order = _first_true(chosen, pos, m + jnp.arange(K))
     rows = order + jnp.where(primal, 0, width)
     M = jnp.take(blocks, rows[:, None] * width + order[None, :])
     chol = jnp.linalg.cholesky(M)
-    pad = jnp.zeros((K,), G.dtype)
-    rhs = jnp.concatenate([jnp.where(primal, -c, u), pad])[order]
+    rhs = jnp.concatenate([jnp.where(primal, -c, u), jnp.zeros((K,), G.dtype)])[order]
     x = jax.scipy.linalg.cho_solve((chol, True), rhs)
-    slot = jnp.clip(pos, 0, K - 1)
-
-    def scatter(y):
-        return jnp.where(chosen, y[slot], 0.0)
-
-    scattered = scatter(x)
+    scattered = jnp.where(chosen, x[jnp.clip(pos, 0, K - 1)], 0.0)
     # Primal: s is the scattered solution.
     p = free.astype(G.dtype)
     s_primal = scattered
@@ -274,8 +275,7 @@ def _pivot_all(U, G, max_iter, compact=None, free=None):
 
         def body(lanes):
             todo = pending(lanes)
-            rank = _ranks(todo)
-            idx = jnp.minimum(jnp.sum(rank[None, :] < jnp.arange(Q)[:, None], axis=1), k - 1)
+            idx = _first_true(todo, _ranks(todo), jnp.full((Q,), k - 1))
             sub = jax.tree_util.tree_map(lambda a: a[idx], lanes)
             new = jax.vmap(step)(U[idx], sub)
             keep = todo[idx]
