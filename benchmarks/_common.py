@@ -7,6 +7,8 @@ import os
 import statistics
 import time
 
+# One thread for CPU comparisons (these flags only touch the CPU client; on a GPU machine the
+# host side of TorchJD's projector runs on one thread too, as a user's would by default there).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
     " intra_op_parallelism_threads=1"
@@ -52,6 +54,28 @@ def conflicting(m, n, seed=0):
     rng = np.random.default_rng(seed)
     base = rng.standard_normal(n)
     return rng.standard_normal((m, n)) + rng.choice([-1.5, 1.0], size=(m, 1)) * base
+
+
+def device_name():
+    """Which device the numbers come from, in words."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return "CPU, one thread"
+    return f"{dev.platform.upper()} {getattr(dev, 'device_kind', '')}".strip()
+
+
+def torch_device():
+    """'cuda' when JAX runs on a GPU and torch sees one, else 'cpu'."""
+    import jax
+
+    if jax.default_backend() == "gpu":
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
 
 
 def emit(lines, row):

@@ -7,7 +7,7 @@
 array([0.2929, 1.9004, 1.9004])
 """
 
-from . import monitoring
+from . import monitoring, solvers
 from ._gramian_engine import value_and_gramian, value_and_weighted_grad
 from ._jacobian import (
     mean_over_microbatches,
@@ -17,7 +17,7 @@ from ._jacobian import (
     value_and_jacobian,
 )
 from ._optax import JDAggregateState, jd_aggregate
-from ._solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
+from .solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
 from ._tree import (
     combine,
     cross_gramian,

@@ -198,7 +198,7 @@ def test_bpp_exact_at_large_m(m, x64):
 def test_half_size_primal_dual_path_equals_full_size(m, reg, x64):
     """For m >= 16 bpp solves K = ceil(m/2) systems (primal on F or dual on A); with reg = 0
     and a rank-deficient J it must fall back to the full-size primal path. Both agree."""
-    from jaxjd._solvers._bpp import _pivot_all
+    from jaxjd.solvers._bpp import _pivot_all
 
     rng = np.random.default_rng(m)
     rank = m if reg else m // 3
@@ -218,7 +218,7 @@ def test_lane_compaction_matches_solving_each_lane_alone(x64):
     """bpp advances only the pending lanes (about k/8 per loop iteration, gathered by a running
     count): every lane must end exactly where solving it alone ends, iterations included, with
     lanes that finish at different steps and from the warm-started guess."""
-    from jaxjd._solvers._bpp import bpp
+    from jaxjd.solvers._bpp import bpp
 
     rng = np.random.default_rng(3)
     m = 40
@@ -241,7 +241,7 @@ def test_admm_guess_leaves_few_lanes_to_pivot(m, x64):
     """From m = 8 the first free sets come from ADMM steps sharing one factorisation: on
     conflicting Gaussian Jacobians (the benchmark's) nearly every lane is solved by its first
     factorisation, where from m = 20 the sign of G u leaves most lanes 1-3 pivoting steps."""
-    from jaxjd._solvers._bpp import _warm_free, _warm_iterations
+    from jaxjd.solvers._bpp import _warm_free, _warm_iterations
 
     rng = np.random.default_rng(m)
     base = rng.standard_normal(1000)
@@ -260,7 +260,7 @@ def test_admm_guess_leaves_few_lanes_to_pivot(m, x64):
 
 
 def test_admm_guess_falls_back_on_nonfinite_values():
-    from jaxjd._solvers._bpp import _warm_free
+    from jaxjd.solvers._bpp import _warm_free
 
     G = jnp.array([[2.0, -1.0, jnp.nan], [-1.0, 2.0, 0.0], [jnp.nan, 0.0, 1.0]])
     U = jnp.eye(3)
@@ -269,7 +269,7 @@ def test_admm_guess_falls_back_on_nonfinite_values():
 
 def test_eigenvalue_bounds_by_repeated_squaring(x64):
     """``tr(A^16)^(1/16)`` bounds lambda_max from above, within a factor m^(1/16)."""
-    from jaxjd._solvers._bpp import _lambda_bounds
+    from jaxjd.solvers._bpp import _lambda_bounds
 
     rng = np.random.default_rng(0)
     A = rng.standard_normal((3, 30, 45))

@@ -48,8 +48,11 @@ class Weighting(eqx.Module):
 @functools.partial(jax.jit, static_argnums=0)
 def _weigh_jit(weighting, gramian, key):
     # Hyper-parameters are static, so eager calls compile once per (configuration, m, dtype)
-    # and are then fast; inside a user's jit this simply inlines.
-    return weighting._weigh(gramian, key)
+    # and are then fast; inside a user's jit this simply inlines. Matrix products at full
+    # precision: on GPUs the default float32 product is TF32 (10-bit mantissa), which breaks
+    # exact solvers and the parity with TorchJD.
+    with jax.default_matmul_precision("highest"):
+        return weighting._weigh(gramian, key)
 
 
 class StatefulWeighting(Weighting):
@@ -81,7 +84,8 @@ class StatefulWeighting(Weighting):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _update_jit(weighting, matrix, state, key):
-    return weighting._update(matrix, state, key)
+    with jax.default_matmul_precision("highest"):
+        return weighting._update(matrix, state, key)
 
 
 class ShapeWeighting(Weighting):

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._solvers import normalize_regularize
+from ..solvers import normalize_regularize
 from .._tree import accumulation_dtype, check_gramian
 from ._base import GramianWeightedAggregator, Weighting, build_or_apply, check_nonnegative
 

@@ -9,7 +9,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._solvers import ProjectionInfo, check_solver, normalize_regularize, project_onto_dual_cone
+from ..solvers import (
+    AbstractSolver,
+    ProjectionInfo,
+    as_solver,
+    normalize_regularize,
+    project_onto_dual_cone,
+)
 from .._tree import accumulation_dtype, check_gramian
 from ._base import (
     GramianWeightedAggregator,
@@ -25,9 +31,7 @@ class _DualConeWeighting(Weighting):
     pref_vector: tuple[float, ...] | None = eqx.field(static=True)
     norm_eps: float = eqx.field(static=True)
     reg_eps: float = eqx.field(static=True)
-    solver: str = eqx.field(static=True)
-    tol: float | None = eqx.field(static=True)
-    max_iter: int | None = eqx.field(static=True)
+    solver: AbstractSolver = eqx.field(static=True)
 
     def __init__(
         self,
@@ -35,19 +39,14 @@ class _DualConeWeighting(Weighting):
         *,
         norm_eps: float = 1e-4,
         reg_eps: float = 1e-4,
-        solver: str = "bpp",
+        solver: AbstractSolver | str = "auto",
         tol: float | None = None,
         max_iter: int | None = None,
     ):
         self.pref_vector = as_static_vector(pref_vector, "pref_vector")
         self.norm_eps = check_nonnegative(norm_eps, "norm_eps")
         self.reg_eps = check_nonnegative(reg_eps, "reg_eps")
-        check_solver(solver)
-        self.solver = solver
-        self.tol = None if tol is None else check_nonnegative(tol, "tol")
-        if max_iter is not None and (int(max_iter) != max_iter or max_iter < 1):
-            raise ValueError(f"max_iter must be a positive integer; got {max_iter}.")
-        self.max_iter = None if max_iter is None else int(max_iter)
+        self.solver = as_solver(solver, tol=tol, max_iter=max_iter)
 
     def _prepare(self, G):
         m = check_gramian(G)
@@ -60,16 +59,17 @@ class _DualConeWeighting(Weighting):
         return normalize_regularize(G, self.norm_eps, self.reg_eps), pref
 
     def _project(self, U, G):
-        return project_onto_dual_cone(
-            U, G, solver=self.solver, tol=self.tol, max_iter=self.max_iter
-        )
+        return project_onto_dual_cone(U, G, solver=self.solver)
 
     def _weigh(self, gramian, key):
-        return self._solve(gramian)[0]
+        # A solve that did not converge gives NaN weights, never a finite wrong update.
+        w, info = self._solve(gramian)
+        return jnp.where(jnp.all(info.converged), w, jnp.nan)
 
     def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], ProjectionInfo]:
         """Weights and the solver's :class:`ProjectionInfo` (converged flag, iterations, KKT
-        residual; one entry per right-hand side)."""
+        residual; one entry per right-hand side). The weights are the solver's answer, also
+        when it did not converge (calling the weighting gives NaN then)."""
         check_gramian(gramian)
         return _solve_jit(self, gramian)
 
@@ -141,9 +141,11 @@ _HYPER_DOC = """
         pref_vector: preference over the objectives (default uniform ``1/m``).
         norm_eps: the Gramian is divided by its trace, or zeroed when the trace is below this.
         reg_eps: added to the diagonal of the normalised Gramian (``0``: exact projection).
-        solver: ``"bpp"`` (exact, default), ``"nesterov_pgd"`` or ``"qpax"`` (optional extra).
-        tol, max_iter: stopping rule of the iterative solvers (see
-            :func:`jaxjd.project_onto_dual_cone`).
+        solver: a :mod:`jaxjd.solvers` object (default :class:`~jaxjd.solvers.Auto`: exact
+            block principal pivoting) or an alias ``"auto"``, ``"bpp"``, ``"nesterov_pgd"``,
+            ``"qpax"``. When the solve does not converge (``.solve`` reports it), the weights
+            are NaN.
+        tol, max_iter: passed to the constructor of a string alias.
 """
 
 
@@ -157,7 +159,7 @@ def _factory(cls, name: str, doc: str):
         pref_vector=None,
         norm_eps=1e-4,
         reg_eps=1e-4,
-        solver="bpp",
+        solver="auto",
         tol=None,
         max_iter=None,
     ):

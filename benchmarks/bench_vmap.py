@@ -1,0 +1,85 @@
+"""Vmapped UPGrad weighting over batches of Gramians (per-sample weighting, the design card's
+third usage): ``jax.jit(jax.vmap(jd.upgrad_weighting()))``, median and worst over families.
+
+Each batch holds B Gramians of size m x m built from the matrix families of ``jaxjd._families``
+(a family per Gramian, cycling). The floor is one batched ``G @ w`` (the least any weighting
+reads). Runs unchanged on any JAX backend (one thread on the CPU).
+
+    python benchmarks/bench_vmap.py [--batches 1024x16,256x32,64x64,16x128]
+        [--dtypes float32] [--out benchmarks/results/vmap.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import _common  # noqa: F401  (one thread: must come before jax)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _common import device_name, emit, median_times, write_table
+
+import jaxjd as jd
+from jaxjd._families import FAMILIES
+
+
+def batch_of_gramians(B, m, n, seed):
+    names = list(FAMILIES)
+    rng = np.random.default_rng(seed)
+    Gs = []
+    for b in range(B):
+        a = FAMILIES[names[(b + seed) % len(names)]](rng, m, n)
+        Gs.append(a @ a.T)
+    return np.stack(Gs)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1024x16,256x32,64x64,16x128")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--n", type=int, default=200, help="columns of each Jacobian")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    lines = [
+        f"jax {jax.__version__}, {device_name()}. jit(vmap(upgrad_weighting())) on B Gramians "
+        f"of m x m (families cycling over the batch, J with n = {args.n}); medians per batch, "
+        f"median and worst over {args.seeds} batches. floor = one batched G @ w.",
+        "",
+        "| dtype | B | m | floor ms | ms median / worst | worst / median | all converged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for dtype in args.dtypes.split(","):
+        with jax.enable_x64(dtype == "float64"):
+            for spec in args.batches.split(","):
+                B, m = (int(x) for x in spec.split("x"))
+                weigh = jax.jit(jax.vmap(jd.upgrad_weighting()))
+                solve = jax.jit(jax.vmap(jd.upgrad_weighting().solve))
+                floor = jax.jit(lambda G: jnp.einsum("bij,bj->bi", G, G[:, 0]))
+                times, floors, ok = [], [], True
+                for seed in range(args.seeds):
+                    G = jnp.asarray(batch_of_gramians(B, m, args.n, seed).astype(dtype))
+                    ok &= bool(solve(G)[1].converged.all())
+                    t = median_times(
+                        {
+                            "floor": lambda: floor(G).block_until_ready(),
+                            "w": lambda: weigh(G).block_until_ready(),
+                        },
+                        repeats=7,
+                        min_total=0.2,
+                    )
+                    times.append(t["w"])
+                    floors.append(t["floor"])
+                med, worst = statistics.median(times), max(times)
+                emit(
+                    lines,
+                    f"| {dtype} | {B} | {m} | {statistics.median(floors) * 1e3:.3f} | "
+                    f"{med * 1e3:.3f} / {worst * 1e3:.3f} | {worst / med:.2f} | {ok} |",
+                )
+    write_table(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

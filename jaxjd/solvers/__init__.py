@@ -1,0 +1,164 @@
+r"""The QP layer: projections onto the dual cone of the rows of J, from the Gramian alone.
+
+For a right-hand side ``u`` the weights ``v = argmin_v v^T G v  s.t.  v >= u`` give
+``J^T v = \pi_J(J^T u)``, the projection of ``J^T u`` onto ``{x : J x >= 0}`` (Proposition 1 of
+Quinton & Rey 2024, arXiv 2406.16232). Every solver works on a batch of right-hand sides sharing G.
+
+Solvers are objects (``solver=jd.solvers.BPP()``); the strings ``"auto"``, ``"bpp"``,
+``"nesterov_pgd"`` and ``"qpax"`` are aliases. :class:`AbstractSolver` is the interface a user's
+own solver implements.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .._tree import accumulation_dtype, check_gramian
+from ._base import AbstractSolver, ProjectionInfo, default_tol, kkt_residual, row_scales
+from ._bpp import BPP
+from ._pgd import NesterovPGD
+from ._qpax import Qpax, require_qpax
+
+__all__ = [
+    "BPP",
+    "AbstractSolver",
+    "Auto",
+    "NesterovPGD",
+    "ProjectionInfo",
+    "Qpax",
+    "as_solver",
+    "default_tol",
+    "kkt_residual",
+    "normalize_regularize",
+    "project_onto_dual_cone",
+]
+
+
+class Auto(BPP):
+    """The default: exact :class:`BPP`, its pivoting loop laid out for the backend it is traced
+    for (pending lanes gathered on the CPU, every lane in one batched loop on GPUs and TPUs)."""
+
+
+_ALIASES = {"auto": Auto, "bpp": BPP, "nesterov_pgd": NesterovPGD, "qpax": Qpax}
+SOLVERS = tuple(_ALIASES)
+
+
+def as_solver(
+    solver: AbstractSolver | str = "auto", *, tol: float | None = None, max_iter: int | None = None
+) -> AbstractSolver:
+    """A solver object from an object or a string alias (``tol`` and ``max_iter`` go to the
+    alias's constructor where it has them; given with an object they are an error)."""
+    if isinstance(solver, AbstractSolver):
+        if tol is not None or max_iter is not None:
+            raise ValueError(
+                "tol and max_iter belong to the solver object: pass e.g. "
+                "solver=jd.solvers.NesterovPGD(tol=1e-8, max_iter=1000)."
+            )
+        return solver
+    if not isinstance(solver, str) or solver not in _ALIASES:
+        raise ValueError(
+            f"Unknown solver {solver!r}; pass a jaxjd.solvers.AbstractSolver or one of {SOLVERS}."
+        )
+    cls = _ALIASES[solver]
+    if cls is Qpax:
+        require_qpax()
+    kwargs = {}
+    if max_iter is not None:
+        kwargs["max_iter"] = max_iter
+    if tol is not None:
+        if cls in (BPP, Auto):
+            raise ValueError(f"solver={solver!r} is exact and takes no tol.")
+        kwargs["tol"] = tol
+    return cls(**kwargs)
+
+
+def check_solver(solver) -> None:
+    as_solver(solver)
+
+
+def normalize_regularize(
+    G: Float[Array, "m m"], norm_eps: float, reg_eps: float
+) -> Float[Array, "m m"]:
+    """TorchJD's conditioning: ``G / tr(G)`` (zeros when ``tr(G) <= norm_eps``) ``+ reg_eps I``."""
+    trace = jnp.trace(G)
+    small = trace <= norm_eps
+    safe = jnp.where(small, jnp.ones_like(trace), trace)
+    Gn = jnp.where(small, jnp.zeros_like(G), G / safe)
+    return Gn + reg_eps * jnp.eye(G.shape[0], dtype=G.dtype)
+
+
+def project_onto_dual_cone(
+    U: Float[Array, "*batch m"],
+    G: Float[Array, "m m"],
+    *,
+    solver: AbstractSolver | str = "auto",
+    tol: float | None = None,
+    max_iter: int | None = None,
+) -> tuple[Float[Array, "*batch m"], ProjectionInfo]:
+    r"""Solves ``min_v v^T G v  s.t.  v >= u`` for every row ``u`` of ``U``.
+
+    The problem is equilibrated first (``v = v~ / d`` with ``d = sqrt(diag G)``, so the solver
+    sees a Gramian with unit diagonal: rows of J whose norms differ by orders of magnitude are
+    solved alike), solved with matrix products at full float32/float64 precision (never TF32),
+    and the answer checked: ``info.converged`` is true only for a finite answer whose
+    :func:`kkt_residual` is within the solver's acceptance threshold.
+
+    Args:
+        U: right-hand sides, any leading shape, last axis m.
+        G: a PSD Gramian ``J J^T`` (used as given: no normalisation here). Half-precision
+            inputs are solved in float32; the weights come back in the inputs' dtype.
+        solver: a :class:`AbstractSolver` (:class:`Auto`, the default; :class:`BPP`,
+            :class:`NesterovPGD`, :class:`Qpax`, or your own) or a string alias.
+        tol, max_iter: passed to the constructor of a string alias (see each solver).
+
+    Returns:
+        ``(V, info)``: the weights, shaped like ``U``, and a :class:`ProjectionInfo`.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> V, info = jd.project_onto_dual_cone(jnp.eye(2), G)
+    >>> import numpy as np
+    >>> np.round(np.asarray(V, float), 4), bool(info.converged.all())
+    (array([[1.    , 0.5789],
+           [1.2222, 1.    ]]), True)
+    """
+    m = check_gramian(G)
+    if jnp.shape(U)[-1:] != (m,):
+        raise ValueError(f"U must end with an axis of size m = {m}; got shape {jnp.shape(U)}.")
+    solver = as_solver(solver, tol=tol, max_iter=max_iter)
+    dtype = jnp.result_type(U, G)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    # Half-precision inputs are solved in float32 (LAPACK has no bfloat16/float16 kernels) and
+    # the weights returned in the input dtype.
+    work = accumulation_dtype(dtype)
+    V, info = _project_jit(jnp.asarray(U, work), jnp.asarray(G, work), solver)
+    return V.astype(dtype), info
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _project_jit(U, G, solver):
+    with jax.default_matmul_precision("highest"):
+        return _project(U, G, solver)
+
+
+def _project(U, G, solver):
+    m = G.shape[0]
+    batch = U.shape[:-1]
+    flat = jnp.reshape(U, (-1, m))
+    d = row_scales(G)
+    Ge = G / d[:, None] / d[None, :]
+    # Exactly symmetric with a unit diagonal (zero rows keep a zero diagonal).
+    Ge = 0.5 * (Ge + Ge.T)
+    Ge = jnp.where(jnp.eye(m, dtype=bool), jnp.where(jnp.diagonal(G) > 0, 1.0, 0.0), Ge)
+    Ve, converged, iterations = solver.solve(flat * d, Ge)
+    V = Ve / d
+    res = kkt_residual(G, flat, V)
+    ok = converged & jnp.all(jnp.isfinite(V), axis=-1) & (res <= solver.acceptance(G.dtype, m))
+    info = ProjectionInfo(ok, jnp.asarray(iterations, jnp.int32), res)
+    info = ProjectionInfo(*(jnp.reshape(x, batch) for x in info))
+    return jnp.reshape(V, (*batch, m)), info
