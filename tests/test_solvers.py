@@ -81,7 +81,10 @@ def test_qpax_agrees_with_bpp_within_its_accuracy(seed, x64):
     U = jnp.eye(m) / m
     exact, _ = jd.project_onto_dual_cone(U, G)
     qp, info = jd.project_onto_dual_cone(U, G, solver="qpax")
-    assert float(info.kkt_residual.max()) <= 5e-2
+    # The layer's scale-invariant residual (per row, in the row's own units) reads 1e-3..0.06
+    # here; the layer accepts qpax's answers only below 100 sqrt(eps) = 1.5e-6.
+    assert float(info.kkt_residual.max()) <= 1e-1
+    np.testing.assert_array_equal(info.converged, info.kkt_residual <= 1.5e-6)
     assert float(jnp.abs(qp - exact).max()) <= 5e-2 * float(jnp.abs(exact).max())
 
 
@@ -208,10 +211,13 @@ def test_half_size_primal_dual_path_equals_full_size(m, reg, x64):
     U = jnp.asarray(rng.uniform(size=(m, m)))
     V, info = jd.project_onto_dual_cone(U, G)
     full = jax.jit(lambda U: _pivot_all(U, G, 10 * m + 20))
-    V_full, info_full = full(U)
-    assert bool(info.converged.all()) and bool(info_full.converged.all())
+    V_full, converged_full, _ = full(U)
+    assert bool(info.converged.all()) and bool(converged_full.all())
     assert float(info.kkt_residual.max()) <= 1e-12
-    np.testing.assert_allclose(V @ J, V_full @ J, rtol=0, atol=1e-9 * np.abs(V_full @ J).max())
+    # Measured against the inputs' scale: where the projections vanish (0 in the convex hull
+    # of the rows) both are rounding noise.
+    scale = max(np.abs(V_full @ J).max(), np.abs(np.asarray(U) @ J).max())
+    np.testing.assert_allclose(V @ J, V_full @ J, rtol=0, atol=1e-9 * scale)
 
 
 def test_lane_compaction_matches_solving_each_lane_alone(x64):
@@ -227,13 +233,17 @@ def test_lane_compaction_matches_solving_each_lane_alone(x64):
     )
     G = jd.normalize_regularize(jd.gramian(jnp.asarray(J)), 0.0, 1e-4)
     U = jnp.asarray(rng.uniform(-0.2, 1.0, size=(37, m)))
-    V, info = jax.jit(bpp)(U, G)
+    V, converged, iterations = jax.jit(bpp)(U, G)
     alone = jax.jit(jax.vmap(lambda u: bpp(u[None], G)))(U)
-    V1, info1 = jax.tree_util.tree_map(lambda a: a[:, 0], alone)
-    assert len(set(np.asarray(info.iterations).tolist())) > 1  # lanes finish at different steps
-    np.testing.assert_array_equal(info.iterations, info1.iterations)
+    V1, _, iterations1 = jax.tree_util.tree_map(lambda a: a[:, 0], alone)
+    assert len(set(np.asarray(iterations).tolist())) > 1  # lanes finish at different steps
+    np.testing.assert_array_equal(iterations, iterations1)
     np.testing.assert_allclose(V, V1, rtol=1e-12, atol=1e-14)
-    assert bool(info.converged.all()) and float(info.kkt_residual.max()) <= 1e-12
+    assert bool(converged.all()) and float(jd.kkt_residual(G, U, V).max()) <= 1e-12
+    # The dense layout (every lane in one batched loop, for accelerators) gives the same.
+    V2, converged2, iterations2 = jax.jit(lambda U: bpp(U, G, gather=False))(U)
+    np.testing.assert_array_equal(iterations, iterations2)
+    np.testing.assert_allclose(V, V2, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("m", [8, 20, 64])
@@ -250,7 +260,8 @@ def test_admm_guess_leaves_few_lanes_to_pivot(m, x64):
     U = jnp.eye(m, dtype=G.dtype) / m
     V, info = jd.project_onto_dual_cone(U, G)
     assert bool(info.converged.all())
-    free = np.asarray(V - U) > 0
+    # The layer solves the equilibrated problem (v~ = d v): v - u is rounding noise off F.
+    free = np.asarray(V - U) > 1e-9 * float(jnp.abs(V).max())
     guess = np.asarray(jax.jit(_warm_free, static_argnums=2)(G, U, _warm_iterations(m)))
     assert (guess == free).all(axis=1).mean() >= 0.9
     assert (np.asarray(info.iterations) == 0).mean() >= 0.9
