@@ -92,7 +92,7 @@ def main():
                 aggs = {s: jax.jit(jd.upgrad(solver=solver_of(s))) for s in solvers}
                 check = jax.jit(jd.upgrad_weighting(solver=solver_of(first)).solve)
                 floor = jax.jit(lambda J, w: (jd.gramian(J), jd.combine(w, J)))
-                for name, seed, a in family_matrices(m, n, tuple(range(args.seeds))):
+                for _name, _seed, a in family_matrices(m, n, tuple(range(args.seeds))):
                     J = jnp.asarray(a.astype(dtype))
                     w = jnp.full((m,), 1.0 / m, J.dtype)
                     fns = {"floor": lambda: jax.block_until_ready(floor(J, w))}
@@ -122,7 +122,9 @@ def main():
                 med = {s: statistics.median(per[s]) for s in solvers}
                 worst = {s: max(per[s]) for s in solvers}
                 if torch_times:
-                    tj_txt = f"{statistics.median(torch_times) * 1e3:.2f} / {max(torch_times) * 1e3:.2f}"
+                    tj_txt = (
+                        f"{statistics.median(torch_times) * 1e3:.2f} / {max(torch_times) * 1e3:.2f}"
+                    )
                     tj_ratio = f"{min(ratios_torch):.1f}"
                 else:
                     tj_txt, tj_ratio = "not run", "-"

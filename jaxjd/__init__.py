@@ -17,7 +17,6 @@ from ._jacobian import (
     value_and_jacobian,
 )
 from ._optax import JDAggregateState, jd_aggregate
-from .solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
 from ._tree import (
     combine,
     cross_gramian,
@@ -123,5 +122,6 @@ from .aggregation import (
     upgrad,
     upgrad_weighting,
 )
+from .solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
 
 __version__ = "0.1.0"

@@ -32,7 +32,7 @@ class _NeverConverges(jd.solvers.AbstractSolver):
 
 def test_failed_solve_gives_nan_weights_and_is_reported():
     G = jnp.array([[1.0, -0.5], [-0.5, 1.0]])
-    w, info = jd.upgrad_weighting(solver=_NeverConverges()).solve(G)
+    _, info = jd.upgrad_weighting(solver=_NeverConverges()).solve(G)
     assert not bool(info.converged.any())
     assert bool(jnp.isnan(jd.upgrad_weighting(solver=_NeverConverges())(G)).all())
     J = jnp.array([[1.0, 0.0], [-0.5, 1.0]])

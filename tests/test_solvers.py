@@ -242,6 +242,7 @@ def test_lane_compaction_matches_solving_each_lane_alone(x64):
     assert bool(converged.all()) and float(jd.kkt_residual(G, U, V).max()) <= 1e-12
     # The dense layout (every lane in one batched loop, for accelerators) gives the same.
     V2, converged2, iterations2 = jax.jit(lambda U: bpp(U, G, gather=False))(U)
+    assert bool(converged2.all())
     np.testing.assert_array_equal(iterations, iterations2)
     np.testing.assert_allclose(V, V2, rtol=1e-12, atol=1e-14)
 

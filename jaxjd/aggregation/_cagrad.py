@@ -6,8 +6,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ..solvers import normalize_regularize
 from .._tree import accumulation_dtype, check_gramian
+from ..solvers import normalize_regularize
 from ._base import GramianWeightedAggregator, Weighting, build_or_apply, check_nonnegative
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._tree import accumulation_dtype, check_gramian
 from ..solvers import (
     AbstractSolver,
     ProjectionInfo,
@@ -16,7 +17,6 @@ from ..solvers import (
     normalize_regularize,
     project_onto_dual_cone,
 )
-from .._tree import accumulation_dtype, check_gramian
 from ._base import (
     GramianWeightedAggregator,
     Weighting,

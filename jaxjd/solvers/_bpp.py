@@ -333,7 +333,8 @@ class BPP(AbstractSolver):
 
     Args:
         max_iter: pivoting steps per lane (default ``10 m + 20``; from the ADMM guess regular
-            Gramians need 0-4; Murty's rule terminates finitely for a positive definite G, so the cap only
+            Gramians need 0-4; Murty's rule terminates finitely for a positive definite G, so
+            the cap only
             catches rounding cycles on numerically singular Gramians, which are then reported
             as not converged unless their KKT residual is acceptable).
         gather: see above.
