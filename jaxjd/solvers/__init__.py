@@ -21,7 +21,7 @@ from .._tree import accumulation_dtype, check_gramian
 from ._base import AbstractSolver, ProjectionInfo, default_tol, kkt_residual, row_scales
 from ._bpp import BPP
 from ._pgd import NesterovPGD
-from ._qpax import Qpax, require_qpax
+from ._qpax import Qpax
 
 __all__ = [
     "BPP",
@@ -64,8 +64,6 @@ def as_solver(
             f"Unknown solver {solver!r}; pass a jaxjd.solvers.AbstractSolver or one of {SOLVERS}."
         )
     cls = _ALIASES[solver]
-    if cls is Qpax:
-        require_qpax()
     kwargs = {}
     if max_iter is not None:
         kwargs["max_iter"] = max_iter
@@ -74,10 +72,6 @@ def as_solver(
             raise ValueError(f"solver={solver!r} is exact and takes no tol.")
         kwargs["tol"] = tol
     return cls(**kwargs)
-
-
-def check_solver(solver) -> None:
-    as_solver(solver)
 
 
 def normalize_regularize(

@@ -247,21 +247,21 @@ def _lane_ops(G, compact, refine):
 
         def natural(s):  # complementarity residual, kept per lane: a refinement step on a
             # numerically singular system (cond ~ 1 / (m eps)) can make things worse
-            lam = G @ s + c
-            free_part = jnp.maximum(jnp.abs(lam), -s)  # lambda_F = 0 and s_F >= 0
-            res = jnp.max(jnp.where(lane.free, free_part, jnp.maximum(-lam, 0.0)))
-            return res, lam * (~lane.free)
+            r = G @ s + c  # lambda, which must vanish on F
+            free_part = jnp.maximum(jnp.abs(r), -s)  # lambda_F = 0 and s_F >= 0
+            return jnp.max(jnp.where(lane.free, free_part, jnp.maximum(-r, 0.0))), r
 
         s = lane.s
-        res, lam = natural(s)
+        res, r = natural(s)
         for _ in range(refine):
-            delta, _ = solve(u, lane.free, lam + (G @ s + c) * lane.free)
+            delta, _ = solve(u, lane.free, r)
             s_new = s + delta
-            res_new, lam_new = natural(s_new)
+            res_new, r_new = natural(s_new)
             better = res_new < res
             s = jnp.where(better, s_new, s)
-            lam = jnp.where(better, lam_new, lam)
+            r = jnp.where(better, r_new, r)
             res = jnp.minimum(res, res_new)
+        lam = r * (~lane.free)
         lane = lane._replace(s=s, lam=lam)
         # NaN/Inf anywhere (G, u or the solves) gives NaN weights and converged = False; the
         # test is explicit because XLA's fast max(NaN, 0) may return 0.
