@@ -397,3 +397,22 @@ def test_errors():
     with pytest.raises(ValueError, match="state holds 3"):
         agg = jd.excess_mtl()
         agg.update(jnp.ones((4, 2)), agg.init(jnp.ones((3, 2))))
+
+
+def test_nash_mtl_float32_newton_steps_stay_finite():
+    """Issue #13 item 4: in float32 the interior point's unscaled Newton system (diagonal
+    spanning many orders of magnitude near an active constraint) returned a step of inf, the
+    line search bottomed out and took it, and Nash-MTL stopped after one program with
+    alpha_i (G alpha)_i = [0.056, 0.059, 99.9, 0.057]. Equilibrated, it reaches the float64
+    bargaining solution."""
+    rng = np.random.default_rng(2)
+    J = jnp.asarray(rng.standard_normal((3, 2, 4, 6)).astype("float32")[1, 0])
+    w = jd.nash_mtl_weighting(max_norm=0.0)
+    G = jd.gramian(J)
+    alpha = w.update(G, w.init(4))[1].alpha
+    prod = np.asarray(alpha * ((G / jnp.linalg.norm(G)) @ alpha))
+    assert prod.max() / prod.min() - 1.0 <= 1e-4
+    with jax.enable_x64(True):
+        G64 = jnp.asarray(np.asarray(G), jnp.float64)
+        alpha64 = w.update(G64, w.init(4, jnp.float64))[1].alpha
+    np.testing.assert_allclose(alpha, alpha64, rtol=1e-4)

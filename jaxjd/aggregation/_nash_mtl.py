@@ -84,7 +84,12 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
         r_dual, r_cent = residual(a, lam, t)
         H = jnp.diag(lam / sa**2) + G.T @ ((lam / su**2)[:, None] * G)
         M = H - Df.T @ ((lam / f)[:, None] * Df)
-        da = jnp.linalg.solve(M, -r_dual - Df.T @ (r_cent / f))
+        # M is positive definite; its diagonal spans many orders of magnitude when a
+        # constraint nears its bound (lam / (G a)_i^2), so solve it equilibrated (in float32 the
+        # unscaled LU returned steps of inf).
+        dm = jnp.sqrt(jnp.maximum(jnp.abs(jnp.diagonal(M)), jnp.finfo(dtype).tiny))
+        Ms = M / dm[:, None] / dm[None, :]
+        da = jnp.linalg.solve(Ms, (-r_dual - Df.T @ (r_cent / f)) / dm) / dm
         dlam = (r_cent - lam * (Df @ da)) / f
         ratio = jnp.where(dlam < 0, -lam / jnp.where(dlam < 0, dlam, -1.0), jnp.inf)
         step0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))
@@ -101,13 +106,15 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
             return (~(feasible & small)) & (step > 1e-12)
 
         step = jax.lax.while_loop(bad, shrink, step0)
+        # A line search that bottoms out takes no step (the iterate stays strictly feasible).
+        step = jnp.where(step > 1e-12, step, 0.0)
         a, lam = a + step * da, lam + step * dlam
         _, f, Df, _, _ = parts(a)
         gap = -(f @ lam)
         converged = (jnp.linalg.norm(D * (c + Df.T @ lam)) <= tol * scale) & (
             gap <= tol * jnp.abs(c @ a)
         )
-        return a, lam, it + 1, converged | (step <= 1e-12)
+        return a, lam, it + 1, converged | (step == 0.0)
 
     a, _, _, _ = jax.lax.while_loop(cond, body, (a0, lam0, jnp.asarray(0), ~usable))
     # Like ECOS's "inaccurate" answers, a strictly feasible iterate that ran out of iterations is
