@@ -382,18 +382,58 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
     if m < _COMPACT_MIN_M:
         return _pivot_all(U, G, max_iter, gather=gather, refine=refine)
 
-    # The guess is shared by both paths: computed (and compiled) once, also under vmap, where
-    # the cond below runs both branches.
-    free = _first_free(U, G)
+    K = -(-m // 2)
 
-    def full(U):
+    def compact(U, G, H, free):
+        return _pivot_all(U, G, max_iter, (H, K), free, gather, refine)
+
+    def full(U, G, free):
         return _pivot_all(U, G, max_iter, free=free, gather=gather, refine=refine)
 
-    # Half-size systems (primal on F or dual on A, whichever is smaller) cost 8x fewer flops
-    # per Cholesky. The dual needs G^{-1}: only when G is well conditioned, judged by
-    # two upper bounds of cond(G): tr(G^16)^(1/16) tr(H^16)^(1/16) (at most m^(1/8) too large)
-    # and tr(G) tr(H); otherwise every lane takes the full-size primal path.
-    K = -(-m // 2)
+    @jax.custom_batching.custom_vmap
+    def split(U, G):
+        free, H, ok = _plan(U, G)
+        return jax.lax.cond(ok, lambda U: compact(U, G, H, free), lambda U: full(U, G, free), U)
+
+    @split.def_vmap
+    def _split_batched(axis_size, in_batched, U, G):
+        # A plain vmap would turn the cond above into a select that runs both paths for every
+        # Gramian, and the two pivoting loops would run concurrently: besides the wasted work,
+        # XLA's CPU runtime then runs two batched LAPACK Cholesky calls at once, which
+        # deadlocks jaxlib 0.10's thread pool on machines with few cores. Here the
+        # half-size path runs for the whole batch and the full-size one only when some
+        # Gramian needs it, after the first (sequenced by the data dependence).
+        U_batched, G_batched = in_batched
+        if not G_batched:  # one G: the batch of right-hand sides is more lanes of one problem
+            out = split(jnp.reshape(U, (-1, m)), G)
+            shapes = ((axis_size, -1, m), (axis_size, -1), (axis_size, -1))
+            return tuple(jnp.reshape(x, s) for x, s in zip(out, shapes)), (True, True, True)
+        if not U_batched:
+            U = jnp.broadcast_to(U, (axis_size, *U.shape))
+        free, H, ok = jax.vmap(_plan)(U, G)
+        out = jax.vmap(compact)(U, G, H, free)
+
+        def with_full(out):
+            out_full = jax.vmap(full)(_after(U, out[0]), G, free)
+            return jax.tree_util.tree_map(
+                lambda c, f: jnp.where(jnp.reshape(ok, (-1,) + (1,) * (c.ndim - 1)), c, f),
+                out,
+                out_full,
+            )
+
+        out = jax.lax.cond(jnp.any(~ok), with_full, lambda out: out, out)
+        return out, (True, True, True)
+
+    return split(U, G)
+
+
+def _plan(U, G):
+    """What both paths need: ``(free, H, ok)``, the guessed free sets, ``H = G^{-1}`` and
+    whether G is well enough conditioned for the half-size systems, which cost 8x fewer flops
+    per Cholesky than full-size ones. The dual systems need G^{-1}, judged by two upper bounds
+    of cond(G): ``tr(G^16)^(1/16) tr(H^16)^(1/16)`` (at most m^(1/8) too large) and
+    ``tr(G) tr(H)``; otherwise every lane takes the full-size primal path."""
+    m = G.shape[0]
     eye = jnp.eye(m, dtype=G.dtype)
     chol_G = jnp.linalg.cholesky(G)
     H = jax.scipy.linalg.cho_solve((chol_G, True), eye)
@@ -401,8 +441,18 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
     bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), jnp.prod(_lambda_bounds(jnp.stack([G, H]))))
     limit = _DUAL_COND_LIMIT[jnp.finfo(G.dtype).bits >= 64]
     ok = jnp.isfinite(bound) & (bound > 0) & (bound < limit) & jnp.all(jnp.isfinite(H))
+    # The guess's factorisations come after H's (see _after).
+    return _first_free(U, _after(G, H)), H, ok
 
-    def compact(U):
-        return _pivot_all(U, G, max_iter, (H, K), free, gather, refine)
 
-    return jax.lax.cond(ok, compact, full, U)
+def _after(x, *deps):
+    """``x``, but only once ``deps`` are computed: a data dependence (adding an exact zero).
+
+    XLA's CPU runtime runs independent operations concurrently, and jaxlib 0.10's batched
+    LAPACK calls (Cholesky, triangular solves) deadlock its thread pool when as many of them
+    run at once as the machine has cores (reproduced on 2 cores with two Cholesky calls on
+    batches of 256 16 x 16 matrices). Under vmap every factorisation here is batched, so the
+    ones that do not depend on each other are chained. ``optimization_barrier`` is no use for
+    this: it aliases its inputs, and the runtime orders calls by the buffers they read."""
+    zero = sum(jnp.sum(jnp.isnan(d)).astype(x.dtype) for d in deps) * 0
+    return x + zero

@@ -1,0 +1,88 @@
+"""The QP layer under vmap: the batching rule of BPP (one path per batch, the full-size one only
+when some Gramian needs it), folding an unbatched Gramian into lanes, and no deadlock of jaxlib's
+CPU thread pool on large batches."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxjd as jd
+
+
+def gramians(B, m, seed=0, ill=()):
+    rng = np.random.default_rng(seed)
+    Gs = []
+    for b in range(B):
+        A = rng.standard_normal((m, 3 * m)) - 0.3 * rng.standard_normal((1, 3 * m))
+        if b in ill:  # near-duplicate rows: G too ill-conditioned for the half-size path
+            A[1] = A[0] + 1e-6 * rng.standard_normal(3 * m)
+        Gs.append(A @ A.T)
+    return np.stack(Gs)
+
+
+@pytest.mark.parametrize("ill", [(), (2,)], ids=["well_conditioned", "one_ill_conditioned"])
+def test_vmapped_projection_equals_the_loop(ill, x64):
+    Gs = jnp.asarray(gramians(5, 20, ill=ill))
+    U = jnp.eye(20)
+    V, info = jax.jit(jax.vmap(lambda G: jd.project_onto_dual_cone(U, G)))(Gs)
+    for b in range(5):
+        Vb, info_b = jd.project_onto_dual_cone(U, Gs[b])
+        np.testing.assert_allclose(V[b], Vb, rtol=1e-9, atol=1e-9 * float(jnp.abs(Vb).max()))
+        assert bool(info.converged[b].all()) and bool(info_b.converged.all())
+    assert float(info.kkt_residual.max()) < 1e-12
+
+
+def test_vmap_over_right_hand_sides_with_one_gramian(x64):
+    """An unbatched G: the batch of U is folded into more lanes of one problem."""
+    G = jnp.asarray(gramians(1, 24)[0])
+    rng = np.random.default_rng(1)
+    U = jnp.asarray(rng.standard_normal((3, 5, 24)))
+    V, info = jax.jit(jax.vmap(lambda u: jd.project_onto_dual_cone(u, G)))(U)
+    ref, _ = jd.project_onto_dual_cone(U.reshape(15, 24), G)
+    np.testing.assert_allclose(V.reshape(15, 24), ref, rtol=1e-10, atol=1e-12)
+    assert V.shape == (3, 5, 24) and info.converged.shape == (3, 5)
+    assert bool(info.converged.all())
+
+
+def test_vmap_of_vmap_of_the_projection(x64):
+    Gs = jnp.asarray(gramians(6, 16, ill=(4,))).reshape(2, 3, 16, 16)
+    U = jnp.eye(16)
+    V, info = jax.vmap(jax.vmap(lambda G: jd.project_onto_dual_cone(U, G)))(Gs)
+    for i in range(2):
+        for j in range(3):
+            ref, _ = jd.project_onto_dual_cone(U, Gs[i, j])
+            atol = 1e-9 * float(jnp.abs(ref).max())
+            np.testing.assert_allclose(V[i, j], ref, rtol=1e-9, atol=atol)
+    assert bool(info.converged.all())
+
+
+def test_large_vmapped_batch_finishes_on_the_cpu():
+    """jaxlib 0.10's batched LAPACK calls deadlock the CPU thread pool when as many run at once
+    as there are cores: a plain vmap of BPP ran two pivoting loops side by side and hung (idle,
+    forever) on 2 cores for batches of 256 Gramians of 16 x 16, about 3 runs in 4. Run in a
+    fresh process with a timeout, three times."""
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        import jaxjd as jd
+        rng = np.random.default_rng(0)
+        A = rng.standard_normal((384, 16, 40)) - 0.3 * rng.standard_normal((384, 1, 40))
+        Gs = jnp.asarray(A @ A.transpose(0, 2, 1), jnp.float32)
+        for _ in range(3):
+            w, info = jax.jit(jax.vmap(jd.upgrad_weighting().solve))(Gs)
+            assert bool(jax.block_until_ready(info.converged).all())
+        print("done")
+        """
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("done")
