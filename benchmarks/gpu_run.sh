@@ -8,13 +8,15 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi -L; python3 -c "import jax, torch; print(jax.__version__, jax.devices(), torch.__version__)"
 cd benchmarks
-timeout 230 python3 bench_upgrad.py --dtypes float32 \
+timeout 200 python3 bench_upgrad.py --dtypes float32 \
   --sizes 64x1000,128x10000,256x10000,512x4000 --solvers auto,bpp_gather \
   --torchjd-max-m 128 --out "$OUT/upgrad_gpu.md" 2>&1 | grep -v Warning
 timeout 60 python3 bench_upgrad.py --dtypes float32 --sizes 8x1000000 \
   --solvers auto,nesterov_pgd --out "$OUT/upgrad_gpu_wide.md" 2>&1 | grep -v Warning
 timeout 60 python3 bench_vmap.py --out "$OUT/vmap_gpu.md" 2>&1 | grep -v Warning
 cd ..
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -W ignore::UserWarning tests/test_gpu.py \
+  > "$OUT/pytest_gpu_marker.txt" 2>&1; echo "gpu-marked tests exit $?"; tail -3 "$OUT/pytest_gpu_marker.txt"
 start=$(date +%s)
 timeout "${SUITE_S:-200}" python3 -m pytest -q -n 8 -p no:cacheprovider \
   --deselect tests/test_notebooks.py -W ignore::UserWarning tests jaxjd > "$OUT/pytest_gpu.txt" 2>&1

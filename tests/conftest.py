@@ -28,3 +28,13 @@ def dtype(request):
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests run only where JAX's default backend is an accelerator."""
+    if jax.default_backend() != "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs an accelerator (JAX's default backend is the CPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

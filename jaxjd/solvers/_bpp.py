@@ -490,6 +490,12 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
         # deadlocks jaxlib 0.10's thread pool on machines with few cores. Here the
         # half-size path runs for the whole batch and the full-size one only when some
         # Gramian needs it, after the first (sequenced by the data dependence).
+        # The rule is traced when vmap reaches it, outside the caller's precision context:
+        # full precision again (TF32 products make pivoting cycle on GPUs).
+        with jax.default_matmul_precision("highest"):
+            return _batched(axis_size, in_batched, U, G)
+
+    def _batched(axis_size, in_batched, U, G):
         U_batched, G_batched = in_batched
         if not G_batched:  # one G: the batch of right-hand sides is more lanes of one problem
             out = split(jnp.reshape(U, (-1, m)), G)
