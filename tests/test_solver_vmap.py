@@ -96,3 +96,26 @@ def test_vmapped_weighting_traces_every_product_at_full_precision():
     text = jax.jit(jax.vmap(jd.upgrad_weighting())).lower(Gs).as_text()
     dots = [line for line in text.splitlines() if "dot_general" in line]
     assert dots and not [line for line in dots if "DEFAULT" in line]
+
+
+def test_compensated_float32_residual_matches_float64(x64):
+    """The TPU path of the refinement's residual (no float64 there): ``G (s + u)`` from exact
+    half-products and compensated sums, within a few float32 ulps of the float64 value even
+    under heavy cancellation, where a float32 product is off by ~|G||v| eps."""
+    from jaxjd.solvers._bpp import _residual2
+
+    rng = np.random.default_rng(3)
+    m = 45
+    A = rng.standard_normal((m, 60))
+    G = np.asarray((A @ A.T) / 60, np.float32)
+    s = rng.standard_normal(m).astype(np.float32)
+    # u makes G (s + u) small: s + u ~ a near-null vector of G plus a tiny part
+    null = np.linalg.eigh(G.astype(np.float64))[1][:, 0]
+    u = (1e3 * null - s).astype(np.float32)
+    exact = G.astype(np.float64) @ (s.astype(np.float64) + u.astype(np.float64))
+    with jax.enable_x64(False):
+        wide = np.asarray(jax.jit(_residual2)(jnp.asarray(G), jnp.asarray(s), jnp.asarray(u)))
+        plain = np.asarray(jnp.asarray(G) @ (jnp.asarray(s) + jnp.asarray(u)))
+    scale = np.abs(exact).max()
+    assert np.abs(wide - exact).max() <= 4 * np.finfo(np.float32).eps * scale
+    assert np.abs(plain - exact).max() > 10 * np.abs(wide - exact).max()

@@ -182,9 +182,9 @@ def _residual2(G, s, u):
         terms = jnp.concatenate(
             [g[:, None, :] * a[None, :, :] for g in (gh, gl) for a in (ah, al)], axis=1
         )  # (m, 8, block): every partial product, exact
-        h, l = _sum2(terms.reshape(m, -1))
+        h, h_err = _sum2(terms.reshape(m, -1))
         hi, e = _two_sum(hi, h)
-        return hi, lo + l + e
+        return hi, lo + h_err + e
 
     zero = jnp.zeros((m,), G.dtype)
     hi, lo = jax.lax.fori_loop(0, nb, body, (zero, zero))
