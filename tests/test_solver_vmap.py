@@ -119,3 +119,20 @@ def test_compensated_float32_residual_matches_float64(x64):
     scale = np.abs(exact).max()
     assert np.abs(wide - exact).max() <= 4 * np.finfo(np.float32).eps * scale
     assert np.abs(plain - exact).max() > 10 * np.abs(wide - exact).max()
+
+
+@pytest.mark.parametrize("m", [4, 20])
+def test_float32_vmaps_keep_the_wide_residual(m):
+    """The float32 refinement traces a float64 product with x64 enabled locally: every way of
+    batching it (vmap of a jitted weighting, vmap of vmap) goes through BPP's rule, so none
+    truncates it (pytest turns JAX's truncation warning into an error)."""
+    with jax.enable_x64(False):
+        Gs = jnp.asarray(gramians(6, m), jnp.float32)
+        w = jax.vmap(jax.vmap(jd.upgrad_weighting()))(Gs.reshape(2, 3, m, m)).reshape(6, m)
+        w_jit = jax.jit(jax.vmap(jd.upgrad_weighting()))(Gs)
+        nested = jax.jit(jax.vmap(jax.vmap(jd.upgrad_weighting())))
+        assert "xf64>" in nested.lower(Gs.reshape(2, 3, m, m)).as_text()
+        for b in range(6):
+            ref = np.asarray(jd.upgrad_weighting()(Gs[b]))
+            np.testing.assert_allclose(w[b], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+            np.testing.assert_allclose(w_jit[b], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())

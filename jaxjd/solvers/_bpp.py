@@ -193,16 +193,35 @@ def _residual2(G, s, u):
 
 def _residual_wide(G, s, u):
     """``G (s + u)`` for one float32 lane, rounded once from a wider computation: float64
-    where the backend has it (CPU, GPU; enabled for this product alone, whatever JAX's x64
-    setting: products of float32 numbers are exact in float64), else (TPUs) the compensated
-    float32 arithmetic of :func:`_residual2`."""
+    where the backend has it (CPU, GPU; products of float32 numbers are exact in float64),
+    else (TPUs) the compensated float32 arithmetic of :func:`_residual2`."""
     if jax.default_backend() == "tpu":
         return _residual2(G, s, u)
+    return _wide_matvec(G, s, u)
+
+
+@jax.custom_batching.custom_vmap
+def _wide_matvec(G, s, u):
+    """``G (s + u)`` in float64 over any leading axes, enabled for this product alone whatever
+    JAX's x64 setting. A custom_vmap whose rule calls it again on the batched arrays: a vmap
+    that re-batches an already traced jaxpr (vmap of vmap of a jitted function) would
+    otherwise rebuild the float64 product with x64 off and truncate it to float32."""
     with jax.enable_x64(True):
-        wide = jnp.asarray(G, jnp.float64) @ (
-            jnp.asarray(s, jnp.float64) + jnp.asarray(u, jnp.float64)
+        wide = jnp.einsum(
+            "...ij,...j->...i",
+            jnp.asarray(G, jnp.float64),
+            jnp.asarray(s, jnp.float64) + jnp.asarray(u, jnp.float64),
         )
         return wide.astype(G.dtype)
+
+
+@_wide_matvec.def_vmap
+def _wide_matvec_batched(axis_size, in_batched, G, s, u):
+    G, s, u = (
+        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        for x, batched in zip((G, s, u), in_batched)
+    )
+    return _wide_matvec(G, s, u), True
 
 
 class _Lane(NamedTuple):
@@ -466,9 +485,6 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
     m = G.shape[0]
     max_iter = default_max_iter(m) if max_iter is None else max_iter
 
-    if m < _COMPACT_MIN_M:
-        return _pivot_all(U, G, max_iter, gather=gather, refine=refine)
-
     K = -(-m // 2)
 
     def compact(U, G, H, free):
@@ -479,11 +495,16 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
 
     @jax.custom_batching.custom_vmap
     def split(U, G):
+        if m < _COMPACT_MIN_M:
+            return _pivot_all(U, G, max_iter, gather=gather, refine=refine)
         free, H, ok = _plan(U, G)
         return jax.lax.cond(ok, lambda U: compact(U, G, H, free), lambda U: full(U, G, free), U)
 
     @split.def_vmap
     def _split_batched(axis_size, in_batched, U, G):
+        # Also for m < _COMPACT_MIN_M: the float32 refinement's float64 residual is traced
+        # with x64 enabled locally, which a batching of the finished jaxpr would not see
+        # (it would truncate the product to float32, with a warning).
         # A plain vmap would turn the cond above into a select that runs both paths for every
         # Gramian, and the two pivoting loops would run concurrently: besides the wasted work,
         # XLA's CPU runtime then runs two batched LAPACK Cholesky calls at once, which
@@ -503,6 +524,9 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
             return tuple(jnp.reshape(x, s) for x, s in zip(out, shapes)), (True, True, True)
         if not U_batched:
             U = jnp.broadcast_to(U, (axis_size, *U.shape))
+        if m < _COMPACT_MIN_M:
+            out = jax.vmap(lambda U, G: _pivot_all(U, G, max_iter, gather=gather, refine=refine))
+            return out(U, G), (True, True, True)
         free, H, ok = jax.vmap(_plan)(U, G)
         out = jax.vmap(compact)(U, G, H, free)
 
