@@ -136,3 +136,34 @@ def test_float32_vmaps_keep_the_wide_residual(m):
             ref = np.asarray(jd.upgrad_weighting()(Gs[b]))
             np.testing.assert_allclose(w[b], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
             np.testing.assert_allclose(w_jit[b], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    "axes", [((None, 0, 0), (0, 0, 0)), ((None, 0, 0), (0, 0, None)), ((0, 0, None), (None, 0, 0))]
+)
+def test_wide_matvec_under_nested_vmaps(axes):
+    """The float64 product under every mix of batched and unbatched arguments, nested."""
+    from jaxjd.solvers._bpp import _wide_matvec
+
+    rng = np.random.default_rng(5)
+    inner, outer = axes
+    m, A, B = 6, 3, 4
+    G = rng.standard_normal((A, B, m, m)).astype(np.float32)
+    s = rng.standard_normal((A, B, m)).astype(np.float32)
+    u = rng.standard_normal((A, B, m)).astype(np.float32)
+    # Slice away what an axis does not batch (index 0 of that axis).
+    args = []
+    for x, i_ax, o_ax in zip((G, s, u), inner, outer):
+        x = x if o_ax == 0 else x[0]
+        x = x if i_ax == 0 else (x[:, 0] if o_ax == 0 else x[0])
+        args.append(jnp.asarray(x))
+    with jax.enable_x64(False):
+        out = jax.jit(jax.vmap(jax.vmap(_wide_matvec, inner), outer))(*args)
+    full = []
+    for x, i, o in zip(args, inner, outer):
+        tail = x.shape[(o == 0) + (i == 0) :]
+        lead = (A if o == 0 else 1, B if i == 0 else 1)
+        full.append(np.broadcast_to(np.asarray(x, np.float64).reshape(*lead, *tail), (A, B, *tail)))
+    exact = np.einsum("abij,abj->abi", full[0], full[1] + full[2])
+    assert out.shape == (A, B, m) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, exact.astype(np.float32), rtol=1e-6, atol=1e-6)

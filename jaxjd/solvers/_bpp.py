@@ -202,25 +202,36 @@ def _residual_wide(G, s, u):
 
 @jax.custom_batching.custom_vmap
 def _wide_matvec(G, s, u):
-    """``G (s + u)`` in float64 over any leading axes, enabled for this product alone whatever
-    JAX's x64 setting. A custom_vmap whose rule calls it again on the batched arrays: a vmap
-    that re-batches an already traced jaxpr (vmap of vmap of a jitted function) would
-    otherwise rebuild the float64 product with x64 off and truncate it to float32."""
+    """``G (s + u)`` in float64, enabled for this product alone whatever JAX's x64 setting.
+
+    ``G`` is ``(..., m, m)`` and ``s``, ``u`` are ``(..., m)`` with leading axes of one rank
+    that broadcast (size 1 against any size): each batching level adds one leading axis to
+    every argument, of size 1 to an unbatched one. It is a custom_vmap whose rule calls it
+    again, so every batching goes through here: re-batching an already traced jaxpr (vmap of
+    vmap of a jitted function) would rebuild the float64 product with x64 off and truncate it.
+    An axis along which G is not batched (the lanes of one problem) is one matrix product."""
+    m = G.shape[-1]
+    lead = jnp.broadcast_shapes(s.shape[:-1], u.shape[:-1])
+    G = jnp.reshape(G, (1,) * (len(lead) - (G.ndim - 2)) + G.shape)
+    shared = tuple(i for i, n in enumerate(G.shape[:-2]) if n == 1 and lead[i] != 1)
+    batch = tuple(i for i in range(len(lead)) if i not in shared)
     with jax.enable_x64(True):
-        wide = jnp.einsum(
-            "...ij,...j->...i",
-            jnp.asarray(G, jnp.float64),
-            jnp.asarray(s, jnp.float64) + jnp.asarray(u, jnp.float64),
-        )
-        return wide.astype(G.dtype)
+        x = jnp.broadcast_to(jnp.asarray(s, jnp.float64) + jnp.asarray(u, jnp.float64), (*lead, m))
+        x = jnp.transpose(x, (*batch, *shared, len(lead)))
+        x = jnp.reshape(x, (*(lead[i] for i in batch), -1, m))
+        Gb = jnp.reshape(G, (*(G.shape[i] for i in batch), m, m))
+        Gb = jnp.broadcast_to(Gb, (*(lead[i] for i in batch), m, m))
+        out = jnp.einsum("...ij,...fj->...fi", jnp.asarray(Gb, jnp.float64), x)
+        out = jnp.reshape(out, (*(lead[i] for i in batch), *(lead[i] for i in shared), m))
+        order = (*batch, *shared)
+        out = jnp.transpose(out, (*(order.index(i) for i in range(len(lead))), len(lead)))
+        return out.astype(G.dtype)
 
 
 @_wide_matvec.def_vmap
 def _wide_matvec_batched(axis_size, in_batched, G, s, u):
-    G, s, u = (
-        x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        for x, batched in zip((G, s, u), in_batched)
-    )
+    del axis_size
+    G, s, u = (x if b else jnp.expand_dims(x, 0) for x, b in zip((G, s, u), in_batched))
     return _wide_matvec(G, s, u), True
 
 
