@@ -205,27 +205,15 @@ def _wide_matvec(G, s, u):
     """``G (s + u)`` in float64, enabled for this product alone whatever JAX's x64 setting.
 
     ``G`` is ``(..., m, m)`` and ``s``, ``u`` are ``(..., m)`` with leading axes of one rank
-    that broadcast (size 1 against any size): each batching level adds one leading axis to
-    every argument, of size 1 to an unbatched one. It is a custom_vmap whose rule calls it
-    again, so every batching goes through here: re-batching an already traced jaxpr (vmap of
-    vmap of a jitted function) would rebuild the float64 product with x64 off and truncate it.
-    An axis along which G is not batched (the lanes of one problem) is one matrix product."""
-    m = G.shape[-1]
-    lead = jnp.broadcast_shapes(s.shape[:-1], u.shape[:-1])
-    G = jnp.reshape(G, (1,) * (len(lead) - (G.ndim - 2)) + G.shape)
-    shared = tuple(i for i, n in enumerate(G.shape[:-2]) if n == 1 and lead[i] != 1)
-    batch = tuple(i for i in range(len(lead)) if i not in shared)
+    that broadcast: each batching level adds one leading axis to every argument, of size 1 to
+    an unbatched one (einsum contracts a size-1 axis of G as one matrix product, no copy per
+    lane). It is a custom_vmap whose rule calls it again, so every batching goes through here:
+    re-batching an already traced jaxpr (vmap of vmap of a jitted function) would rebuild the
+    float64 product with x64 off and truncate it to float32."""
     with jax.enable_x64(True):
-        x = jnp.broadcast_to(jnp.asarray(s, jnp.float64) + jnp.asarray(u, jnp.float64), (*lead, m))
-        x = jnp.transpose(x, (*batch, *shared, len(lead)))
-        x = jnp.reshape(x, (*(lead[i] for i in batch), -1, m))
-        Gb = jnp.reshape(G, (*(G.shape[i] for i in batch), m, m))
-        Gb = jnp.broadcast_to(Gb, (*(lead[i] for i in batch), m, m))
-        out = jnp.einsum("...ij,...fj->...fi", jnp.asarray(Gb, jnp.float64), x)
-        out = jnp.reshape(out, (*(lead[i] for i in batch), *(lead[i] for i in shared), m))
-        order = (*batch, *shared)
-        out = jnp.transpose(out, (*(order.index(i) for i in range(len(lead))), len(lead)))
-        return out.astype(G.dtype)
+        x = jnp.asarray(s, jnp.float64) + jnp.asarray(u, jnp.float64)
+        wide = jnp.einsum("...ij,...j->...i", jnp.asarray(G, jnp.float64), x)
+        return wide.astype(G.dtype)
 
 
 @_wide_matvec.def_vmap
@@ -353,14 +341,13 @@ def _lane_ops(G, compact, refine):
         # is about cond(G) eps: one step squares that factor). In float32 the residual is
         # computed to about twice the precision, so the forward error of s becomes ~eps.
         if refine:
-            c = G @ u
-            compensated = G.dtype == jnp.float32
+            wide = G.dtype == jnp.float32
+            c = None if wide else G @ u
 
             def natural(s):  # complementarity residual, kept per lane: a refinement step on a
                 # numerically singular system (cond ~ 1 / (m eps)) can make things worse
-                # lambda, which must vanish on F; in float32 with compensated arithmetic
-                # (float64 is not there under JAX's default settings or on TPUs)
-                r = _residual_wide(G, s, u) if compensated else G @ s + c
+                # lambda, which must vanish on F; in float32 rounded once from a wider product
+                r = _residual_wide(G, s, u) if wide else G @ s + c
                 free_part = jnp.maximum(jnp.abs(r), -s)  # lambda_F = 0 and s_F >= 0
                 return jnp.max(jnp.where(lane.free, free_part, jnp.maximum(-r, 0.0))), r
 
@@ -501,21 +488,18 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
     def compact(U, G, H, free):
         return _pivot_all(U, G, max_iter, (H, K), free, gather, refine)
 
-    def full(U, G, free):
+    def full(U, G, free=None):  # free=None: the guess is made inside
         return _pivot_all(U, G, max_iter, free=free, gather=gather, refine=refine)
 
     @jax.custom_batching.custom_vmap
     def split(U, G):
         if m < _COMPACT_MIN_M:
-            return _pivot_all(U, G, max_iter, gather=gather, refine=refine)
+            return full(U, G)
         free, H, ok = _plan(U, G)
         return jax.lax.cond(ok, lambda U: compact(U, G, H, free), lambda U: full(U, G, free), U)
 
     @split.def_vmap
     def _split_batched(axis_size, in_batched, U, G):
-        # Also for m < _COMPACT_MIN_M: the float32 refinement's float64 residual is traced
-        # with x64 enabled locally, which a batching of the finished jaxpr would not see
-        # (it would truncate the product to float32, with a warning).
         # A plain vmap would turn the cond above into a select that runs both paths for every
         # Gramian, and the two pivoting loops would run concurrently: besides the wasted work,
         # XLA's CPU runtime then runs two batched LAPACK Cholesky calls at once, which
@@ -536,8 +520,7 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
         if not U_batched:
             U = jnp.broadcast_to(U, (axis_size, *U.shape))
         if m < _COMPACT_MIN_M:
-            out = jax.vmap(lambda U, G: _pivot_all(U, G, max_iter, gather=gather, refine=refine))
-            return out(U, G), (True, True, True)
+            return jax.vmap(full)(U, G), (True, True, True)
         free, H, ok = jax.vmap(_plan)(U, G)
         out = jax.vmap(compact)(U, G, H, free)
 
