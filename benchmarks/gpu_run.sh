@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device run: the benchmarks on the GPU (float32), then the default suite there.
+# One device run: the benchmarks on the GPU (float32), then the default suite there (stopped
+# with SIGINT at SUITE_S seconds, so that pytest still prints the names of the failures).
 # Wheels for what the GPU image lacks (torchjd, qpsolvers, quadprog, qpax) travel in .whl/.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -18,7 +19,7 @@ cd ..
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -W ignore::UserWarning tests/test_gpu.py \
   > "$OUT/pytest_gpu_marker.txt" 2>&1; echo "gpu-marked tests exit $?"; tail -3 "$OUT/pytest_gpu_marker.txt"
 start=$(date +%s)
-timeout "${SUITE_S:-200}" python3 -m pytest -q -n 8 -p no:cacheprovider \
+timeout -s INT -k 30 "${SUITE_S:-200}" python3 -m pytest -q -rf -n 8 -p no:cacheprovider \
   --deselect tests/test_notebooks.py -W ignore::UserWarning tests jaxjd > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest exit $? after $(( $(date +%s) - start )) s"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -40
