@@ -16,7 +16,7 @@ from ._ghost import (
     task_weighted_grad,
     weighted_grad_from_factors,
 )
-from ._jacobian import value_and_jacobian
+from ._jacobian import _given_state, value_and_jacobian
 from ._tree import gramian
 
 METHODS = ("jacobian", "columns", "per_sample", "layerwise")
@@ -149,11 +149,13 @@ def value_and_weighted_grad(
     then ``grad_params (w . losses)`` (``= J^T w`` by linearity: a second backward pass instead of
     holding ``J``).
 
-    Returns ``g(params, *args, key=None) -> (losses, weights, grad)`` (``((losses, aux), ...)``
-    with ``has_aux``) where ``fun(params, *args)`` returns the losses, of shape ``(m,)``,
-    ``(B,)`` (instance-wise risk minimisation) or ``(B, T)`` (instance-wise multi-task: flattened
-    to ``B*T`` objectives, weights returned in the losses' shape). ``weighting`` is any stateless
-    jaxjd weighting (``jd.upgrad_weighting()``, ...); random ones read ``key``.
+    Returns ``g(params, *args, key=None, state=None) -> (losses, weights, grad)``
+    (``((losses, aux), ...)`` with ``has_aux``; ``new_state`` appended when ``state`` is given)
+    where ``fun(params, *args)`` returns the losses, of shape ``(m,)``, ``(B,)`` (instance-wise
+    risk minimisation) or ``(B, T)`` (instance-wise multi-task: flattened to ``B*T``
+    objectives, weights returned in the losses' shape). ``weighting`` is any jaxjd weighting
+    (``jd.upgrad_weighting()``, ...): a stateful one needs ``state=weighting.init(m)``, a
+    stateless one takes ``EmptyState()`` or nothing; random ones read ``key``.
 
     Partial JD: ``gramian_filter`` (an equinox filter spec: a pytree prefix of ``params`` with
     booleans, or a callable on leaves) selects the parameters whose Jacobian defines ``G`` (e.g.
@@ -169,18 +171,32 @@ def value_and_weighted_grad(
     >>> values.tolist(), w.shape, g.shape
     ([1.0, 4.0], (2,), (2,))
     """
-    _check_method(method)
+    from .aggregation import AbstractWeighting
 
-    def wrapped(params, *args, key=None):
+    _check_method(method)
+    if not isinstance(weighting, AbstractWeighting):
+        raise TypeError(
+            "value_and_weighted_grad needs a jaxjd weighting (e.g. jd.upgrad_weighting()); got "
+            f"{type(weighting).__name__}."
+        )
+
+    def weigh(G, state, key):
+        w, new_state = weighting.update(G, _given_state(weighting, state), key=key)
+        return jax.lax.stop_gradient(w), new_state
+
+    def wrapped(params, *args, key=None, state=None):
         if method == "per_sample" and gramian_filter is None and not has_aux:
             # The captured factors give J^T w directly: no second backward pass.
             losses, G, factors = per_sample_gramian_parts(fun, params, *args)
-            w = jax.lax.stop_gradient(weighting(G, key=key))
-            return losses, jnp.reshape(w, losses.shape), weighted_grad_from_factors(w, factors)
+            w, new_state = weigh(G, state, key)
+            grad = weighted_grad_from_factors(w, factors)
+            out = (losses, jnp.reshape(w, losses.shape), grad)
+            return out if state is None else (*out, new_state)
         if method == "layerwise" and gramian_filter is None and not has_aux:
             losses, G, factors = _layerwise_parts(fun, params, *args)
-            w = jax.lax.stop_gradient(weighting(G, key=key))
-            return losses, jnp.reshape(w, losses.shape), task_weighted_grad(w, factors)
+            w, new_state = weigh(G, state, key)
+            out = (losses, jnp.reshape(w, losses.shape), task_weighted_grad(w, factors))
+            return out if state is None else (*out, new_state)
         if gramian_filter is None:
 
             def losses_of(p):
@@ -201,7 +217,7 @@ def value_and_weighted_grad(
                 losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
             )(chosen)
         losses = value[0] if has_aux else value
-        w = jax.lax.stop_gradient(weighting(G, key=key))
+        w, new_state = weigh(G, state, key)
 
         def weighted(p):
             out = fun(p, *args)
@@ -209,6 +225,7 @@ def value_and_weighted_grad(
             return jnp.sum(jnp.reshape(w, out.shape).astype(out.dtype) * out)
 
         grad = jax.grad(weighted)(params)
-        return value, jnp.reshape(w, losses.shape), grad
+        out = (value, jnp.reshape(w, losses.shape), grad)
+        return out if state is None else (*out, new_state)
 
     return wrapped

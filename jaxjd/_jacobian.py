@@ -180,24 +180,26 @@ def mtl_value_and_grad(
     trunk: Callable, heads: Callable, aggregator, *, method: str | None = None
 ) -> Callable:
     """One call for a multi-task train step: the trunk's Jacobian (or Gramian) aggregated by
-    ``aggregator`` (stateless; a random one reads ``key=``), the heads' ordinary gradients.
+    ``aggregator``, the heads' ordinary gradients.
 
-    Returns ``f(trunk_params, head_params, *args, key=None) -> (losses, (trunk_grad, head_grads),
-    weights)``; ``weights`` is ``None`` for aggregators that are not weighted (ConFIG, GradDrop,
-    TrimmedMean).
+    Returns ``f(trunk_params, head_params, *args, key=None, state=None) -> (losses, (trunk_grad,
+    head_grads), weights)``, with ``new_state`` appended when ``state`` is given (a stateful
+    aggregator needs it: ``state = aggregator.init(J_like)``; a stateless one takes
+    ``EmptyState()``, so one loop serves every method). ``weights`` is ``None`` for aggregators
+    that do not weigh the rows (GradDrop, TrimmedMean); ``key`` goes to random ones.
 
-    ``method``: ``"layerwise"`` (the default for Gramian-weighted aggregators) forms the Gramian
-    as :func:`mtl_value_and_gramian` does and ``J^T w`` from the same factors (``X^T sum_t w_t
+    ``method``: ``"layerwise"`` (the default for a
+    :class:`~jaxjd.aggregation.GramianWeightedAggregator`) forms the Gramian as
+    :func:`mtl_value_and_gramian` does and ``J^T w`` from the same factors (``X^T sum_t w_t
     D_t`` for a dense use): the trunk Jacobian is never materialised and the per-task weight
     gradients of wide dense layers are never formed. ``"jacobian"`` (the default, and the only
     choice, for the other aggregators) materialises it with :func:`mtl_value_and_jacobian`.
     """
-    from .aggregation import GramianWeightedAggregator, ShapeWeighting, StatefulAggregator
+    from .aggregation import AbstractAggregator, GramianWeightedAggregator
 
-    if isinstance(aggregator, StatefulAggregator):
+    if not isinstance(aggregator, AbstractAggregator):
         raise TypeError(
-            "mtl_value_and_grad takes a stateless aggregator; for a stateful one use "
-            "mtl_value_and_jacobian and aggregator.update(J, state)."
+            f"mtl_value_and_grad needs a jaxjd aggregator; got {type(aggregator).__name__}."
         )
     weighted = isinstance(aggregator, GramianWeightedAggregator)
     if method is None:
@@ -211,26 +213,40 @@ def mtl_value_and_grad(
         )
     vj = mtl_value_and_jacobian(trunk, heads)
 
-    def by_layers(trunk_params, head_params, *args, key=None):
+    def by_layers(trunk_params, head_params, *args, key=None, state=None):
         features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
         losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
         weighting = aggregator.weighting
-        if isinstance(weighting, ShapeWeighting):  # weights from m alone: no Gramian
-            _, factors = pullback(cotangents, gramian=False)
-            weights = weighting._weights(losses.size, accumulation_dtype(losses.dtype), key)
-        else:
+        m = losses.size
+        if weighting.reads_gramian:
             G, factors = pullback(cotangents)
-            weights = weighting(G, key=key)
-        return losses, (task_weighted_grad(weights, factors), head_grads), weights
+        else:  # weights from m alone: no Gramian
+            _, factors = pullback(cotangents, gramian=False)
+            G = jax.ShapeDtypeStruct((m, m), accumulation_dtype(losses.dtype))
+        inner = _given_state(aggregator, state)
+        weights, new_state = weighting.update(G, inner, key=key)
+        out = (losses, (task_weighted_grad(weights, factors), head_grads), weights)
+        return out if state is None else (*out, new_state)
 
-    def by_jacobian(trunk_params, head_params, *args, key=None):
+    def by_jacobian(trunk_params, head_params, *args, key=None, state=None):
         losses, J, head_grads = vj(trunk_params, head_params, *args)
-        if weighted:
-            weights = aggregator.weights(J, key=key)
-            trunk_grad = combine(weights, J)
-        else:
-            weights = None
-            trunk_grad = aggregator(J, key=key)
-        return losses, (trunk_grad, head_grads), weights
+        inner = _given_state(aggregator, state)
+        trunk_grad, weights, new_state = aggregator.aggregate(J, inner, key=key)
+        out = (losses, (trunk_grad, head_grads), weights)
+        return out if state is None else (*out, new_state)
 
     return by_layers if method == "layerwise" else by_jacobian
+
+
+def _given_state(method, state):
+    """The state to run ``method`` with: ``state``, or ``EmptyState()`` for a stateless one."""
+    from .aggregation import EmptyState
+
+    if state is not None:
+        return state
+    if method.stateful:
+        raise TypeError(
+            f"{type(method).__name__} is stateful: pass state= (from its init) and read the new "
+            "state from the last entry of the result."
+        )
+    return EmptyState()

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
-from ._tree import combine, gramian, row_dots
+from ._tree import gramian, row_dots
 from ._tree import num_objectives as _num_rows
-from .aggregation import Aggregator, GramianWeightedAggregator, StatefulAggregator
+from .aggregation import AbstractAggregator, EmptyState
 from .monitoring import ConflictStats, conflict_statistics
 
 
@@ -21,8 +21,8 @@ class JDAggregateState(NamedTuple):
     Attributes:
         key: PRNG key for random aggregators (split at every step), else ``None``.
         weights: the last weights (m,) when ``num_objectives`` was given, else ``None``.
-        inner: the state of a stateful aggregator (GradVac, PCD, NashMTL, ExcessMTL, ...), else
-            ``None``.
+        inner: the aggregator's own state (``EmptyState()`` for a stateless one; GradVac, PCD,
+            NashMTL, ExcessMTL, ... keep theirs here).
         stats: with ``monitor=True``, this step's
             :class:`~jaxjd.monitoring.ConflictStats` (cosines, conflict fraction, directional
             derivatives of the update, ...), else ``None``.
@@ -30,12 +30,12 @@ class JDAggregateState(NamedTuple):
 
     key: PRNGKeyArray | None
     weights: Array | None
-    inner: Any = None
+    inner: Any = EmptyState()
     stats: ConflictStats | None = None
 
 
 def jd_aggregate(
-    aggregator: Aggregator | StatefulAggregator,
+    aggregator: AbstractAggregator,
     *,
     num_objectives: int | None = None,
     seed: int = 0,
@@ -73,11 +73,13 @@ def jd_aggregate(
     >>> [round(float(x), 4) for x in updates["w"]]
     [-0.2929, -1.9004, -1.9004]
     """
-    stateful = isinstance(aggregator, StatefulAggregator)
-    if not isinstance(aggregator, Aggregator) and not stateful:
-        raise TypeError(f"jd_aggregate needs a jaxjd Aggregator; got {type(aggregator).__name__}.")
-    needs_key = bool(aggregator.needs_key)
-    weighted = stateful or isinstance(aggregator, GramianWeightedAggregator)
+    if not isinstance(aggregator, AbstractAggregator):
+        raise TypeError(
+            f"jd_aggregate needs a jaxjd aggregator (an AbstractAggregator, e.g. jd.upgrad()); got "
+            f"{type(aggregator).__name__}."
+        )
+    needs_key = aggregator.needs_key
+    stateful = aggregator.stateful
     if num_objectives is not None and (int(num_objectives) != num_objectives or num_objectives < 1):
         raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
     if monitor and num_objectives is None:
@@ -92,8 +94,8 @@ def jd_aggregate(
         # Only shapes matter: works on abstract params.
         key = jax.random.key(seed) if needs_key else None
         weights = None if num_objectives is None else jnp.zeros((num_objectives,), jnp.float32)
-        inner = None
-        if stateful:
+        inner = EmptyState()
+        if num_objectives is not None:
             jacobian = jax.tree_util.tree_map(
                 lambda p: jax.ShapeDtypeStruct((num_objectives, *jnp.shape(p)), jnp.result_type(p)),
                 params,
@@ -118,16 +120,7 @@ def jd_aggregate(
         step_key = key
         if needs_key and key is None:
             new_key, step_key = jax.random.split(state.key)
-        inner = state.inner
-        if stateful:
-            w, inner = aggregator.weights(updates, inner, key=step_key)
-            out = combine(w, updates)
-        elif weighted:
-            w = aggregator.weights(updates, key=step_key)
-            out = combine(w, updates)
-        else:
-            w = None
-            out = aggregator(updates, key=step_key)
+        out, w, inner = aggregator.aggregate(updates, state.inner, key=step_key)
         weights = state.weights
         if weights is not None and w is not None:
             weights = w.astype(weights.dtype)

@@ -54,8 +54,9 @@ def num_objectives(jacobian: PyTreeJacobian) -> int:
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
-    """The dtype in which Gramians are accumulated: at least float32."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """The dtype in which Gramians are accumulated: float64 for float64 input, else float32
+    (without promotion rules, so that it holds under strict dtype promotion)."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
 def _as_rows(leaf: Array) -> Array:
@@ -232,12 +233,14 @@ def unravel_row(vector: Float[Array, " n"], jacobian: PyTreeJacobian) -> PyTree[
 
 def check_gramian(gramian_matrix: Array) -> int:
     """Checks a Gramian at trace time (square, floating, m >= 1) and returns m."""
-    shape = jnp.shape(gramian_matrix)
+    shape = tuple(gramian_matrix.shape) if hasattr(gramian_matrix, "shape") else jnp.shape(
+        gramian_matrix
+    )
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"A Gramian must be a square (m, m) matrix; got shape {shape}.")
     if shape[0] == 0:
         raise ValueError("The Gramian is 0 x 0: there is no objective to weigh.")
-    dtype = jnp.result_type(gramian_matrix)
+    dtype = getattr(gramian_matrix, "dtype", None) or jnp.result_type(gramian_matrix)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"A Gramian must be floating point; got dtype {dtype}.")
     return shape[0]

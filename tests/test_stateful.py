@@ -388,13 +388,13 @@ def test_errors():
         jd.nash_mtl(update_weights_every=0)
     with pytest.raises(ValueError, match="max_norm"):
         jd.nash_mtl(max_norm=-1.0)
-    with pytest.raises(ValueError, match="state holds 3"):
+    with pytest.raises(ValueError, match="does not fit"):
         w = jd.nash_mtl_weighting()
         w.update(jnp.eye(4), w.init(3))
     with pytest.raises(ValueError, match="PRNG key"):
         w = jd.gradvac_weighting()
         w.update(jnp.eye(3), w.init(3))
-    with pytest.raises(ValueError, match="state holds 3"):
+    with pytest.raises(ValueError, match="does not fit"):
         agg = jd.excess_mtl()
         agg.update(jnp.ones((4, 2)), agg.init(jnp.ones((3, 2))))
 

@@ -2,44 +2,43 @@
 
 from __future__ import annotations
 
-import equinox as eqx
-import jax
+from typing import Any
+
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, check_gramian
-from ._base import (
-    GramianWeightedAggregator,
-    Weighting,
-    as_static_vector,
-    build_or_apply,
-    vector_for,
-)
-
-_MODES = ("min", "median", "rmse")
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import choice, sized, spelling, vector
 
 
-class AlignedMTLWeighting(Weighting):
+class AlignedMTLWeighting(AbstractWeighting):
     r"""Weights of Aligned-MTL: with ``G = V diag(l) V^T`` restricted to its rank
-    (``l > max(l) m eps``), ``B = sqrt(s) V diag(l)^{-1/2} V^T`` and ``w = B p`` (``p`` the
-    preference, default ``1/m``; ``B = I`` when the rank is 0). ``s`` is the smallest kept
-    eigenvalue (``"min"``), their lower median (``"median"``) or mean (``"rmse"``)."""
+    (``l > max(l) m eps``), ``B = sqrt(s) V diag(l)^{-1/2} V^T`` and ``w = B p`` (``B = I`` when
+    the rank is 0).
 
-    pref_vector: tuple[float, ...] | None = eqx.field(static=True)
-    scale_mode: str = eqx.field(static=True)
+    Args:
+        pref_vector: the preference ``p`` (default ``1/m``).
+        scale_mode: ``s`` is the smallest kept eigenvalue (``"min"``), their lower median
+            (``"median"``) or mean (``"rmse"``).
 
-    def __init__(self, pref_vector=None, scale_mode: str = "min"):
-        if scale_mode not in _MODES:
-            raise ValueError(f"Invalid scale_mode={scale_mode!r}; expected one of {_MODES}.")
-        self.pref_vector = as_static_vector(pref_vector, "pref_vector")
-        self.scale_mode = scale_mode
+    Reference: Senushkin et al., "Independent component alignment for multi-task learning",
+    CVPR 2023.
 
-    def _weigh(self, gramian, key):
-        m = check_gramian(gramian)
-        G = jax.lax.stop_gradient(jnp.asarray(gramian, accumulation_dtype(gramian.dtype)))
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> import numpy as np
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> np.round(np.asarray(jd.aligned_mtl_weighting(G), float), 4)
+    array([0., 0.])
+    """
+
+    pref_vector: Any = vector("pref_vector")
+    scale_mode: str = choice("scale_mode", "min", ("min", "median", "rmse"))
+
+    def _weigh(self, G, state, key):
+        m = G.shape[0]
         if self.pref_vector is None:
             p = jnp.full((m,), 1.0 / m, G.dtype)
         else:
-            p = vector_for(self.pref_vector, m, G.dtype, "pref_vector")
+            p = sized(self.pref_vector, m, G.dtype, "pref_vector")
         lam, V = jnp.linalg.eigh(0.5 * (G + G.T))
         tol = jnp.max(lam) * m * jnp.finfo(G.dtype).eps
         keep = lam > tol
@@ -54,24 +53,15 @@ class AlignedMTLWeighting(Weighting):
         inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
         B = jnp.sqrt(scale) * (V * inv_sqrt) @ V.T
         B = jnp.where(rank == 0, jnp.eye(m, dtype=G.dtype), B)
-        return B @ p
+        return B @ p, state
 
 
 class AlignedMTL(GramianWeightedAggregator):
-    """Aligned-MTL aggregator: ``J^T w`` with :class:`AlignedMTLWeighting` weights."""
+    """Aligned-MTL aggregator: ``J^T w`` with :class:`AlignedMTLWeighting` weights (TorchJD's
+    ``AlignedMTL``)."""
 
-    weighting: AlignedMTLWeighting
-
-    def __init__(self, pref_vector=None, scale_mode: str = "min"):
-        self.weighting = AlignedMTLWeighting(pref_vector, scale_mode)
+    weighting_class = AlignedMTLWeighting
 
 
-def aligned_mtl(jacobian=None, /, *, pref_vector=None, scale_mode="min"):
-    """Aligned-MTL: ``aligned_mtl(J)`` returns the update, ``aligned_mtl(**hyper)`` an
-    :class:`AlignedMTL`."""
-    return build_or_apply(AlignedMTL(pref_vector, scale_mode), jacobian)
-
-
-def aligned_mtl_weighting(gramian=None, /, *, pref_vector=None, scale_mode="min"):
-    """:class:`AlignedMTLWeighting`: weights from a Gramian, or the weighting itself."""
-    return build_or_apply(AlignedMTLWeighting(pref_vector, scale_mode), gramian)
+aligned_mtl = spelling(AlignedMTL, "aligned_mtl", reads="jacobian")
+aligned_mtl_weighting = spelling(AlignedMTLWeighting, "aligned_mtl_weighting", reads="gramian")

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, check_gramian
+from .._linalg import project_onto_simplex_pairwise
 from ..solvers import normalize_regularize
-from ._base import GramianWeightedAggregator, Weighting, build_or_apply, check_nonnegative
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import as_dtype, number, spelling, static_int
 
 
-def project_onto_simplex(y):
-    """Euclidean projection onto the probability simplex (sort-based, jit-friendly)."""
-    m = y.shape[0]
-    u = jnp.sort(y)[::-1]
-    # Sequential partial sums (not a parallel prefix): the same rounding as a running sum.
-    css = jax.lax.scan(lambda c, x: (c + x, c + x), jnp.zeros((), y.dtype), u)[1]
-    k = jnp.arange(1, m + 1, dtype=y.dtype)
-    ok = u - (css - 1.0) / k > 0
-    rho = jnp.max(jnp.where(ok, jnp.arange(m), 0))
-    theta = jnp.where(rho == m - 1, (jnp.sum(y) - 1.0) / m, (css[rho] - 1.0) / (rho + 1.0))
-    return jnp.maximum(y - theta, 0.0)
-
-
-def _project_onto_simplex_pairwise(y):
-    """The same projection without a sort (slow in XLA on CPU): with ``S_i`` the sum and ``c_i``
-    the number of entries ``>= y_i``, ``theta = max_i (S_i - 1) / c_i`` (the maximum of the
-    sorted partial-sum criterion is reached at the end of a group of ties). O(m^2), vectorised."""
-    ge = (y[None, :] >= y[:, None]).astype(y.dtype)
-    theta = jnp.max((ge @ y - 1.0) / jnp.sum(ge, axis=1))
-    return jnp.maximum(y - theta, 0.0)
-
-
-class CAGradWeighting(Weighting):
+class CAGradWeighting(AbstractWeighting):
     r"""Weights of CAGrad, as TorchJD computes them: with ``G_n = G / tr(G)`` (zeros when the
     trace is below ``norm_eps``), ``b = G_n 1/m`` and ``phi = c sqrt(1^T G_n 1) / m``, solve
     ``min_{w in simplex} b^T w + phi sqrt(w^T G_n w)``, then ``weights = 1/m + (phi / q) w`` with
@@ -43,26 +24,35 @@ class CAGradWeighting(Weighting):
     backtracking and adaptive restart; a sort-free O(m^2) projection) until the gradient mapping
     is below ``tol`` (default 1e-12 in float64, 1e-6 in float32) or its rounding floor, or
     ``max_iter`` iterations.
+
+    Args:
+        c: the radius of the ball around the mean gradient (``c = 0``: the mean).
+        norm_eps: the Gramian is divided by its trace, or zeroed when the trace is below this.
+        tol: stopping tolerance of the inner solve (default by dtype).
+        max_iter: iteration cap of the inner solve.
+
+    Reference: Liu et al., "Conflict-averse gradient descent for multi-task learning",
+    NeurIPS 2021.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> import numpy as np
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> np.round(np.asarray(jd.cagrad_weighting(G, c=0.5), float), 4)
+    array([0., 0.])
     """
 
-    c: float = eqx.field(static=True)
-    norm_eps: float = eqx.field(static=True)
-    tol: float | None = eqx.field(static=True)
-    max_iter: int = eqx.field(static=True)
+    c: Any = number("c", check="nonnegative")
+    norm_eps: Any = number("norm_eps", 1e-4, check="nonnegative")
+    tol: float | None = eqx.field(static=True, default=None)
+    max_iter: int = static_int("max_iter", 20_000)
 
-    def __init__(self, c: float, norm_eps: float = 1e-4, tol=None, max_iter: int = 20_000):
-        self.c = check_nonnegative(c, "c")
-        self.norm_eps = check_nonnegative(norm_eps, "norm_eps")
-        self.tol = tol
-        self.max_iter = int(max_iter)
-
-    def _weigh(self, gramian, key):
-        m = check_gramian(gramian)
-        G = jax.lax.stop_gradient(jnp.asarray(gramian, accumulation_dtype(gramian.dtype)))
-        Gn = normalize_regularize(G, self.norm_eps, 0.0)
+    def _weigh(self, G, state, key):
+        m = G.shape[0]
+        norm_eps = as_dtype(self.norm_eps, G.dtype)
+        Gn = normalize_regularize(G, norm_eps, jnp.zeros((), G.dtype))
         ones = jnp.full((m,), 1.0 / m, G.dtype)
         b = Gn @ ones
-        phi = self.c * jnp.sqrt(jnp.maximum(ones @ Gn @ ones, 0.0))
+        phi = as_dtype(self.c, G.dtype) * jnp.sqrt(jnp.maximum(ones @ Gn @ ones, 0.0))
         tiny = jnp.finfo(G.dtype).tiny
         tol = self.tol if self.tol is not None else (1e-12 if G.dtype == jnp.float64 else 1e-6)
 
@@ -82,17 +72,17 @@ class CAGradWeighting(Weighting):
             gy, fy = grad(y), f(y)
 
             def bt_cond(L):
-                z = _project_onto_simplex_pairwise(y - gy / L)
+                z = project_onto_simplex_pairwise(y - gy / L)
                 d = z - y
                 return (f(z) > fy + gy @ d + 0.5 * L * d @ d + 1e-15 * jnp.abs(fy)) & (L < 1e30)
 
             L = jax.lax.while_loop(bt_cond, lambda L: 2.0 * L, L)
-            w_new = _project_onto_simplex_pairwise(y - gy / L)
+            w_new = project_onto_simplex_pairwise(y - gy / L)
             restart = f(w_new) > f(w)
             t_new = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)))
             y_new = jnp.where(restart, w, w_new + ((t - 1.0) / t_new) * (w_new - w))
             w_new = jnp.where(restart, w, w_new)
-            step = _project_onto_simplex_pairwise(w_new - grad(w_new) / L)
+            step = project_onto_simplex_pairwise(w_new - grad(w_new) / L)
             gap = jnp.max(jnp.abs(w_new - step)) * L
             # The gradient mapping cannot fall below the rounding of the projection (an ulp of
             # w, times L): stop there too (float32 would otherwise run max_iter iterations).
@@ -104,25 +94,16 @@ class CAGradWeighting(Weighting):
         init = (ones, ones, one, L0, jnp.asarray(0), jnp.asarray(jnp.inf, G.dtype))
         w, *_ = jax.lax.while_loop(cond, body, init)
         q = jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
-        ok = q >= self.norm_eps
-        return jnp.where(ok, ones + (phi / jnp.where(ok, q, 1.0)) * w, 0.0)
+        ok = q >= norm_eps
+        return jnp.where(ok, ones + (phi / jnp.where(ok, q, 1.0)) * w, 0.0), state
 
 
 class CAGrad(GramianWeightedAggregator):
-    """CAGrad aggregator: ``J^T w`` with :class:`CAGradWeighting` weights."""
+    """CAGrad aggregator: ``J^T w`` with :class:`CAGradWeighting` weights (TorchJD's ``CAGrad``).
+    """
 
-    weighting: CAGradWeighting
-
-    def __init__(self, c: float, norm_eps: float = 1e-4, tol=None, max_iter: int = 20_000):
-        self.weighting = CAGradWeighting(c, norm_eps, tol, max_iter)
+    weighting_class = CAGradWeighting
 
 
-def cagrad(jacobian=None, /, *, c, norm_eps=1e-4, tol=None, max_iter=20_000):
-    """CAGrad (Liu et al. 2021): ``cagrad(J, c=0.5)`` returns the update, ``cagrad(c=0.5)`` a
-    :class:`CAGrad`."""
-    return build_or_apply(CAGrad(c, norm_eps, tol, max_iter), jacobian)
-
-
-def cagrad_weighting(gramian=None, /, *, c, norm_eps=1e-4, tol=None, max_iter=20_000):
-    """:class:`CAGradWeighting`: weights from a Gramian, or the weighting itself."""
-    return build_or_apply(CAGradWeighting(c, norm_eps, tol, max_iter), gramian)
+cagrad = spelling(CAGrad, "cagrad", reads="jacobian")
+cagrad_weighting = spelling(CAGradWeighting, "cagrad_weighting", reads="gramian")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import equinox as eqx
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 from .._tree import combine, gramian, num_objectives
-from ._base import Aggregator, as_static_vector, build_or_apply, vector_for
+from ._abstract import AbstractAggregator, Aggregation
+from ._fields import sized, spelling, vector
 
 
-class ConFIG(Aggregator):
+class ConFIG(AbstractAggregator):
     r"""ConFIG: with unit rows ``U = D^{-1} J`` (zero rows stay 0) and preference ``p`` (default
     ones), the direction ``u = pinv(U) p / |pinv(U) p|`` and the update ``(sum_i g_i . u) u``.
 
@@ -18,21 +20,34 @@ class ConFIG(Aggregator):
     Gramian alone (the pseudo-inverse cut-off follows ``torch.linalg.pinv``: singular values below
     ``max(m, n) eps`` times the largest are dropped, or eigenvalues below ``m eps`` times the
     largest, whichever is larger). TorchJD needs the matrix; here a pytree Jacobian is fine.
+
+    Args:
+        pref_vector: the preference ``p`` (default ones).
+
+    Reference: Liu et al., "ConFIG: towards conflict-free training of physics informed neural
+    networks", ICLR 2025.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> import numpy as np
+    >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    >>> np.round(np.asarray(jd.config(J), float), 4)
+    array([0., 0., 0.])
     """
 
-    pref_vector: tuple[float, ...] | None = eqx.field(static=True)
+    pref_vector: Any = vector("pref_vector")
 
-    def __init__(self, pref_vector=None):
-        self.pref_vector = as_static_vector(pref_vector, "pref_vector")
+    def _aggregate(self, jacobian, state, key):
+        w = self._weights(jacobian)
+        return Aggregation(combine(w, jacobian), w, state)
 
-    def weights(self, jacobian, /, *, key=None):
+    def _weights(self, jacobian):
         m = num_objectives(jacobian)
         n = sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(jacobian))
         G = jax.lax.stop_gradient(gramian(jacobian))
         if self.pref_vector is None:
             p = jnp.ones((m,), G.dtype)
         else:
-            p = vector_for(self.pref_vector, m, G.dtype, "pref_vector")
+            p = sized(self.pref_vector, m, G.dtype, "pref_vector")
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
         inv_norm = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
         Gu = G * inv_norm[:, None] * inv_norm[None, :]
@@ -47,11 +62,5 @@ class ConFIG(Aggregator):
         length = jnp.sum(G @ beta) / denom
         return length / denom * beta
 
-    def __call__(self, jacobian, /, *, key=None):
-        return combine(self.weights(jacobian), jacobian)
 
-
-def config(jacobian=None, /, *, pref_vector=None):
-    """ConFIG (Liu et al. 2024): ``config(J)`` returns the update, ``config(**hyper)`` a
-    :class:`ConFIG`."""
-    return build_or_apply(ConFIG(pref_vector), jacobian)
+config = spelling(ConFIG, "config", reads="jacobian")

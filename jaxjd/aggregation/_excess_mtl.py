@@ -9,13 +9,15 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import equinox as eqx
+from typing import Any
+
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import PyTree
 
-from .._tree import accumulation_dtype, num_objectives
-from ._base import StatefulAggregator, check_positive
+from .._tree import accumulation_dtype, combine, num_objectives
+from ._abstract import AbstractAggregator, Aggregation
+from ._fields import as_dtype, number, spelling, static_int
 
 
 class ExcessMTLState(NamedTuple):
@@ -36,28 +38,36 @@ class ExcessMTLState(NamedTuple):
     count: jax.Array
 
 
-class ExcessMTLWeighting(eqx.Module):
-    r"""Weights of ExcessMTL, from the Jacobian (pytree).
+class ExcessMTL(AbstractAggregator):
+    r"""ExcessMTL: robust task weights from per-task excess risks, read from the Jacobian.
 
     Each call: ``S += J**2``; excess risks ``e_i = sum_k J_ik^2 / sqrt(S_ik + 1e-7)`` (an AdaGrad
     diagonal Hessian, Eqs. 6-7). During the first ``n_warmup_steps`` calls the weights stay
     uniform and ``e`` is summed; the baseline is then the warm-up mean (or, without warm-up, the
     first call's ``e``, used raw on that call). Later ``e <- e / (baseline + 1e-7)`` and
-    ``w <- softmax(log w + robust_step_size * e)`` (Eq. 9, in log space).
-    State: :class:`ExcessMTLState`, Jacobian-sized.
+    ``w <- softmax(log w + robust_step_size * e)`` (Eq. 9, in log space); the update is
+    ``J^T w``. State: :class:`ExcessMTLState`, Jacobian-sized (so no Gramian engine can feed
+    it).
+
+    Args:
+        robust_step_size: the step of the weights' mirror ascent.
+        n_warmup_steps: calls with uniform weights that set the baseline.
+
+    Reference: He et al., "Robust multi-task learning with excess risks", ICML 2024.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> agg = jd.excess_mtl()
+    >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    >>> update, state = agg.update(J, agg.init(J))
+    >>> int(state.count)
+    1
     """
 
-    robust_step_size: float = eqx.field(static=True)
-    n_warmup_steps: int = eqx.field(static=True)
+    robust_step_size: Any = number("robust_step_size", 1.0, check="positive")
+    n_warmup_steps: int = static_int("n_warmup_steps", 0, minimum=0)
+    has_state = True
 
-    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0):
-        self.robust_step_size = check_positive(robust_step_size, "robust_step_size")
-        if int(n_warmup_steps) != n_warmup_steps or n_warmup_steps < 0:
-            raise ValueError(f"n_warmup_steps must be an integer >= 0; got {n_warmup_steps}.")
-        self.n_warmup_steps = int(n_warmup_steps)
-
-    def init(self, jacobian: PyTree, /) -> ExcessMTLState:
-        """Zero state for Jacobians shaped like ``jacobian`` (arrays or shape structs)."""
+    def _init(self, jacobian: PyTree) -> ExcessMTLState:
         m = num_objectives(jacobian)
         sums = jax.tree_util.tree_map(
             lambda leaf: jnp.zeros(leaf.shape, accumulation_dtype(leaf.dtype)), jacobian
@@ -68,23 +78,11 @@ class ExcessMTLWeighting(eqx.Module):
             jnp.full((m,), 1.0 / m, dtype), sums, zeros, zeros, jnp.zeros((), jnp.int32)
         )
 
-    def update(
-        self, jacobian: PyTree, state: ExcessMTLState, /
-    ) -> tuple[Float[Array, " m"], ExcessMTLState]:
-        """``(weights, new_state)`` for this step's Jacobian."""
-        m = num_objectives(jacobian)
-        if state.weights.shape != (m,):
-            raise ValueError(
-                f"The state holds {state.weights.shape[0]} objectives but the Jacobian has "
-                f"m = {m}: build a new state with init(jacobian)."
-            )
+    def _aggregate(self, jacobian, state, key):
         if jax.tree_util.tree_structure(jacobian) != jax.tree_util.tree_structure(
             state.sq_grad_sum
         ):
             raise ValueError("The Jacobian's pytree structure differs from the state's.")
-        return _update_jit(self, jacobian, state)
-
-    def _update(self, jacobian, state):
         dtype = state.weights.dtype
         squares = jax.tree_util.tree_map(
             lambda leaf, s: jnp.square(jax.lax.stop_gradient(leaf).astype(s.dtype)),
@@ -107,7 +105,7 @@ class ExcessMTLWeighting(eqx.Module):
         else:
             baseline = jnp.where(first, excess, state.baseline)
             scaled = jnp.where(first, excess, excess / (baseline + 1e-7))
-        stepped = jax.nn.softmax(jnp.log(state.weights) + self.robust_step_size * scaled)
+        stepped = jax.nn.softmax(jnp.log(state.weights) + as_dtype(self.robust_step_size, dtype) * scaled)
         weights = jnp.where(warm, state.weights, stepped)
         new = ExcessMTLState(
             weights,
@@ -116,37 +114,7 @@ class ExcessMTLWeighting(eqx.Module):
             jnp.where(warm, state.warmup_sum + excess, state.warmup_sum),
             state.count + 1,
         )
-        return weights, new
+        return Aggregation(combine(weights, jacobian), weights, new)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _update_jit(weighting, jacobian, state):
-    return weighting._update(jacobian, state)
-
-
-class ExcessMTL(StatefulAggregator):
-    """ExcessMTL aggregator (stateful, Jacobian-sized state): ``state = agg.init(J)``, then
-    ``update, state = agg.update(J, state)``."""
-
-    weighting: ExcessMTLWeighting
-
-    def __init__(self, robust_step_size: float = 1.0, n_warmup_steps: int = 0):
-        self.weighting = ExcessMTLWeighting(robust_step_size, n_warmup_steps)
-
-    def init(self, jacobian, /):
-        return self.weighting.init(jacobian)
-
-    def weights(self, jacobian, state, /, *, key=None):
-        return self.weighting.update(jacobian, state)
-
-
-def excess_mtl(*, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> ExcessMTL:
-    """:class:`ExcessMTL` (He et al., ICML 2024), stateful."""
-    return ExcessMTL(robust_step_size, n_warmup_steps)
-
-
-def excess_mtl_weighting(
-    *, robust_step_size: float = 1.0, n_warmup_steps: int = 0
-) -> ExcessMTLWeighting:
-    """:class:`ExcessMTLWeighting` (stateful, on the Jacobian: ``init`` then ``update``)."""
-    return ExcessMTLWeighting(robust_step_size, n_warmup_steps)
+excess_mtl = spelling(ExcessMTL, "excess_mtl", reads="jacobian")

@@ -6,11 +6,19 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, check_gramian
-from ._base import GramianWeightedAggregator, Weighting, build_or_apply
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import spelling, static_int
 
 
-class FairGradWeighting(Weighting):
+def _alpha(value):
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError("FairGrad's alpha sets the form of the problem: it must be concrete.")
+    if not float(value) >= 0:
+        raise ValueError(f"alpha must be >= 0; got {value}.")
+    return float(value)
+
+
+class FairGradWeighting(AbstractWeighting):
     r"""Weights of FairGrad: the positive solution of ``G x = x^{-1/alpha}`` (element-wise), so
     that ``g_i . d = x_i^{-1/alpha} > 0`` for every objective (non-conflicting). ``alpha = 0`` gives
     the uniform ``1/m``.
@@ -24,24 +32,31 @@ class FairGradWeighting(Weighting):
     When no positive solution exists (a positive ``v`` with ``J^T v = 0``, e.g. ``J = 0``),
     ``phi`` is unbounded below; the iterate after ``max_iters`` steps (or the last finite one)
     is returned: finite, positive, and large.
+
+    Args:
+        alpha: the fairness exponent (static: it sets the form of the problem; 0 gives the mean,
+            1 proportional fairness).
+        max_iters: Newton steps at most.
+        tol: relative residual to stop at (default 1e-12 in float64, 1e-6 in float32).
+
+    Reference: Ban & Ji, "Fair resource allocation in multi-task learning", ICML 2024.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> import numpy as np
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> np.round(np.asarray(jd.fairgrad_weighting(G, alpha=1.0), float), 4)
+    array([0., 0.])
     """
 
-    alpha: float = eqx.field(static=True)
-    max_iters: int = eqx.field(static=True)
-    tol: float | None = eqx.field(static=True)
+    alpha: float = eqx.field(static=True, converter=_alpha)
+    max_iters: int = static_int("max_iters", 100)
+    tol: float | None = eqx.field(static=True, default=None)
 
-    def __init__(self, alpha: float, max_iters: int | None = None, tol: float | None = None):
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0; got {alpha}.")
-        if max_iters is not None and (int(max_iters) != max_iters or max_iters < 1):
-            raise ValueError(f"max_iters must be a positive integer; got {max_iters}.")
-        self.alpha = float(alpha)
-        self.max_iters = 100 if max_iters is None else int(max_iters)
-        self.tol = tol
+    def _weigh(self, G, state, key):
+        return self._solve(G), state
 
-    def _weigh(self, gramian, key):
-        m = check_gramian(gramian)
-        G = jax.lax.stop_gradient(jnp.asarray(gramian, accumulation_dtype(gramian.dtype)))
+    def _solve(self, G):
+        m = G.shape[0]
         uniform = jnp.full((m,), 1.0 / m, G.dtype)
         if self.alpha == 0:
             return uniform
@@ -100,20 +115,11 @@ class FairGradWeighting(Weighting):
 
 
 class FairGrad(GramianWeightedAggregator):
-    """FairGrad aggregator: ``J^T w`` with :class:`FairGradWeighting` weights."""
+    """FairGrad aggregator: ``J^T w`` with :class:`FairGradWeighting` weights (TorchJD's
+    ``FairGrad``)."""
 
-    weighting: FairGradWeighting
-
-    def __init__(self, alpha: float, max_iters: int | None = None, tol: float | None = None):
-        self.weighting = FairGradWeighting(alpha, max_iters, tol)
+    weighting_class = FairGradWeighting
 
 
-def fairgrad(jacobian=None, /, *, alpha, max_iters=None, tol=None):
-    """FairGrad (Ban & Ji 2024): ``fairgrad(J, alpha=a)`` returns the update,
-    ``fairgrad(alpha=a)`` a :class:`FairGrad`."""
-    return build_or_apply(FairGrad(alpha, max_iters, tol), jacobian)
-
-
-def fairgrad_weighting(gramian=None, /, *, alpha, max_iters=None, tol=None):
-    """:class:`FairGradWeighting`: weights from a Gramian, or the weighting itself."""
-    return build_or_apply(FairGradWeighting(alpha, max_iters, tol), gramian)
+fairgrad = spelling(FairGrad, "fairgrad", reads="jacobian")
+fairgrad_weighting = spelling(FairGradWeighting, "fairgrad_weighting", reads="gramian")

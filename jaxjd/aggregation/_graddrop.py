@@ -3,37 +3,52 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._tree import num_objectives
-from ._base import Aggregator, as_static_vector, build_or_apply, vector_for
+from .._tree import accumulation_dtype, num_objectives
+from ._abstract import AbstractAggregator, Aggregation
+from ._fields import sized, spelling, vector
 
 
 def _identity(x):
     return x
 
 
-class GradDrop(Aggregator):
+def _callable(f):
+    if not callable(f):
+        raise TypeError("f must be callable.")
+    return f
+
+
+class GradDrop(AbstractAggregator):
     r"""GradDrop: per coordinate, purity ``P = (1 + sum_i J_i / sum_i |J_i|) / 2``, one uniform
     draw ``U`` (shared by the rows), masks ``M_i = [f(P) > U][J_i > 0] + [f(P) < U][J_i < 0]`` and
     the update ``sum_i (leak_i + (1 - leak_i) M_i) J_i``. Needs coordinates (works leaf by leaf on
     a pytree, one draw per coordinate of the flattened row, from the explicit ``key``); ``f``
-    should be monotone increasing (default identity), ``leak`` defaults to zeros."""
+    should be monotone increasing (default identity), ``leak`` defaults to zeros.
 
-    f: Callable = eqx.field(static=True)
-    leak: tuple[float, ...] | None = eqx.field(static=True)
-    needs_key = True
+    Args:
+        f: the monotone map applied to the purity.
+        leak: per-row fraction of the gradient always kept (default zeros).
 
-    def __init__(self, f: Callable = _identity, leak=None):
-        if not callable(f):
-            raise TypeError("f must be callable.")
-        self.f = f
-        self.leak = as_static_vector(leak, "leak")
+    Reference: Chen et al., "Just pick a sign: optimizing deep multitask models with gradient
+    sign dropout", NeurIPS 2020.
 
-    def __call__(self, jacobian, /, *, key=None):
+    >>> import jax, jax.numpy as jnp, jaxjd as jd
+    >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
+    >>> jd.graddrop(J, key=jax.random.key(0)).shape
+    (3,)
+    """
+
+    f: Callable = eqx.field(static=True, default=_identity, converter=_callable)
+    leak: Any = vector("leak")
+    draws_key = True
+
+    def _aggregate(self, jacobian, state, key):
         m = num_objectives(jacobian)
         if key is None:
             raise ValueError("GradDrop needs a PRNG key: call it with key=jax.random.key(0).")
@@ -41,17 +56,17 @@ class GradDrop(Aggregator):
         # One uniform per coordinate of the flattened row, so a pytree and its matrix view get
         # the same draws.
         sizes = [leaf[0].size for leaf in leaves]
-        dtype_u = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+        dtype_u = accumulation_dtype(jnp.result_type(*leaves))
         u_all = jax.random.uniform(key, (sum(sizes),), dtype_u)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
 
         def one(leaf, start):
-            dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+            dtype = accumulation_dtype(leaf.dtype)
             x = leaf.astype(dtype)
             leak = (
                 jnp.zeros((m,), dtype)
                 if self.leak is None
-                else vector_for(self.leak, m, dtype, "leak")
+                else sized(self.leak, m, dtype, "leak")
             )
             leak = jnp.reshape(leak, (m,) + (1,) * (x.ndim - 1))
             purity = 0.5 * (1.0 + jnp.sum(x, axis=0) / jnp.sum(jnp.abs(x), axis=0))
@@ -62,10 +77,7 @@ class GradDrop(Aggregator):
             return out.astype(leaf.dtype)
 
         outs = [one(x, start) for x, start in zip(leaves, starts)]
-        return jax.tree_util.tree_unflatten(treedef, outs)
+        return Aggregation(jax.tree_util.tree_unflatten(treedef, outs), None, state)
 
 
-def graddrop(jacobian=None, /, *, f=_identity, leak=None, key=None):
-    """GradDrop: ``graddrop(J, key=key)`` returns the update, ``graddrop(**hyper)`` a
-    :class:`GradDrop` to call with ``key=``."""
-    return build_or_apply(GradDrop(f, leak), jacobian, key=key)
+graddrop = spelling(GradDrop, "graddrop", reads="jacobian")

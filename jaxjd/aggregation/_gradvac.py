@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import equinox as eqx
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, check_gramian
-from ._base import (
-    StatefulGramianAggregator,
-    StatefulWeighting,
-    check_nonnegative,
-    positive_int,
-)
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import as_dtype, number, spelling
 
 
 class GradVacState(NamedTuple):
@@ -23,7 +19,7 @@ class GradVacState(NamedTuple):
     targets: jax.Array
 
 
-class GradVacWeighting(StatefulWeighting):
+class GradVacWeighting(AbstractWeighting):
     r"""Weights of GradVac, from the Gramian alone.
 
     Each ``g_i`` is kept as coefficients ``c`` over the rows (``g_i^PC = J^T c``, ``c = e_i``).
@@ -35,37 +31,40 @@ class GradVacWeighting(StatefulWeighting):
     State: :class:`GradVacState`, m x m. The order comes from the PRNG ``key`` (one permutation
     per i); for m <= 2 it cannot matter and the key may be omitted. A ``lax.fori_loop`` over j,
     vmapped over i.
+
+    Args:
+        beta: the EMA rate of the cosine targets.
+        eps: added to the norms' products.
+
+    Reference: Wang et al., "Gradient vaccine: investigating and improving multi-task
+    optimization in massively multilingual models", ICLR 2021.
+
+    >>> import jax, jax.numpy as jnp, jaxjd as jd
+    >>> weighting = jd.gradvac_weighting()
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> w, state = weighting.update(G, weighting.init(2), key=jax.random.key(0))
+    >>> state.targets.shape
+    (2, 2)
     """
 
-    beta: float = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
-    needs_key = True
+    beta: Any = number("beta", 0.5, check="unit")
+    eps: Any = number("eps", 1e-8, check="nonnegative")
+    draws_key = True
+    has_state = True
 
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8):
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1]; got {beta}.")
-        self.beta = float(beta)
-        self.eps = check_nonnegative(eps, "eps")
+    def _init(self, m, dtype):
+        return GradVacState(jnp.zeros((m, m), dtype))
 
-    def init(self, num_objectives, dtype=jnp.float32):
-        m = positive_int(num_objectives, "num_objectives")
-        return GradVacState(jnp.zeros((m, m), accumulation_dtype(dtype)))
-
-    def _update(self, matrix, state, key):
-        m = check_gramian(matrix)
-        if state.targets.shape != (m, m):
-            raise ValueError(
-                f"The state holds {state.targets.shape[0]} objectives but the Gramian has "
-                f"m = {m}: build a new state with init(m)."
-            )
+    def _weigh(self, G, state, key):
+        m = G.shape[0]
         dtype = state.targets.dtype
-        G = jax.lax.stop_gradient(jnp.asarray(matrix, dtype))
+        G = G.astype(dtype)
         if key is None:
             if m > 2:
                 raise ValueError("GradVac with m > 2 needs a PRNG key for its random task order.")
             key = jax.random.key(0)
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
-        beta, eps = self.beta, self.eps
+        beta, eps = as_dtype(self.beta, dtype), as_dtype(self.eps, dtype)
 
         def vaccinate(i, k, targets):
             order = jax.random.permutation(k, m)
@@ -95,21 +94,12 @@ class GradVacWeighting(StatefulWeighting):
         return jnp.sum(C, axis=0), GradVacState(targets)
 
 
-class GradVac(StatefulGramianAggregator):
-    """GradVac aggregator (stateful): ``state = agg.init(J)``, then
+class GradVac(GramianWeightedAggregator):
+    """GradVac aggregator (stateful; TorchJD's ``GradVac``): ``state = agg.init(J)``, then
     ``update, state = agg.update(J, state, key=key)``."""
 
-    weighting: GradVacWeighting
-
-    def __init__(self, beta: float = 0.5, eps: float = 1e-8):
-        self.weighting = GradVacWeighting(beta, eps)
+    weighting_class = GradVacWeighting
 
 
-def gradvac(*, beta: float = 0.5, eps: float = 1e-8) -> GradVac:
-    """:class:`GradVac` (Wang et al., ICLR 2021), stateful."""
-    return GradVac(beta, eps)
-
-
-def gradvac_weighting(*, beta: float = 0.5, eps: float = 1e-8) -> GradVacWeighting:
-    """:class:`GradVacWeighting` (stateful: ``init`` then ``update``)."""
-    return GradVacWeighting(beta, eps)
+gradvac = spelling(GradVac, "gradvac", reads="jacobian")
+gradvac_weighting = spelling(GradVacWeighting, "gradvac_weighting", reads="gramian")

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import equinox as eqx
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, check_gramian
-from ._base import GramianWeightedAggregator, Weighting, build_or_apply, check_positive
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import as_dtype, number, spelling, static_int
 
 
-class MGDAWeighting(Weighting):
+class MGDAWeighting(AbstractWeighting):
     r"""Weights of MGDA: ``argmin_{a in simplex} a^T G a`` by Frank–Wolfe (Algorithm 2 of Sener &
     Koltun 2018), exactly as TorchJD runs it: start at ``1/m``, move toward the vertex of
     smallest ``(G a)_t`` with the exact line-search step ``gamma``, stop when ``gamma < epsilon``
     or after ``max_iters`` iterations. A ``lax.while_loop``; weights are constants under
     differentiation.
+
+    Args:
+        epsilon: stop when the Frank–Wolfe step falls below it.
+        max_iters: iteration cap.
+
+    Reference: Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective
+    optimization", C. R. Math. 2012; Sener & Koltun, NeurIPS 2018.
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> import numpy as np
@@ -24,23 +32,21 @@ class MGDAWeighting(Weighting):
     array([0.6, 0.4])
     """
 
-    epsilon: float = eqx.field(static=True)
-    max_iters: int = eqx.field(static=True)
+    epsilon: Any = number("epsilon", 1e-3, check="positive")
+    max_iters: int = static_int("max_iters", 100)
 
-    def __init__(self, epsilon: float = 1e-3, max_iters: int = 100):
-        self.epsilon = check_positive(epsilon, "epsilon")
-        if int(max_iters) != max_iters or max_iters < 1:
-            raise ValueError(f"max_iters must be a positive integer; got {max_iters}.")
-        self.max_iters = int(max_iters)
+    def _weigh(self, G, state, key):
+        return self.minimum_norm(G), state
 
-    def _weigh(self, gramian, key):
-        m = check_gramian(gramian)
-        G = jax.lax.stop_gradient(jnp.asarray(gramian, accumulation_dtype(gramian.dtype)))
+    def minimum_norm(self, G):
+        """The Frank–Wolfe loop on a prepared Gramian (also Nash-MTL's start certificate)."""
+        m = G.shape[0]
+        epsilon = as_dtype(self.epsilon, G.dtype)
         alpha0 = jnp.full((m,), 1.0 / m, G.dtype)
 
         def cond(state):
             _, it, gamma = state
-            return (it < self.max_iters) & ~(gamma < self.epsilon)
+            return (it < self.max_iters) & ~(gamma < epsilon)
 
         def body(state):
             alpha, it, _ = state
@@ -60,25 +66,16 @@ class MGDAWeighting(Weighting):
 
 
 class MGDA(GramianWeightedAggregator):
-    """MGDA aggregator: ``J^T w`` with :class:`MGDAWeighting` weights."""
+    """MGDA aggregator: ``J^T w`` with :class:`MGDAWeighting` weights (TorchJD's ``MGDA``).
 
-    weighting: MGDAWeighting
-
-    def __init__(self, epsilon: float = 1e-3, max_iters: int = 100):
-        self.weighting = MGDAWeighting(epsilon, max_iters)
-
-
-def mgda(jacobian=None, /, *, epsilon=1e-3, max_iters=100):
-    """MGDA (Désidéri 2012; Frank–Wolfe of Sener & Koltun 2018): ``mgda(J)`` returns the update,
-    ``mgda(**hyper)`` a reusable :class:`MGDA`.
-
-    Args:
-        epsilon: stop when the Frank–Wolfe step falls below it.
-        max_iters: iteration cap.
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> import numpy as np
+    >>> np.round(np.asarray(jd.mgda(jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])), float), 4)
+    array([0. , 1. , 1. ])
     """
-    return build_or_apply(MGDA(epsilon, max_iters), jacobian)
+
+    weighting_class = MGDAWeighting
 
 
-def mgda_weighting(gramian=None, /, *, epsilon=1e-3, max_iters=100):
-    """:class:`MGDAWeighting`: weights from a Gramian, or the weighting itself."""
-    return build_or_apply(MGDAWeighting(epsilon, max_iters), gramian)
+mgda = spelling(MGDA, "mgda", reads="jacobian")
+mgda_weighting = spelling(MGDAWeighting, "mgda_weighting", reads="gramian")

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import equinox as eqx
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, check_gramian
-from ._base import (
-    StatefulGramianAggregator,
-    StatefulWeighting,
-    check_nonnegative,
-    positive_int,
-)
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import as_dtype, number, spelling, static_int
 from ._mgda import MGDAWeighting
 
 
@@ -123,7 +119,7 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
     return a, ok
 
 
-class NashMTLWeighting(StatefulWeighting):
+class NashMTLWeighting(AbstractWeighting):
     r"""Weights of Nash-MTL, from the Gramian (TorchJD reads the Jacobian; only ``J J^T`` is
     needed).
 
@@ -140,37 +136,39 @@ class NashMTLWeighting(StatefulWeighting):
     TorchJD does on a solver error; an all-zero Gramian keeps ``alpha`` (the update is zero);
     m = 1 gives ``alpha = 1`` (``G / |G|_F = 1`` meets the stopping rule at once), clipped to
     ``max_norm / |g|``. State: :class:`NashMTLState`.
+
+    Args:
+        max_norm: the update's norm is clipped to it (0: no clipping).
+        update_weights_every: the weights are recomputed every this many calls.
+        optim_niter: convex programs per recomputation at most.
+
+    Reference: Navon et al., "Multi-task learning as a bargaining game", ICML 2022.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> weighting = jd.nash_mtl_weighting()
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> w, state = weighting.update(G, weighting.init(2))
+    >>> int(state.count)
+    1
     """
 
-    max_norm: float = eqx.field(static=True)
-    update_weights_every: int = eqx.field(static=True)
-    optim_niter: int = eqx.field(static=True)
+    max_norm: Any = number("max_norm", 1.0, check="nonnegative")
+    update_weights_every: int = static_int("update_weights_every", 1)
+    optim_niter: int = static_int("optim_niter", 20)
+    has_state = True
 
-    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter=20):
-        self.max_norm = check_nonnegative(max_norm, "max_norm")
-        self.update_weights_every = positive_int(update_weights_every, "update_weights_every")
-        self.optim_niter = positive_int(optim_niter, "optim_niter")
+    def _init(self, m, dtype):
+        return NashMTLState(jnp.ones((m,), dtype), jnp.zeros((), jnp.int32))
 
-    def init(self, num_objectives, dtype=jnp.float32):
-        m = positive_int(num_objectives, "num_objectives")
-        return NashMTLState(jnp.ones((m,), accumulation_dtype(dtype)), jnp.zeros((), jnp.int32))
-
-    def _update(self, matrix, state, key):
-        m = check_gramian(matrix)
-        if state.alpha.shape != (m,):
-            raise ValueError(
-                f"The state holds {state.alpha.shape[0]} objectives but the Gramian has m = {m}: "
-                "build a new state with init(m)."
-            )
+    def _weigh(self, G, state, key):
         dtype = state.alpha.dtype
-        GTG = jax.lax.stop_gradient(jnp.asarray(matrix, dtype))
+        GTG = G.astype(dtype)
         refresh = state.count % self.update_weights_every == 0
-        alpha = jax.lax.cond(refresh, self._solve, lambda G, a: a, GTG, state.alpha)
-        if self.max_norm > 0:
-            norm = jnp.sqrt(jnp.maximum(alpha @ GTG @ alpha, 0.0))
-            alpha_out = jnp.where(norm > self.max_norm, alpha / norm * self.max_norm, alpha)
-        else:
-            alpha_out = alpha
+        alpha = jax.lax.cond(refresh, lambda G, a: self._solve(G, a), lambda G, a: a, GTG, state.alpha)
+        max_norm = as_dtype(self.max_norm, dtype)
+        norm = jnp.sqrt(jnp.maximum(alpha @ GTG @ alpha, 0.0))
+        clip = (max_norm > 0) & (norm > max_norm)
+        alpha_out = jnp.where(clip, alpha / jnp.where(clip, norm, 1.0) * max_norm, alpha)
         return alpha_out, NashMTLState(alpha, state.count + 1)
 
     def _solve(self, GTG, alpha):
@@ -199,7 +197,7 @@ class NashMTLWeighting(StatefulWeighting):
         ones = jnp.ones((m,), dtype)
 
         def mgda_start():
-            lam = MGDAWeighting(epsilon=1e-12, max_iters=1000)._weigh(C, None)
+            lam = MGDAWeighting(epsilon=1e-12, max_iters=1000).minimum_norm(C)
             spread = jnp.maximum(jnp.max(jnp.abs(C @ ones)), jnp.finfo(dtype).tiny)
             return (lam + 0.5 * (lam @ C @ lam) / spread) * inv
 
@@ -227,24 +225,12 @@ class NashMTLWeighting(StatefulWeighting):
         return a
 
 
-class NashMTL(StatefulGramianAggregator):
-    """Nash-MTL aggregator (stateful): ``state = agg.init(J)``, then
-    ``update, state = agg.update(J, state)``."""
+class NashMTL(GramianWeightedAggregator):
+    """Nash-MTL aggregator (stateful; TorchJD's ``NashMTL``, with no ``n_tasks``: m comes from
+    ``init``)."""
 
-    weighting: NashMTLWeighting
-
-    def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter=20):
-        self.weighting = NashMTLWeighting(max_norm, update_weights_every, optim_niter)
+    weighting_class = NashMTLWeighting
 
 
-def nash_mtl(*, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20):
-    """:class:`NashMTL` (Navon et al., ICML 2022), stateful. No ``n_tasks``: m comes from
-    ``init``."""
-    return NashMTL(max_norm, update_weights_every, optim_niter)
-
-
-def nash_mtl_weighting(
-    *, max_norm: float = 1.0, update_weights_every: int = 1, optim_niter: int = 20
-):
-    """:class:`NashMTLWeighting` (stateful: ``init`` then ``update``)."""
-    return NashMTLWeighting(max_norm, update_weights_every, optim_niter)
+nash_mtl = spelling(NashMTL, "nash_mtl", reads="jacobian")
+nash_mtl_weighting = spelling(NashMTLWeighting, "nash_mtl_weighting", reads="gramian")

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._tree import accumulation_dtype, check_gramian
-from ._base import (
-    StatefulGramianAggregator,
-    StatefulWeighting,
-    check_nonnegative,
-    positive_int,
-)
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import as_dtype, number, spelling
 
 
 class PCDState(NamedTuple):
@@ -97,7 +94,19 @@ def solve_priority_qp(G, taus, *, tol=1e-9, dependence_tol=1e-9, max_iter=None):
     return jnp.where(status == 2, e1, weights)
 
 
-class PCDWeighting(StatefulWeighting):
+def _taus_field(tau):
+    """``tau``: a number or a 1-D vector in [0, 1], stored as an array leaf."""
+    if isinstance(tau, jax.core.Tracer):
+        return tau
+    arr = np.asarray(tau, np.float64)
+    if arr.ndim > 1:
+        raise ValueError(f"tau must be a float or a 1-D vector; got shape {arr.shape}.")
+    if not np.all((arr >= 0) & (arr <= 1)):
+        raise ValueError(f"tau must be in [0, 1]; got {arr}.")
+    return arr
+
+
+class PCDWeighting(AbstractWeighting):
     r"""Weights of PCD, from the Gramian; row 0 is the primary objective.
 
     With ``g~_i = s_i g_i``, ``s_i = 1 / sqrt(v^_i + eps)`` (``v^``: bias-corrected EMA, decay
@@ -106,64 +115,55 @@ class PCDWeighting(StatefulWeighting):
     ``|g_1|``. Zero when ``g_1 = 0`` or ``d`` is zero up to rounding; ``g_1`` alone when the
     constraints are infeasible; NaN weights (and an untouched state) for a non-finite Gramian.
     Not permutation invariant by design. State: :class:`PCDState` (m floats and a counter).
+
+    Args:
+        tau: the fraction of its normalised progress each secondary objective keeps: one number,
+            or a vector of length m - 1.
+        beta: the EMA decay of the squared gradient norms.
+        eps: added to the EMA before the square root.
+
+    Reference: Priority-Constrained Descent, TMLR 2026, arXiv 2606.29521.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> weighting = jd.pcd_weighting()
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> w, state = weighting.update(G, weighting.init(2))
+    >>> int(state.count)
+    1
     """
 
-    tau: float | tuple[float, ...] = eqx.field(static=True)
-    beta: float = eqx.field(static=True)
-    eps: float = eqx.field(static=True)
+    tau: Any = eqx.field(default=0.02, converter=_taus_field)
+    beta: Any = number("beta", 0.999, check="fraction")
+    eps: Any = number("eps", 1e-8, check="nonnegative")
+    has_state = True
 
-    def __init__(self, tau=0.02, beta: float = 0.999, eps: float = 1e-8):
-        if np.ndim(tau) == 0:
-            if not 0.0 <= float(tau) <= 1.0:
-                raise ValueError(f"tau must be in [0, 1]; got {tau}.")
-            self.tau = float(tau)
-        else:
-            if isinstance(tau, jax.core.Tracer):
-                raise TypeError("tau is a hyper-parameter and must be concrete, not traced.")
-            arr = np.asarray(tau, np.float64)
-            if arr.ndim != 1:
-                raise ValueError(f"tau must be a float or a 1-D vector; got shape {arr.shape}.")
-            if not np.all((arr >= 0) & (arr <= 1)):
-                raise ValueError(f"tau must be in [0, 1]; got {arr}.")
-            self.tau = tuple(float(x) for x in arr)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1); got {beta}.")
-        self.beta = float(beta)
-        self.eps = check_nonnegative(eps, "eps")
-
-    def init(self, num_objectives, dtype=jnp.float32):
-        m = positive_int(num_objectives, "num_objectives")
-        self._taus(m, jnp.float32)
-        dtype = accumulation_dtype(dtype)
+    def _init(self, m, dtype):
+        self._taus(m, dtype)
         return PCDState(jnp.zeros((m,), dtype), jnp.zeros((), jnp.int32))
 
     def _taus(self, m, dtype):
-        if isinstance(self.tau, tuple):
-            if len(self.tau) != m - 1:
+        if jnp.ndim(self.tau) == 1:
+            if jnp.shape(self.tau) != (m - 1,):
                 raise ValueError(
-                    f"tau has length {len(self.tau)}: it needs one value per secondary "
+                    f"tau has length {jnp.shape(self.tau)[0]}: it needs one value per secondary "
                     f"objective, m - 1 = {m - 1}."
                 )
-            return jnp.asarray(self.tau, dtype).reshape(m - 1)
-        return jnp.full((m - 1,), self.tau, dtype)
+            return jnp.asarray(self.tau).astype(dtype)
+        return jnp.full((m - 1,), as_dtype(self.tau, dtype))
 
-    def _update(self, matrix, state, key):
-        m = check_gramian(matrix)
-        if state.sq_norm_ema.shape != (m,):
-            raise ValueError(
-                f"The state holds {state.sq_norm_ema.shape[0]} objectives but the Gramian has "
-                f"m = {m}: build a new state with init(m)."
-            )
+    def _weigh(self, G, state, key):
+        m = G.shape[0]
         dtype = state.sq_norm_ema.dtype
-        G = jax.lax.stop_gradient(jnp.asarray(matrix, dtype))
+        G = G.astype(dtype)
         taus = self._taus(m, dtype)
+        beta, eps = as_dtype(self.beta, dtype), as_dtype(self.eps, dtype)
         finite = jnp.all(jnp.isfinite(G))
         G = jnp.where(finite, G, 0.0)
         sq_norms = jnp.diagonal(G)
         count = state.count + 1
-        ema = self.beta * state.sq_norm_ema + (1.0 - self.beta) * sq_norms
-        debiased = ema / (1.0 - self.beta ** count.astype(dtype))
-        denominators = jnp.sqrt(debiased + self.eps)
+        ema = beta * state.sq_norm_ema + (1.0 - beta) * sq_norms
+        debiased = ema / (1.0 - beta ** count.astype(dtype))
+        denominators = jnp.sqrt(debiased + eps)
         scales = jnp.where(denominators > 0, 1.0 / jnp.where(denominators > 0, denominators, 1), 0)
         precision = 10.0 * jnp.finfo(dtype).eps
         normalized = G * jnp.outer(scales, scales)
@@ -180,20 +180,11 @@ class PCDWeighting(StatefulWeighting):
         return weights, new
 
 
-class PCD(StatefulGramianAggregator):
+class PCD(GramianWeightedAggregator):
     """PCD aggregator (stateful; row 0 of the Jacobian is the primary objective)."""
 
-    weighting: PCDWeighting
-
-    def __init__(self, tau=0.02, beta: float = 0.999, eps: float = 1e-8):
-        self.weighting = PCDWeighting(tau, beta, eps)
+    weighting_class = PCDWeighting
 
 
-def pcd(*, tau=0.02, beta: float = 0.999, eps: float = 1e-8) -> PCD:
-    """:class:`PCD` (Priority-Constrained Descent), stateful."""
-    return PCD(tau, beta, eps)
-
-
-def pcd_weighting(*, tau=0.02, beta: float = 0.999, eps: float = 1e-8) -> PCDWeighting:
-    """:class:`PCDWeighting` (stateful: ``init`` then ``update``)."""
-    return PCDWeighting(tau, beta, eps)
+pcd = spelling(PCD, "pcd", reads="jacobian")
+pcd_weighting = spelling(PCDWeighting, "pcd_weighting", reads="gramian")

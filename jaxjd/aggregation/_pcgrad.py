@@ -5,23 +5,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, check_gramian
-from ._base import GramianWeightedAggregator, Weighting, build_or_apply
+from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._fields import spelling
 
 
-class PCGradWeighting(Weighting):
+class PCGradWeighting(AbstractWeighting):
     r"""Weights of PCGrad: each ``g_i`` is kept as coefficients ``c`` over the rows
     (``g_i^PC = J^T c``, ``c = e_i``); for the other rows ``j`` in a random order,
     if ``g_i^PC . g_j < 0`` then ``c_j -= (G c)_j / G_jj``. The weights are ``sum_i c^(i)`` (the
     sum of the projected gradients). The order comes from the PRNG ``key`` (one permutation per
     i); for m <= 2 it cannot matter and the key may be omitted. A ``lax.fori_loop`` over j,
-    vmapped over i."""
+    vmapped over i.
 
-    needs_key = True
+    Reference: Yu et al., "Gradient surgery for multi-task learning", NeurIPS 2020.
 
-    def _weigh(self, gramian, key):
-        m = check_gramian(gramian)
-        G = jax.lax.stop_gradient(jnp.asarray(gramian, accumulation_dtype(gramian.dtype)))
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> import numpy as np
+    >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
+    >>> np.round(np.asarray(jd.pcgrad_weighting(G), float), 4)
+    array([0., 0.])
+    """
+
+    draws_key = True
+
+    def _weigh(self, G, state, key):
+        m = G.shape[0]
         if key is None:
             if m > 2:
                 raise ValueError("PCGrad with m > 2 needs a PRNG key for its random task order.")
@@ -41,24 +49,15 @@ class PCGradWeighting(Weighting):
 
             return jax.lax.fori_loop(0, m, body, jax.nn.one_hot(i, m, dtype=G.dtype))
 
-        return jnp.sum(jax.vmap(project)(jnp.arange(m), keys), axis=0)
+        return jnp.sum(jax.vmap(project)(jnp.arange(m), keys), axis=0), state
 
 
 class PCGrad(GramianWeightedAggregator):
-    """PCGrad aggregator: ``J^T w`` with :class:`PCGradWeighting` weights; call with ``key=``."""
+    """PCGrad aggregator: ``J^T w`` with :class:`PCGradWeighting` weights (TorchJD's ``PCGrad``);
+    call with ``key=`` when m > 2."""
 
-    weighting: PCGradWeighting
-
-    def __init__(self):
-        self.weighting = PCGradWeighting()
+    weighting_class = PCGradWeighting
 
 
-def pcgrad(jacobian=None, /, *, key=None):
-    """PCGrad (Yu et al. 2020): ``pcgrad(J, key=key)`` returns the update, ``pcgrad()`` a
-    :class:`PCGrad` to call with ``key=``."""
-    return build_or_apply(PCGrad(), jacobian, key=key)
-
-
-def pcgrad_weighting(gramian=None, /, *, key=None):
-    """:class:`PCGradWeighting`: weights from a Gramian, or the weighting itself."""
-    return build_or_apply(PCGradWeighting(), gramian, key=key)
+pcgrad = spelling(PCGrad, "pcgrad", reads="jacobian")
+pcgrad_weighting = spelling(PCGradWeighting, "pcgrad_weighting", reads="gramian")

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .._tree import num_objectives
-from ._base import Aggregator, build_or_apply
+from ._abstract import AbstractAggregator, Aggregation
+from ._fields import spelling, static_int
 
 
-class TrimmedMean(Aggregator):
+class TrimmedMean(AbstractAggregator):
     """Per coordinate, drop the ``trim_number`` smallest and largest entries of the m rows and
     average the rest. Needs the Jacobian's coordinates (works leaf by leaf on a pytree) and
-    ``m >= 2 trim_number + 1``."""
+    ``m >= 2 trim_number + 1``.
 
-    trim_number: int = eqx.field(static=True)
+    Args:
+        trim_number: how many of the smallest and of the largest entries are dropped.
 
-    def __init__(self, trim_number: int):
-        if int(trim_number) != trim_number or trim_number < 0:
-            raise ValueError(f"trim_number must be a non-negative integer; got {trim_number}.")
-        self.trim_number = int(trim_number)
+    Reference: Yin et al., "Byzantine-robust distributed learning: towards optimal statistical
+    rates", ICML 2018.
 
-    def __call__(self, jacobian, /, *, key=None):
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> jd.trimmed_mean(jnp.array([[1.0, -5.0], [2.0, 0.0], [90.0, 1.0]]), trim_number=1)
+    Array([2., 0.], dtype=float32)
+    """
+
+    trim_number: int = static_int("trim_number", minimum=0)
+
+    def _aggregate(self, jacobian, state, key):
         m = num_objectives(jacobian)
         if m < 2 * self.trim_number + 1:
             raise ValueError(
@@ -64,10 +70,7 @@ class TrimmedMean(Aggregator):
             kept = jnp.where(jnp.any(jnp.isnan(rows), axis=1), jnp.nan, kept)
             return jnp.reshape(kept, leaf.shape[1:]).astype(leaf.dtype)
 
-        return jax.tree_util.tree_map(one, jacobian)
+        return Aggregation(jax.tree_util.tree_map(one, jacobian), None, state)
 
 
-def trimmed_mean(jacobian=None, /, *, trim_number):
-    """Trimmed mean: ``trimmed_mean(J, trim_number=t)`` returns the update,
-    ``trimmed_mean(trim_number=t)`` a :class:`TrimmedMean`."""
-    return build_or_apply(TrimmedMean(trim_number), jacobian)
+trimmed_mean = spelling(TrimmedMean, "trimmed_mean", reads="jacobian")

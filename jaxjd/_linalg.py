@@ -1,0 +1,40 @@
+"""Small dense linear algebra shared by several methods: simplex projections and the
+pseudo-inverse of a PSD matrix."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def project_onto_simplex(y):
+    """Euclidean projection onto the probability simplex (sort-based, jit-friendly)."""
+    m = y.shape[0]
+    u = jnp.sort(y)[::-1]
+    # Sequential partial sums (not a parallel prefix): the same rounding as a running sum.
+    css = jax.lax.scan(lambda c, x: (c + x, c + x), jnp.zeros((), y.dtype), u)[1]
+    k = jnp.arange(1, m + 1, dtype=y.dtype)
+    ok = u - (css - 1.0) / k > 0
+    rho = jnp.max(jnp.where(ok, jnp.arange(m), 0))
+    theta = jnp.where(rho == m - 1, (jnp.sum(y) - 1.0) / m, (css[rho] - 1.0) / (rho + 1.0))
+    return jnp.maximum(y - theta, 0.0)
+
+
+def project_onto_simplex_pairwise(y):
+    """The same projection without a sort (slow in XLA on CPU): with ``S_i`` the sum and ``c_i``
+    the number of entries ``>= y_i``, ``theta = max_i (S_i - 1) / c_i`` (the maximum of the
+    sorted partial-sum criterion is reached at the end of a group of ties). O(m^2), vectorised."""
+    ge = (y[None, :] >= y[:, None]).astype(y.dtype)
+    theta = jnp.max((ge @ y - 1.0) / jnp.sum(ge, axis=1))
+    return jnp.maximum(y - theta, 0.0)
+
+
+def pinv_psd(G, rtol=None):
+    """Pseudo-inverse of a symmetric PSD matrix by eigendecomposition (cut-off ``rtol * max|l|``,
+    default ``m * eps``, as ``torch.linalg.pinv``)."""
+    m = G.shape[0]
+    lam, V = jnp.linalg.eigh(G)
+    rtol = m * jnp.finfo(G.dtype).eps if rtol is None else rtol
+    keep = jnp.abs(lam) > rtol * jnp.max(jnp.abs(lam))
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+    return (V * inv) @ V.T

@@ -1,0 +1,302 @@
+r"""The one protocol of every method, in the optax manner.
+
+A **weighting** maps a Gramian :math:`G = J J^\top` (m x m) to weights :math:`w` (m,); an
+**aggregator** maps a Jacobian pytree (leaves with a leading axis m) to an update shaped like
+one row. Both have explicit state, empty for the stateless methods::
+
+    state = method.init(m)                     # weighting: init(m, dtype); aggregator: init(J)
+    w, state = weighting.update(G, state, key=key)
+    update, state = aggregator.update(J, state, key=key)
+    w = weighting(G)                           # the plain call: stateless methods only
+    update = aggregator(J)
+
+Three bases: :class:`AbstractWeighting`, :class:`AbstractAggregator` and
+:class:`GramianWeightedAggregator` (``J^T w`` around any weighting). A method implements one
+hook (``_weigh`` or ``_aggregate``) and, when it keeps state, ``_init``; the public methods are
+never overridden.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Any, ClassVar, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+
+from .._tree import accumulation_dtype, check_gramian, combine, gramian, num_objectives
+
+__all__ = [
+    "AbstractAggregator",
+    "AbstractWeighting",
+    "Aggregation",
+    "EmptyState",
+    "GramianWeightedAggregator",
+]
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless method (optax's ``EmptyState``)."""
+
+
+class Aggregation(NamedTuple):
+    """What :meth:`AbstractAggregator.aggregate` returns.
+
+    Attributes:
+        update: the aggregated update, shaped like one row of the Jacobian.
+        weights: ``w`` with ``update = J^T w`` (m,), or ``None`` for methods that are not a
+            weighting of the rows (GradDrop, TrimmedMean).
+        state: the new state.
+    """
+
+    update: PyTree[Array]
+    weights: Float[Array, " m"] | None
+    state: Any
+
+
+def _parts(module: eqx.Module) -> list:
+    """The weightings and aggregators a method is built from (its fields)."""
+    out = []
+    for value in vars(module).values():
+        if isinstance(value, (AbstractWeighting, AbstractAggregator)):
+            out.append(value)
+    return out
+
+
+class _Method(eqx.Module):
+    """What weightings and aggregators share: the key and state flags (not a public base)."""
+
+    draws_key: ClassVar[bool] = False
+    """Whether the method itself draws random numbers from ``key=``."""
+    has_state: ClassVar[bool] = False
+    """Whether the method itself keeps state between steps (its ``_init`` builds it)."""
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether ``key=`` is used: the method or a part of it draws random numbers. Methods
+        that draw none accept a key and ignore it (as equinox layers do), so that one loop can
+        pass a key to every method."""
+        return self.draws_key or any(part.needs_key for part in _parts(self))
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the state is not empty: use ``init`` and ``update`` instead of calling."""
+        return self.has_state or any(part.stateful for part in _parts(self))
+
+    def _refuse_stateful(self, what: str) -> None:
+        if self.stateful:
+            raise TypeError(
+                f"{type(self).__name__} is stateful: use state = method.init(...) and "
+                f"{what}, state = method.update(..., state) instead of calling it."
+            )
+
+
+def _check_state(expected, state, method: str, how: str) -> None:
+    """Raises when ``state`` is not shaped like the state ``init`` would build."""
+    got = jax.tree_util.tree_structure(state)
+    want = jax.tree_util.tree_structure(expected)
+    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(state)]
+    want_shapes = [x.shape for x in jax.tree_util.tree_leaves(expected)]
+    if got != want or shapes != want_shapes:
+        raise ValueError(
+            f"The state given to {method}.update does not fit this input: build it with {how} "
+            f"(expected {want} with shapes {want_shapes}; got {got} with shapes {shapes})."
+        )
+
+
+class AbstractWeighting(_Method):
+    r"""Maps a Gramian :math:`G = J J^\top` (m x m) to weights :math:`w` (m,).
+
+    Subclasses implement ``_weigh(G, state, key) -> (w, state)``, where ``G`` is already a
+    float32/float64 constant (``stop_gradient``) and ``state`` fits the input; stateful ones
+    set ``has_state = True`` and implement ``_init(m, dtype)``. ``reads_gramian = False``
+    marks a weighting that only reads m (an aggregator built on it never forms ``G``; ``_weigh``
+    then receives a ``jax.ShapeDtypeStruct``). Number-valued hyper-parameters are array
+    leaves, so a new value does not retrace a jitted step.
+    """
+
+    reads_gramian: ClassVar[bool] = True
+
+    def init(self, num_objectives: int, dtype: Any = jnp.float32) -> Any:
+        """The initial state for ``num_objectives`` objectives (``EmptyState()`` when
+        stateless); ``dtype`` is the Gramians' dtype (state is kept in float32 or float64)."""
+        if int(num_objectives) != num_objectives or num_objectives < 1:
+            raise ValueError(f"num_objectives must be a positive integer; got {num_objectives}.")
+        return self._init(int(num_objectives), accumulation_dtype(dtype))
+
+    def update(
+        self,
+        gramian: Float[Array, "m m"],
+        state: Any,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " m"], Any]:
+        """``(weights, new_state)`` for this step's Gramian."""
+        m = check_gramian(gramian)
+        dtype = accumulation_dtype(gramian.dtype)
+        _check_state(
+            jax.eval_shape(lambda: self._init(m, dtype)), state, type(self).__name__, "init(m)"
+        )
+        return _weigh_jit(self, gramian, state, key)
+
+    def __call__(
+        self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " m"]:
+        """The weights of a stateless weighting."""
+        self._refuse_stateful("weights")
+        return self.update(gramian, EmptyState(), key=key)[0]
+
+    def _init(self, m: int, dtype: Any) -> Any:
+        return EmptyState()
+
+    @abc.abstractmethod
+    def _weigh(self, gramian, state, key) -> tuple[Float[Array, " m"], Any]:
+        """``(weights, new_state)`` (traced once per configuration and shape)."""
+
+
+def _prepared(gramian):
+    """The Gramian the hooks see: a constant in float32 or float64."""
+    if isinstance(gramian, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(gramian.shape, accumulation_dtype(gramian.dtype))
+    G = jnp.asarray(gramian)
+    return jax.lax.stop_gradient(G.astype(accumulation_dtype(G.dtype)))
+
+
+@eqx.filter_jit
+def _weigh_jit(weighting, gramian, state, key):
+    # Eager calls compile once per (structure, m, dtype) and then run fast; number-valued
+    # hyper-parameters are traced. Inside a user's jit this inlines. Matrix products at full
+    # precision: on GPUs the default float32 product is TF32 (a 10-bit mantissa), which breaks
+    # exact solvers and the parity with TorchJD.
+    with jax.default_matmul_precision("highest"):
+        return weighting._weigh(_prepared(gramian), state, key)
+
+
+def _abstract_rows(jacobian) -> tuple[int, Any]:
+    """``(m, accumulation dtype)`` of a Jacobian pytree of arrays or shape structs."""
+    m = num_objectives(jacobian)
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    return m, accumulation_dtype(jnp.result_type(*[leaf.dtype for leaf in leaves]))
+
+
+class AbstractAggregator(_Method):
+    r"""Maps a Jacobian pytree (leaves with a leading axis m) to an update shaped like one row.
+
+    Subclasses implement ``_aggregate(J, state, key) -> Aggregation``; stateful ones set
+    ``has_state = True`` and implement ``_init(J)`` (``J`` may hold ``jax.ShapeDtypeStruct``
+    leaves).
+    """
+
+    def init(self, jacobian: PyTree, /) -> Any:
+        """The initial state for Jacobians shaped like ``jacobian`` (arrays or
+        ``jax.ShapeDtypeStruct`` leaves); ``EmptyState()`` when stateless."""
+        num_objectives(jacobian)
+        return self._init(jacobian)
+
+    def aggregate(
+        self, jacobian: PyTree, state: Any, /, *, key: PRNGKeyArray | None = None
+    ) -> Aggregation:
+        """The update, the weights (``None`` if the method is not a weighting) and the new
+        state: everything a step can report."""
+        num_objectives(jacobian)
+        _check_state(
+            jax.eval_shape(lambda: self._init(jax.tree_util.tree_map(_shape_struct, jacobian))),
+            state,
+            type(self).__name__,
+            "init(jacobian)",
+        )
+        return _aggregate_jit(self, jacobian, state, key)
+
+    def update(
+        self, jacobian: PyTree, state: Any, /, *, key: PRNGKeyArray | None = None
+    ) -> tuple[PyTree, Any]:
+        """``(update, new_state)``, optax style."""
+        out = self.aggregate(jacobian, state, key=key)
+        return out.update, out.state
+
+    def __call__(self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None) -> PyTree:
+        """The update of a stateless aggregator."""
+        self._refuse_stateful("update")
+        return self.aggregate(jacobian, EmptyState(), key=key).update
+
+    def weights(
+        self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " m"]:
+        """The weights ``w`` with ``self(J) == combine(w, J)``, for a stateless method that
+        weighs the rows (for a stateful one read ``aggregate(J, state).weights``)."""
+        self._refuse_stateful("aggregate(J, state).weights")
+        w = self.aggregate(jacobian, EmptyState(), key=key).weights
+        if w is None:
+            raise TypeError(f"{type(self).__name__} does not weigh the rows of J.")
+        return w
+
+    def _init(self, jacobian) -> Any:
+        return EmptyState()
+
+    @abc.abstractmethod
+    def _aggregate(self, jacobian, state, key) -> Aggregation:
+        """The update, weights and new state (traced once per configuration and shape)."""
+
+
+def _shape_struct(leaf):
+    return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
+
+
+@eqx.filter_jit
+def _aggregate_jit(aggregator, jacobian, state, key):
+    with jax.default_matmul_precision("highest"):
+        return aggregator._aggregate(jacobian, state, key)
+
+
+class GramianWeightedAggregator(AbstractAggregator):
+    r"""``A(J) = J^\top w`` with ``w = weighting(J J^\top)``: the Gramian pipeline.
+
+    ``GramianWeightedAggregator(weighting)`` wraps any weighting, a user's own included. A
+    method's aggregator class only names its weighting (``weighting_class = UPGradWeighting``)
+    and takes the same arguments, e.g. ``UPGrad(pref_vector=p)``. Because the weights depend on
+    ``J`` only through its Gramian, the same weighting can be fed a Gramian from any engine and
+    the update formed as ``grad(w . losses)``.
+    """
+
+    weighting: AbstractWeighting
+    weighting_class: ClassVar[type[AbstractWeighting] | None] = None
+
+    def __init__(self, weighting: AbstractWeighting):
+        if not isinstance(weighting, AbstractWeighting):
+            raise TypeError(
+                "GramianWeightedAggregator wraps a jaxjd weighting (an AbstractWeighting); got "
+                f"{type(weighting).__name__}."
+            )
+        self.weighting = weighting
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        weighting_class = cls.__dict__.get("weighting_class")
+        if weighting_class is None:
+            return
+
+        def __init__(self, *args, **hyper):
+            self.weighting = weighting_class(*args, **hyper)
+
+        params = list(inspect.signature(weighting_class).parameters.values())
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        __init__.__signature__ = inspect.Signature([self_param, *params])  # type: ignore[attr-defined]
+        __init__.__doc__ = f"Takes the arguments of :class:`{weighting_class.__name__}`."
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def _init(self, jacobian):
+        m, dtype = _abstract_rows(jacobian)
+        return self.weighting.init(m, dtype)
+
+    def _aggregate(self, jacobian, state, key):
+        m, dtype = _abstract_rows(jacobian)
+        if self.weighting.reads_gramian:
+            G = gramian(jacobian)
+        else:
+            G = jax.ShapeDtypeStruct((m, m), dtype)
+        w, state = self.weighting._weigh(_prepared(G), state, key)
+        return Aggregation(combine(w, jacobian), w, state)
