@@ -14,15 +14,7 @@ array([0.2929, 1.9004, 1.9004])
 
 import warnings as _warnings
 
-from . import aggregation, monitoring, solvers
-from ._gramian_engine import value_and_gramian, value_and_weighted_grad
-from ._jacobian import (
-    mean_over_microbatches,
-    mtl_value_and_grad,
-    mtl_value_and_gramian,
-    mtl_value_and_jacobian,
-    value_and_jacobian,
-)
+from . import aggregation, engines, monitoring, solvers
 from ._optax import JDAggregateState, jd_aggregate
 from ._tree import (
     combine,
@@ -75,6 +67,15 @@ from .aggregation import (
     upgrad,
     upgrad_weighting,
 )
+from .engines import (
+    mean_over_microbatches,
+    mtl_value_and_grad,
+    mtl_value_and_gramian,
+    mtl_value_and_jacobian,
+    value_and_gramian,
+    value_and_jacobian,
+    value_and_weighted_grad,
+)
 from .solvers import ProjectionInfo, kkt_residual, normalize_regularize, project_onto_dual_cone
 
 __version__ = "0.2.0"
@@ -96,6 +97,7 @@ __all__ = [
     "cross_gramian",
     "dualproj",
     "dualproj_weighting",
+    "engines",
     "excess_mtl",
     "fairgrad",
     "fairgrad_weighting",
@@ -171,7 +173,9 @@ def __getattr__(name: str):
     if name in _RENAMED:
         new, why = _RENAMED[name]
         _warnings.warn(
-            f"jaxjd.{name} is deprecated ({why}): use jaxjd.{new}.", DeprecationWarning, stacklevel=2
+            f"jaxjd.{name} is deprecated ({why}): use jaxjd.{new}.",
+            DeprecationWarning,
+            stacklevel=2,
         )
         obj = globals()
         for part in new.split("."):

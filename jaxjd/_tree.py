@@ -233,8 +233,10 @@ def unravel_row(vector: Float[Array, " n"], jacobian: PyTreeJacobian) -> PyTree[
 
 def check_gramian(gramian_matrix: Array) -> int:
     """Checks a Gramian at trace time (square, floating, m >= 1) and returns m."""
-    shape = tuple(gramian_matrix.shape) if hasattr(gramian_matrix, "shape") else jnp.shape(
-        gramian_matrix
+    shape = (
+        tuple(gramian_matrix.shape)
+        if hasattr(gramian_matrix, "shape")
+        else jnp.shape(gramian_matrix)
     )
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"A Gramian must be a square (m, m) matrix; got shape {shape}.")

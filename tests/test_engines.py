@@ -228,7 +228,7 @@ def test_per_sample_structure_and_its_limits(x64):
     convolution kernels and embedding tables by their own op's per-sample VJP) and which fall back
     (used twice, layer-norm scale); a scalar loss is refused with a pointer to the other
     methods."""
-    from jaxjd._ghost import per_sample_gramian_parts
+    from jaxjd.engines import per_sample_gramian_parts
 
     expected = {
         "mlp": {"l1/b", "l1/w", "l2/b", "l2/w"},
@@ -243,7 +243,7 @@ def test_per_sample_structure_and_its_limits(x64):
             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
         ]
         _, _, factors = per_sample_gramian_parts(losses, params, batch)
-        assert {paths[i] for i in factors[0].structural} == names, model
+        assert {paths[i] for i in factors.plan.structural} == names, model
     losses, params, batch = MODELS["mlp"]()
     with pytest.raises(ValueError, match=r"shape \(B,\) or \(B, T\)"):
         jd.value_and_gramian(lambda p, b: jnp.sum(losses(p, b)), method="per_sample")(params, batch)
@@ -254,7 +254,7 @@ def test_layerwise_structure_ghost_and_rows(x64):
     output cotangent rows would be dearer: wide layer, few rows) and which form their rows; every
     parameter used by one equation is structural (the layer-norm scale and the transposed kernel
     too), a parameter used twice falls back; both equal jacrev and give J^T w."""
-    from jaxjd._ghost import task_gramian_vjp, task_weighted_grad
+    from jaxjd.engines import task_gramian_vjp, task_weighted_grad
 
     k = jax.random.split(jax.random.key(5), 5)
     params = {
@@ -278,7 +278,7 @@ def test_layerwise_structure_ghost_and_rows(x64):
     J, G_ref = explicit(losses, params, x)
     out, pullback = task_gramian_vjp(losses, params, x)
     G, factors = pullback(jnp.eye(3))
-    ghost, rows, _, _ = factors
+    ghost, rows = factors.ghost, factors.rows
     paths = [
         "/".join(str(k.key) for k in path)
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -348,14 +348,27 @@ def test_mtl_helper_equals_brute_force(x64):
     np.testing.assert_allclose(w, agg.weights(J_ref), rtol=1e-9)
     for a, b in zip(jax.tree_util.tree_leaves(trunk_grad), jax.tree_util.tree_leaves(agg(J_ref))):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-    _, (cfg_grad, _), none = jd.mtl_value_and_grad(trunk, heads, jd.config())(tp, hp, x)
-    assert none is None
+    _, (cfg_grad, _), cfg_w = jd.mtl_value_and_grad(trunk, heads, jd.config())(tp, hp, x)
+    np.testing.assert_allclose(cfg_w, jd.config().weights(J_ref), rtol=1e-9)
     for a, b in zip(
         jax.tree_util.tree_leaves(cfg_grad), jax.tree_util.tree_leaves(jd.config(J_ref))
     ):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-    with pytest.raises(TypeError, match="stateless"):
-        jd.mtl_value_and_grad(trunk, heads, jd.pcd())
+    # Stateful aggregators take state= and return the new state, on both paths.
+    agg = jd.gradvac()
+    key = jax.random.key(5)
+    state = agg.init(J_ref)
+    with pytest.raises(TypeError, match="stateful"):
+        jd.mtl_value_and_grad(trunk, heads, agg)(tp, hp, x, key=key)
+    ref_update, ref_state = agg.update(J_ref, state, key=key)
+    for method in ("layerwise", "jacobian"):
+        step = jax.jit(jd.mtl_value_and_grad(trunk, heads, agg, method=method))
+        _, (trunk_grad, _), w, new_state = step(tp, hp, x, key=key, state=state)
+        np.testing.assert_allclose(new_state.targets, ref_state.targets, rtol=1e-9, atol=1e-12)
+        for a, b in zip(
+            jax.tree_util.tree_leaves(trunk_grad), jax.tree_util.tree_leaves(ref_update)
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -170,9 +170,9 @@ def test_crmogm_pass_through_frozen_and_validation(x64):
     np.testing.assert_allclose(w, [0.2, 0.3, 0.5])
     with pytest.raises(ValueError, match="alpha"):
         jd.crmogm_weighting(inner, alpha=1.5)
-    with pytest.raises(TypeError, match="wraps a jaxjd Weighting"):
+    with pytest.raises(TypeError, match="wraps a jaxjd weighting"):
         jd.crmogm_weighting(lambda G: G[0])
-    with pytest.raises(ValueError, match="expected m = 4"):
+    with pytest.raises(ValueError, match="has length 3 but the input has m = 4"):
         frozen.init(4)
 
 

@@ -1,32 +1,19 @@
-"""Every aggregator under jit, vmap, on pytrees, with grad, in float32 and float64."""
+"""Every registered method (tests/methods.py), stateless or not, through its one protocol:
+true eager against jit, vmap, vmap of vmap, pytrees, float32 and float64."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from methods import BY_NAME, REGISTRY
 
 import jaxjd as jd
 
-FACTORIES = {
-    "upgrad": lambda: jd.upgrad(),
-    "upgrad_pgd": lambda: jd.upgrad(solver="nesterov_pgd"),
-    "dualproj": lambda: jd.dualproj(),
-    "mgda": lambda: jd.mgda(),
-    "mean": lambda: jd.mean(),
-    "sum": lambda: jd.sum(),
-    "constant": lambda: jd.constant(weights=[1.0, -0.5, 2.0, 0.25]),
-    "random": lambda: jd.random(),
-    "imtl_g": lambda: jd.imtl_g(),
-    "aligned_mtl": lambda: jd.aligned_mtl(scale_mode="median"),
-    "config": lambda: jd.config(),
-    "krum": lambda: jd.krum(n_byzantine=1, n_selected=2),
-    "trimmed_mean": lambda: jd.trimmed_mean(trim_number=1),
-    "pcgrad": lambda: jd.pcgrad(),
-    "graddrop": lambda: jd.graddrop(leak=[0.1, 0.2, 0.3, 0.4]),
-    "fairgrad": lambda: jd.fairgrad(alpha=1.0),
-    "cagrad": lambda: jd.cagrad(c=0.5),
-}
 KEY = jax.random.key(3)
+EAGER = [
+    pytest.param(spec, marks=pytest.mark.slow) if spec.slow_eager else spec for spec in REGISTRY
+]
 
 
 def jacobian(dtype, m=4, n=7, seed=0):
@@ -35,64 +22,102 @@ def jacobian(dtype, m=4, n=7, seed=0):
     return jnp.asarray(a.astype(dtype))
 
 
-# CAGrad's first-order solver stops on the gradient mapping: its weights are accurate to ~1e-7
-# (float64) and ~1e-3 (float32, 3e-4 absolute seen on a vmapped batch), so jit/vmap/pytree
-# variants agree to that.
-LOOSE = {"cagrad": {"float64": 1e-7, "float32": 1e-3}}
-
-
-def tol(dtype, name=None):
-    if name in LOOSE:
-        return LOOSE[name][dtype]
+def tol(dtype, spec=None):
+    if spec is not None and spec.loose:
+        return spec.loose[dtype]
     return 1e-12 if dtype == "float64" else 1e-5
 
 
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_jit_equals_eager(name, dtype):
-    agg = FACTORIES[name]()
+def run(method, J, key=KEY):
+    """Two steps of the protocol from a fresh state (the second sees a non-initial state)."""
+    state = method.init(J)
+    _, state = method.update(J, state, key=key)
+    return method.aggregate(J, state, key=jax.random.fold_in(key, 1))
+
+
+def close(a, b, dtype, spec):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=tol(dtype, spec) * 10, atol=tol(dtype, spec))
+
+
+@pytest.mark.parametrize("spec", EAGER, ids=lambda s: s.name)
+def test_jit_equals_true_eager(spec, dtype):
+    method = spec.build()
     J = jacobian(dtype)
-    eager = agg(J, key=KEY)
-    closed = jax.jit(lambda J, k: agg(J, key=k))(J, KEY)
-    as_arg = jax.jit(lambda a, J, k: a(J, key=k))(agg, J, KEY)
-    static = jax.jit(lambda a, J, k: a(J, key=k), static_argnums=0)(agg, J, KEY)
-    for out in (closed, as_arg, static):
-        assert out.dtype == J.dtype
-        np.testing.assert_allclose(out, eager, rtol=tol(dtype, name) * 10, atol=tol(dtype, name))
+    with jax.disable_jit():
+        eager = run(method, J)
+    closed = jax.jit(lambda J, k: run(method, J, k))(J, KEY)
+    as_arg = jax.jit(run)(method, J, KEY)  # hyper-parameters traced
+    filtered = eqx.filter_jit(run)(method, J, KEY)
+    static = jax.jit(run, static_argnums=0)(method, J, KEY)  # a method is hashable
+    for out in (closed, as_arg, filtered, static):
+        assert out.update.dtype == J.dtype
+        close(out, eager, dtype, spec)
 
 
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_vmap_over_a_batch_of_jacobians(name, dtype):
-    agg = FACTORIES[name]()
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+def test_vmap_over_jacobians_and_states(spec, dtype):
+    method = spec.build()
     Js = jnp.stack([jacobian(dtype, seed=s) for s in range(5)])
     keys = jax.random.split(KEY, 5)
-    batched = jax.vmap(lambda J, k: agg(J, key=k))(Js, keys)
-    assert batched.shape == (5, 7)
+    batched = jax.vmap(lambda J, k: run(method, J, k))(Js, keys)
+    assert batched.update.shape == (5, 7)
     for i in range(5):
-        np.testing.assert_allclose(
-            batched[i], agg(Js[i], key=keys[i]), rtol=tol(dtype, name) * 10, atol=tol(dtype, name)
-        )
+        one = jax.tree_util.tree_map(lambda x, i=i: x[i], batched)
+        close(one, run(method, Js[i], keys[i]), dtype, spec)
 
 
-@pytest.mark.parametrize("name", list(FACTORIES))
-def test_pytree_equals_matrix(name, dtype):
-    agg = FACTORIES[name]()
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+def test_vmap_of_vmap(spec, x64):
+    method = spec.build()
+    Js = jnp.stack(
+        [jnp.stack([jacobian("float64", seed=3 * i + j) for j in range(3)]) for i in range(2)]
+    )
+    keys = jax.random.split(KEY, 6).reshape(2, 3)
+    out = jax.vmap(jax.vmap(lambda J, k: run(method, J, k)))(Js, keys)
+    close(out.update[1, 2], run(method, Js[1, 2], keys[1, 2]).update, "float64", spec)
+
+
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+def test_pytree_equals_matrix(spec, dtype):
+    method = spec.build()
     J = jacobian(dtype)
     # Leaves flatten as b, w: build the tree so that its matrix view is J.
     tree = {"b": (J[:, :1],), "w": J[:, 1:].reshape(4, 2, 3)}
     np.testing.assert_array_equal(jd.matrix_view(tree), J)
-    out = agg(tree, key=KEY)
-    assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure({"w": 0, "b": (0,)})
-    assert out["w"].shape == (2, 3) and out["b"][0].shape == (1,)
-    expected = jd.unravel_row(agg(J, key=KEY), tree)
-    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(expected)):
-        np.testing.assert_allclose(a, b, rtol=tol(dtype, name) * 10, atol=tol(dtype, name))
-    if isinstance(agg, jd.GramianWeightedAggregator):
-        np.testing.assert_allclose(
-            agg.weights(tree, key=KEY),
-            agg.weights(J, key=KEY),
-            rtol=tol(dtype, name) * 10,
-            atol=tol(dtype, name),
-        )
+    out = run(method, tree)
+    assert jax.tree_util.tree_structure(out.update) == jax.tree_util.tree_structure(
+        {"w": 0, "b": (0,)}
+    )
+    assert out.update["w"].shape == (2, 3) and out.update["b"][0].shape == (1,)
+    flat = run(method, J)
+    close(out.update, jd.unravel_row(flat.update, tree), dtype, spec)
+    close(out.weights, flat.weights, dtype, spec)
+
+
+@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+def test_protocol_spellings_agree(spec, dtype):
+    """``update`` is ``aggregate`` without the weights; the update is ``J^T w`` when there are
+    weights; a stateless method's call is the protocol with an empty state, and the weighting
+    alone gives the aggregator's weights."""
+    method = spec.build()
+    J = jacobian(dtype)
+    full = method.aggregate(J, method.init(J), key=KEY)
+    update, state = method.update(J, method.init(J), key=KEY)
+    close(update, full.update, dtype, spec)
+    close(state, full.state, dtype, spec)
+    if full.weights is not None:
+        close(full.update, jd.combine(full.weights, J), dtype, spec)
+    if spec.weighting is not None:
+        weighting = spec.weighting()
+        w, _ = weighting.update(jd.gramian(J), weighting.init(4, J.dtype), key=KEY)
+        close(w, full.weights, dtype, spec)
+    if method.stateful:
+        with pytest.raises(TypeError, match="stateful"):
+            method(J, key=KEY)
+    else:
+        assert isinstance(full.state, jd.aggregation.EmptyState)
+        close(method(J, key=KEY), full.update, dtype, spec)
 
 
 def test_mixed_leaf_dtypes_keep_their_dtype():
@@ -113,18 +138,10 @@ def test_weighting_vmapped_over_gramians(dtype):
         )
 
 
-def test_vmap_of_vmap(x64):
-    Js = jnp.stack(
-        [jnp.stack([jacobian("float64", seed=3 * i + j) for j in range(3)]) for i in range(2)]
-    )
-    out = jax.vmap(jax.vmap(jd.upgrad()))(Js)
-    np.testing.assert_allclose(out[1, 2], jd.upgrad(Js[1, 2]), rtol=1e-12)
-
-
 @pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "mean"])
 def test_grad_treats_weights_as_constants(name, x64):
     """Differentiating through an aggregator: weights are constants, J^T w is linear in J."""
-    agg = FACTORIES[name]()
+    agg = BY_NAME[name].build()
     J = jacobian("float64")
     v = jnp.arange(7.0)
     g = jax.grad(lambda J: agg(J) @ v)(J)

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
 from .._tree import accumulation_dtype, check_gramian, combine, gramian, num_objectives
@@ -57,6 +58,12 @@ class Aggregation(NamedTuple):
     state: Any
 
 
+def _hashable(leaf):
+    if isinstance(leaf, np.ndarray):
+        return (leaf.shape, leaf.dtype.str, leaf.tobytes())
+    return leaf
+
+
 def _parts(module: eqx.Module) -> list:
     """The weightings and aggregators a method is built from (its fields)."""
     out = []
@@ -73,6 +80,13 @@ class _Method(eqx.Module):
     """Whether the method itself draws random numbers from ``key=``."""
     has_state: ClassVar[bool] = False
     """Whether the method itself keeps state between steps (its ``_init`` builds it)."""
+
+    def __hash__(self) -> int:
+        # Number-valued hyper-parameters are numpy leaves (traced when the method is passed
+        # to a jitted function); hash their values, so that a configured method can still be
+        # jitted (jax.jit(jd.upgrad())) or passed as a static argument.
+        leaves, treedef = jax.tree_util.tree_flatten(self)
+        return hash((treedef, tuple(_hashable(leaf) for leaf in leaves)))
 
     @property
     def needs_key(self) -> bool:

@@ -27,7 +27,7 @@ class AlignedMTLWeighting(AbstractWeighting):
     >>> import numpy as np
     >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
     >>> np.round(np.asarray(jd.aligned_mtl_weighting(G), float), 4)
-    array([0., 0.])
+    array([0.5591, 0.4083])
     """
 
     pref_vector: Any = vector("pref_vector")

@@ -38,7 +38,7 @@ class CAGradWeighting(AbstractWeighting):
     >>> import numpy as np
     >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
     >>> np.round(np.asarray(jd.cagrad_weighting(G, c=0.5), float), 4)
-    array([0., 0.])
+    array([0.7041, 0.5   ])
     """
 
     c: Any = number("c", check="nonnegative")
@@ -99,8 +99,7 @@ class CAGradWeighting(AbstractWeighting):
 
 
 class CAGrad(GramianWeightedAggregator):
-    """CAGrad aggregator: ``J^T w`` with :class:`CAGradWeighting` weights (TorchJD's ``CAGrad``).
-    """
+    """CAGrad aggregator: ``J^T w`` with :class:`CAGradWeighting` weights (TorchJD's ``CAGrad``)."""
 
     weighting_class = CAGradWeighting
 

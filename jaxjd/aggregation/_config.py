@@ -31,7 +31,7 @@ class ConFIG(AbstractAggregator):
     >>> import numpy as np
     >>> J = jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
     >>> np.round(np.asarray(jd.config(J), float), 4)
-    array([0., 0., 0.])
+    array([0.1588, 2.0706, 2.0706])
     """
 
     pref_vector: Any = vector("pref_vector")

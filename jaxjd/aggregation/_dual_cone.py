@@ -9,7 +9,6 @@ from ..solvers import ProjectionInfo, normalize_regularize, project_onto_dual_co
 from ._fields import as_dtype, sized
 
 
-
 def conditioned(weighting, G):
     """``(G', p)``: ``G' = G / tr(G) + reg_eps I`` (zeros when ``tr(G) <= norm_eps``) and the
     preference ``p`` (default ``1/m``)."""

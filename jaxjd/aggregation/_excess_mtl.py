@@ -7,9 +7,7 @@ Jacobian** (m times the parameters), so it cannot be fed by a Gramian engine.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +103,8 @@ class ExcessMTL(AbstractAggregator):
         else:
             baseline = jnp.where(first, excess, state.baseline)
             scaled = jnp.where(first, excess, excess / (baseline + 1e-7))
-        stepped = jax.nn.softmax(jnp.log(state.weights) + as_dtype(self.robust_step_size, dtype) * scaled)
+        step = as_dtype(self.robust_step_size, dtype)
+        stepped = jax.nn.softmax(jnp.log(state.weights) + step * scaled)
         weights = jnp.where(warm, state.weights, stepped)
         new = ExcessMTLState(
             weights,

@@ -45,7 +45,7 @@ class FairGradWeighting(AbstractWeighting):
     >>> import numpy as np
     >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
     >>> np.round(np.asarray(jd.fairgrad_weighting(G, alpha=1.0), float), 4)
-    array([0., 0.])
+    array([0.5915, 0.4071])
     """
 
     alpha: float = eqx.field(static=True, converter=_alpha)

@@ -128,15 +128,13 @@ def spelling(cls: type, name: str, *, reads: str) -> Callable:
 
     @functools.wraps(cls, assigned=("__module__",), updated=())
     def factory(x=None, /, *, key=None, **hyper):
-        if isinstance(x, eqx.Module) and hasattr(x, "needs_key"):
-            # A method in first position is never an input: a wrapper takes it as its inner
-            # method (``crmogm_weighting(jd.upgrad_weighting())``), anything else refuses it.
-            if wraps is None or wraps in hyper:
-                raise TypeError(
-                    f"{name}'s first argument is the {reads} to apply it to; got a "
-                    f"{type(x).__name__}."
-                )
+        if wraps is not None and x is not None and wraps not in hyper:
+            # A wrapper takes its inner method in first position: crmogm_weighting(inner).
             return cls(**{wraps: x}, **hyper)
+        if isinstance(x, eqx.Module) and hasattr(x, "needs_key"):
+            raise TypeError(
+                f"{name}'s first argument is the {reads} to apply it to; got a {type(x).__name__}."
+            )
         obj = cls(**hyper)
         if x is None:
             if key is not None:

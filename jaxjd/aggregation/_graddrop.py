@@ -64,9 +64,7 @@ class GradDrop(AbstractAggregator):
             dtype = accumulation_dtype(leaf.dtype)
             x = leaf.astype(dtype)
             leak = (
-                jnp.zeros((m,), dtype)
-                if self.leak is None
-                else sized(self.leak, m, dtype, "leak")
+                jnp.zeros((m,), dtype) if self.leak is None else sized(self.leak, m, dtype, "leak")
             )
             leak = jnp.reshape(leak, (m,) + (1,) * (x.ndim - 1))
             purity = 0.5 * (1.0 + jnp.sum(x, axis=0) / jnp.sum(jnp.abs(x), axis=0))

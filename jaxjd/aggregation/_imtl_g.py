@@ -19,7 +19,7 @@ class IMTLGWeighting(AbstractWeighting):
     >>> import numpy as np
     >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
     >>> np.round(np.asarray(jd.imtl_g_weighting(G), float), 4)
-    array([0.5924, 0.4076])
+    array([0.5923, 0.4077])
     """
 
     def _weigh(self, G, state, key):

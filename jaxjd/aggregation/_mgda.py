@@ -70,8 +70,8 @@ class MGDA(GramianWeightedAggregator):
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> import numpy as np
-    >>> np.round(np.asarray(jd.mgda(jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])), float), 4)
-    array([0. , 1. , 1. ])
+    >>> np.round(np.asarray(jd.mgda(jnp.array([[2.0, 0.0], [0.0, 2.0]])), float), 4)
+    array([1., 1.])
     """
 
     weighting_class = MGDAWeighting

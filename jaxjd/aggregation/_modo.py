@@ -30,7 +30,7 @@ class MoDoWeighting(AbstractWeighting):
     >>> A = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
     >>> w, state = weighting.update(A, weighting.init(2))
     >>> [round(float(x), 4) for x in w]
-    [0.9, 0.1]
+    [1.0, 0.0]
     """
 
     gamma: Any = number("gamma", 0.1, check="positive")

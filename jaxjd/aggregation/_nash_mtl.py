@@ -3,9 +3,7 @@ by a sequence of convex programs, each solved in-graph by a primal-dual interior
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +162,9 @@ class NashMTLWeighting(AbstractWeighting):
         dtype = state.alpha.dtype
         GTG = G.astype(dtype)
         refresh = state.count % self.update_weights_every == 0
-        alpha = jax.lax.cond(refresh, lambda G, a: self._solve(G, a), lambda G, a: a, GTG, state.alpha)
+        alpha = jax.lax.cond(
+            refresh, lambda G, a: self._solve(G, a), lambda G, a: a, GTG, state.alpha
+        )
         max_norm = as_dtype(self.max_norm, dtype)
         norm = jnp.sqrt(jnp.maximum(alpha @ GTG @ alpha, 0.0))
         clip = (max_norm > 0) & (norm > max_norm)

@@ -4,9 +4,7 @@ normalised first-order progress."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax

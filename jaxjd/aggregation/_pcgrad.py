@@ -23,7 +23,7 @@ class PCGradWeighting(AbstractWeighting):
     >>> import numpy as np
     >>> G = jnp.array([[18.0, -22.0], [-22.0, 38.0]])
     >>> np.round(np.asarray(jd.pcgrad_weighting(G), float), 4)
-    array([0., 0.])
+    array([2.2222, 1.5789])
     """
 
     draws_key = True

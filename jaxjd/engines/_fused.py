@@ -1,0 +1,196 @@
+"""The one fused step ``J -> G -> w -> J^T w`` behind both front-ends: the losses' Gramian from an
+engine, the weights from any weighting (stateful ones through ``state=``), and ``J^T w`` from the
+engine's factors or a second backward pass ``grad(w . losses)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._tree import accumulation_dtype
+from ..aggregation import (
+    AbstractAggregator,
+    AbstractWeighting,
+    EmptyState,
+    GramianWeightedAggregator,
+)
+from ._gramian import _check_method, value_and_gramian
+from ._layerwise import layerwise_parts, task_gramian_vjp, task_weighted_grad
+from ._mtl import _heads_pullback, mtl_value_and_jacobian
+from ._per_sample import per_sample_gramian_parts, weighted_grad_from_factors
+
+
+def _given_state(method, state):
+    """The state to run ``method`` with: ``state``, or ``EmptyState()`` for a stateless one."""
+    if state is not None:
+        return state
+    if method.stateful:
+        raise TypeError(
+            f"{type(method).__name__} is stateful: pass state= (from its init) and read the new "
+            "state from the last entry of the result."
+        )
+    return EmptyState()
+
+
+def _weigh(weighting, G, state, key):
+    """``(w, new_state)``: the weights, constants under differentiation."""
+    w, new_state = weighting.update(G, _given_state(weighting, state), key=key)
+    return jax.lax.stop_gradient(w), new_state
+
+
+def value_and_weighted_grad(
+    fun: Callable,
+    weighting,
+    *,
+    method: str = "jacobian",
+    gramian_filter: Any = None,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable:
+    r"""One call from losses to an aggregated gradient: ``G`` of the losses, ``w = weighting(G)``,
+    then ``grad_params (w . losses)`` (``= J^T w`` by linearity: a second backward pass instead of
+    holding ``J``).
+
+    Returns ``g(params, *args, key=None, state=None) -> (losses, weights, grad)``
+    (``((losses, aux), ...)`` with ``has_aux``; ``new_state`` appended when ``state`` is given)
+    where ``fun(params, *args)`` returns the losses, of shape ``(m,)``, ``(B,)`` (instance-wise
+    risk minimisation) or ``(B, T)`` (instance-wise multi-task: flattened to ``B*T``
+    objectives, weights returned in the losses' shape). ``weighting`` is any jaxjd weighting
+    (``jd.upgrad_weighting()``, ...): a stateful one needs ``state=weighting.init(m)``, a
+    stateless one takes ``EmptyState()`` or nothing; random ones read ``key``.
+
+    Partial JD: ``gramian_filter`` (an equinox filter spec: a pytree prefix of ``params`` with
+    booleans, or a callable on leaves) selects the parameters whose Jacobian defines ``G`` (e.g.
+    the last layers); the update still covers every parameter. With ``method="per_sample"`` or
+    ``"layerwise"`` (and no filter) the update is formed from the factors the Gramian captured
+    (``X^T diag(w) D`` or ``X^T sum_t w_t D_t`` for dense layers): no second backward pass.
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> def losses(p, x):
+    ...     return (x @ p) ** 2  # one loss per sample
+    >>> step = jd.value_and_weighted_grad(losses, jd.upgrad_weighting())
+    >>> values, w, g = step(jnp.array([1.0, -1.0]), jnp.array([[1.0, 0.0], [0.0, 2.0]]))
+    >>> values.tolist(), w.shape, g.shape
+    ([1.0, 4.0], (2,), (2,))
+    """
+    _check_method(method)
+    if not isinstance(weighting, AbstractWeighting):
+        raise TypeError(
+            "value_and_weighted_grad needs a jaxjd weighting (e.g. jd.upgrad_weighting()); got "
+            f"{type(weighting).__name__}."
+        )
+
+    def weigh(G, state, key):
+        return _weigh(weighting, G, state, key)
+
+    def wrapped(params, *args, key=None, state=None):
+        if method == "per_sample" and gramian_filter is None and not has_aux:
+            # The captured factors give J^T w directly: no second backward pass.
+            losses, G, factors = per_sample_gramian_parts(fun, params, *args)
+            w, new_state = weigh(G, state, key)
+            grad = weighted_grad_from_factors(w, factors)
+            out = (losses, jnp.reshape(w, losses.shape), grad)
+            return out if state is None else (*out, new_state)
+        if method == "layerwise" and gramian_filter is None and not has_aux:
+            losses, G, factors = layerwise_parts(fun, params, *args)
+            w, new_state = weigh(G, state, key)
+            out = (losses, jnp.reshape(w, losses.shape), task_weighted_grad(w, factors))
+            return out if state is None else (*out, new_state)
+        if gramian_filter is None:
+
+            def losses_of(p):
+                return fun(p, *args)
+
+            value, G = value_and_gramian(
+                losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
+            )(params)
+        else:
+            chosen, rest = eqx.partition(params, gramian_filter)
+            if not jax.tree_util.tree_leaves(chosen):
+                raise ValueError("gramian_filter selects no parameter.")
+
+            def losses_of(p):
+                return fun(eqx.combine(p, rest), *args)
+
+            value, G = value_and_gramian(
+                losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
+            )(chosen)
+        losses = value[0] if has_aux else value
+        w, new_state = weigh(G, state, key)
+
+        def weighted(p):
+            out = fun(p, *args)
+            out = out[0] if has_aux else out
+            return jnp.sum(jnp.reshape(w, out.shape).astype(out.dtype) * out)
+
+        grad = jax.grad(weighted)(params)
+        out = (value, jnp.reshape(w, losses.shape), grad)
+        return out if state is None else (*out, new_state)
+
+    return wrapped
+
+
+MTL_METHODS = ("layerwise", "jacobian")
+
+
+def mtl_value_and_grad(
+    trunk: Callable, heads: Callable, aggregator, *, method: str | None = None
+) -> Callable:
+    """One call for a multi-task train step: the trunk's Jacobian (or Gramian) aggregated by
+    ``aggregator``, the heads' ordinary gradients.
+
+    Returns ``f(trunk_params, head_params, *args, key=None, state=None) -> (losses, (trunk_grad,
+    head_grads), weights)``, with ``new_state`` appended when ``state`` is given (a stateful
+    aggregator needs it: ``state = aggregator.init(J_like)``; a stateless one takes
+    ``EmptyState()``, so one loop serves every method). ``weights`` is ``None`` for aggregators
+    that do not weigh the rows (GradDrop, TrimmedMean); ``key`` goes to random ones.
+
+    ``method``: ``"layerwise"`` (the default for a
+    :class:`~jaxjd.aggregation.GramianWeightedAggregator`) forms the Gramian as
+    :func:`mtl_value_and_gramian` does and ``J^T w`` from the same factors (``X^T sum_t w_t
+    D_t`` for a dense use): the trunk Jacobian is never materialised and the per-task weight
+    gradients of wide dense layers are never formed. ``"jacobian"`` (the default, and the only
+    choice, for the other aggregators) materialises it with :func:`mtl_value_and_jacobian`.
+    """
+    if not isinstance(aggregator, AbstractAggregator):
+        raise TypeError(
+            f"mtl_value_and_grad needs a jaxjd aggregator; got {type(aggregator).__name__}."
+        )
+    weighted = isinstance(aggregator, GramianWeightedAggregator)
+    if method is None:
+        method = "layerwise" if weighted else "jacobian"
+    if method not in MTL_METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {MTL_METHODS}.")
+    if method == "layerwise" and not weighted:
+        raise ValueError(
+            f"method='layerwise' needs a Gramian-weighted aggregator; {type(aggregator).__name__} "
+            "reads the Jacobian itself: use method='jacobian'."
+        )
+    vj = mtl_value_and_jacobian(trunk, heads)
+
+    def by_layers(trunk_params, head_params, *args, key=None, state=None):
+        features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
+        losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
+        weighting = aggregator.weighting
+        m = losses.size
+        if weighting.reads_gramian:
+            G, factors = pullback(cotangents)
+        else:  # weights from m alone: no Gramian
+            _, factors = pullback(cotangents, gramian=False)
+            G = jax.ShapeDtypeStruct((m, m), accumulation_dtype(losses.dtype))
+        weights, new_state = _weigh(weighting, G, state, key)
+        out = (losses, (task_weighted_grad(weights, factors), head_grads), weights)
+        return out if state is None else (*out, new_state)
+
+    def by_jacobian(trunk_params, head_params, *args, key=None, state=None):
+        losses, J, head_grads = vj(trunk_params, head_params, *args)
+        inner = _given_state(aggregator, state)
+        trunk_grad, weights, new_state = aggregator.aggregate(J, inner, key=key)
+        out = (losses, (trunk_grad, head_grads), weights)
+        return out if state is None else (*out, new_state)
+
+    return by_layers if method == "layerwise" else by_jacobian

@@ -1,0 +1,105 @@
+"""The Jacobian engine: J of a vector of losses (m vmapped VJPs), and its mean over
+micro-batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def value_and_jacobian(
+    fun: Callable, argnums: int = 0, has_aux: bool = False, chunk_size: int | None = None
+) -> Callable:
+    """Like ``jax.value_and_grad`` for a function returning a vector of m losses.
+
+    Returns ``f(*args) -> (losses, J)`` (or ``((losses, aux), J)`` with ``has_aux``), where ``J``
+    has the structure of ``args[argnums]`` with a leading axis m: one row per loss, from a single
+    forward pass and m vmapped VJPs. ``chunk_size`` bounds memory by running the VJPs in chunks
+    (``lax.map``); the result does not depend on it. Losses of any shape are flattened to m.
+
+    Any pytree of parameters works (dicts, flax ``params``). For an equinox module, split the
+    arrays from the rest and differentiate the arrays::
+
+        params, static = eqx.partition(model, eqx.is_inexact_array)
+        losses, J = jd.value_and_jacobian(
+            lambda p, x, y: losses_fn(eqx.combine(p, static), x, y)
+        )(params, x, y)  # J mirrors params: None where the model has no array
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
+    >>> losses, J = jd.value_and_jacobian(f)(jnp.array([1.0, 2.0]))
+    >>> J
+    Array([[-1.,  1.],
+           [ 2.,  4.]], dtype=float32)
+    """
+    if not isinstance(argnums, int):
+        raise TypeError("value_and_jacobian differentiates one argument: argnums must be an int.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+
+    def wrapped(*args, **kwargs):
+        def f(x):
+            return fun(*args[:argnums], x, *args[argnums + 1 :], **kwargs)
+
+        if has_aux:
+            losses, vjp, aux = jax.vjp(f, args[argnums], has_aux=True)
+        else:
+            losses, vjp = jax.vjp(f, args[argnums])
+        m = losses.size
+        if m == 0:
+            raise ValueError("The function returned no losses (m = 0).")
+        basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+        if chunk_size is None:
+            J = jax.vmap(lambda c: vjp(c)[0])(basis)
+        else:
+            J = jax.lax.map(lambda c: vjp(c)[0], basis, batch_size=chunk_size)
+        return ((losses, aux) if has_aux else losses), J
+
+    return wrapped
+
+
+def mean_over_microbatches(fun: Callable) -> Callable:
+    """Accumulates ``fun(params, batch, *rest) -> (losses, J)`` over micro-batches.
+
+    Returns ``g(params, batches, *rest)`` where every leaf of ``batches`` has a leading axis of
+    micro-batches: a ``lax.scan`` that keeps one running sum of the outputs (one Jacobian in
+    memory) and returns their mean. When each loss is a mean over its micro-batch (of equal
+    sizes), that is the losses and the Jacobian of the whole batch, which then go to one
+    aggregation: JD's answer for the whole batch, unlike aggregating per micro-batch (use this
+    instead of wrapping ``jd_aggregate`` in ``optax.MultiSteps``).
+
+    >>> import jax.numpy as jnp, jaxjd as jd
+    >>> def losses(p, batch):  # two losses, each a mean over the micro-batch
+    ...     return jnp.stack([jnp.mean(batch @ p), jnp.mean((batch @ p) ** 2)])
+    >>> step = jd.mean_over_microbatches(jd.value_and_jacobian(losses))
+    >>> batches = jnp.arange(12.0).reshape(3, 2, 2)  # 3 micro-batches of 2 samples
+    >>> values, J = step(jnp.array([1.0, -1.0]), batches)
+    >>> J.shape, J[0].tolist()
+    ((2, 2), [5.0, 6.0])
+    """
+
+    def wrapped(params, batches, *rest):
+        leaves = jax.tree_util.tree_leaves(batches)
+        if not leaves:
+            raise ValueError("batches has no array leaves.")
+        counts = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+        if len(counts) != 1 or None in counts:
+            raise ValueError(
+                "Every leaf of batches needs the same leading axis (the micro-batches); got "
+                f"{sorted(c for c in counts if c is not None)}."
+            )
+        (count,) = counts
+        first = jax.tree_util.tree_map(lambda b: b[0], batches)
+        shapes = jax.eval_shape(lambda b: fun(params, b, *rest), first)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def body(total, batch):
+            out = fun(params, batch, *rest)
+            return jax.tree_util.tree_map(jnp.add, total, out), None
+
+        total, _ = jax.lax.scan(body, zeros, batches)
+        return jax.tree_util.tree_map(lambda t: t / count, total)
+
+    return wrapped

@@ -1,0 +1,231 @@
+"""The shared jaxpr reader of the per-sample and layerwise engines: which parameters a function
+uses in a dense product, a broadcast bias add or one other equation (``_analyse``), and an
+interpreter that evaluates the jaxpr while capturing those equations' operands and perturbing
+their outputs (``_Traced``), so that one VJP gives the cotangents at every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+
+@dataclass
+class _Plan:
+    dense: dict = field(default_factory=dict)  # eqn id -> param index
+    bias: dict = field(default_factory=dict)  # add-eqn id -> (param index, broadcast dims)
+    local: dict = field(default_factory=dict)  # eqn id -> (param index, eqn, param position)
+    structural: set = field(default_factory=set)
+
+
+def _is_var(v):
+    return isinstance(v, jcore.Var) and not isinstance(v, jcore.Literal)
+
+
+def _is_local(eqn, pos, batch_size):
+    """Per sample (``batch_size`` given): a convolution kernel or an embedding table, whose
+    sample-b gradient is the op's own VJP on sample b's slice of the other operands and of the
+    output cotangent (batch axis 0 in, 0 out, and no operand shape recorded in the op's
+    parameters). Per task (``batch_size=None``): any single-output primitive without an inner
+    jaxpr and with a floating output, whose rows are its VJP on the stacked cotangents."""
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval
+    if batch_size is None:
+        return (
+            not eqn.primitive.multiple_results
+            and jnp.issubdtype(out.dtype, jnp.inexact)
+            and not any(
+                isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr)) for v in eqn.params.values()
+            )
+        )
+    if out.ndim == 0 or out.shape[0] != batch_size:
+        return False
+    others = [v.aval for i, v in enumerate(eqn.invars) if i != pos]
+    if name == "conv_general_dilated" and pos == 1:
+        dn = eqn.params["dimension_numbers"]
+        return (
+            dn.lhs_spec[0] == 0
+            and dn.out_spec[0] == 0
+            and eqn.params["batch_group_count"] == 1
+            and others[0].shape[0] == batch_size
+        )
+    if name == "gather" and pos == 0:
+        dn = eqn.params["dimension_numbers"]
+        return (
+            not dn.operand_batching_dims
+            and others[0].ndim >= 1
+            and others[0].shape[0] == batch_size
+            and 0 not in dn.offset_dims
+        )
+    return False
+
+
+def _analyse(closed, n_params, batch_size):
+    """Which parameters can be treated structurally, and at which equations."""
+    uses = {}  # param index -> list of (kind, eqn id, extra)
+    bias_of = {}  # broadcast output var -> (param index, broadcast eqn id, dims)
+
+    visits = {}  # eqn id -> how many times the evaluation reaches it (a jitted function called
+    # twice shares its inner equations: capturing at them would mix the calls)
+
+    def walk(jaxpr, env):
+        for eqn in jaxpr.eqns:
+            visits[id(eqn)] = visits.get(id(eqn), 0) + 1
+            ins = [env.get(v) if _is_var(v) else None for v in eqn.invars]
+            name = eqn.primitive.name
+            if name in ("jit", "pjit") and "jaxpr" in eqn.params:
+                inner = eqn.params["jaxpr"].jaxpr
+                walk(inner, {iv: p for iv, p in zip(inner.invars, ins) if p is not None})
+                continue
+            for pos, p in enumerate(ins):
+                if p is None:
+                    continue
+                kind = "other"
+                if name == "dot_general" and pos == 1:
+                    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+                    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+                    if (
+                        not lb
+                        and not rb
+                        and rhs.ndim == 2
+                        and tuple(rc) == (0,)
+                        and tuple(lc) == (lhs.ndim - 1,)
+                        and (
+                            lhs.ndim >= 2 and lhs.shape[0] == batch_size
+                            if batch_size is not None
+                            else jnp.issubdtype(lhs.dtype, jnp.inexact)
+                        )
+                    ):
+                        kind = "dense"
+                elif _is_local(eqn, pos, batch_size):
+                    kind = "local"
+                elif name == "broadcast_in_dim" and batch_size is not None:
+                    dims = tuple(eqn.params["broadcast_dimensions"])
+                    out = eqn.outvars[0].aval
+                    if 0 not in dims and all(
+                        eqn.invars[0].aval.shape[i] == out.shape[d] for i, d in enumerate(dims)
+                    ):
+                        kind = "broadcast"
+                        bias_of[eqn.outvars[0]] = (p, dims)
+                uses.setdefault(p, []).append((kind, id(eqn), (eqn, pos)))
+            if name == "add":
+                for pos, v in enumerate(eqn.invars):
+                    if _is_var(v) and v in bias_of:
+                        other = eqn.invars[1 - pos].aval
+                        p, dims = bias_of[v]
+                        if other.ndim >= 1 and other.shape == eqn.outvars[0].aval.shape:
+                            uses.setdefault(p, []).append(("bias_add", id(eqn), dims))
+                        else:
+                            uses.setdefault(p, []).append(("other", id(eqn)))
+                continue
+            for v in eqn.invars:  # a broadcast bias used by anything but one add
+                if _is_var(v) and v in bias_of:
+                    uses.setdefault(bias_of[v][0], []).append(("other", id(eqn)))
+
+    walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:n_params])})
+    plan = _Plan()
+    for p, us in uses.items():
+        if any(visits[u[1]] > 1 for u in us):
+            continue  # falls back: its equation runs more than once
+        kinds = [u[0] for u in us]
+        if kinds == ["dense"]:
+            plan.dense[us[0][1]] = p
+            plan.structural.add(p)
+        elif kinds == ["local"]:
+            plan.local[us[0][1]] = (p, *us[0][2])
+            plan.structural.add(p)
+        elif kinds == ["broadcast", "bias_add"]:
+            plan.bias[us[1][1]] = (p, us[1][2])
+            plan.structural.add(p)
+    return plan
+
+
+def _evaluate(jaxpr, consts, args, hook):
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name in ("jit", "pjit") and "jaxpr" in eqn.params:
+            inner = eqn.params["jaxpr"]
+            outvals = _evaluate(inner.jaxpr, inner.consts, invals, hook)
+        else:
+            with eqn.ctx.manager:
+                ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outvals = list(ans) if eqn.primitive.multiple_results else [ans]
+            outvals = hook(eqn, invals, outvals)
+        for v, val in zip(eqn.outvars, outvals):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+class _Traced:
+    """``fun(params, *args)`` as a jaxpr over the flat parameter leaves and inputs, evaluated with
+    a hook that captures the operands of chosen equations and perturbs their outputs."""
+
+    def __init__(self, fun, params, args):
+        self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
+        self.n = n = len(self.leaves)
+        self.rest, rest_def = jax.tree_util.tree_flatten(args)
+        out_defs = []
+
+        def flat_fun(*flat):
+            p = jax.tree_util.tree_unflatten(self.treedef, flat[:n])
+            out = fun(p, *jax.tree_util.tree_unflatten(rest_def, flat[n:]))
+            outs, out_def = jax.tree_util.tree_flatten(out)
+            out_defs.append(out_def)
+            return outs
+
+        self.closed = jax.make_jaxpr(flat_fun)(*self.leaves, *self.rest)
+        self.out_def = out_defs[0]
+
+    def run(self, plan, perturbations, param_leaves):
+        """The outputs (flat) and the captured operands, ``perturbations`` added to the outputs
+        of the equations they are keyed by."""
+        captured = {}
+
+        def hook(eqn, invals, outvals):
+            k = id(eqn)
+            if k in plan.dense:
+                captured[k] = invals[0]
+            if k in plan.local:
+                captured[k] = tuple(invals)
+            if k in perturbations:
+                return [outvals[0] + perturbations[k], *outvals[1:]]
+            return outvals
+
+        ins = [*param_leaves, *self.rest]
+        return _evaluate(self.closed.jaxpr, self.closed.consts, ins, hook), captured
+
+    def perturbation_zeros(self, plan):
+        """Zeros shaped like the output of every equation the plan treats structurally."""
+        keys = {*plan.dense, *plan.bias, *plan.local}
+        shapes = {}
+
+        def hook(eqn, invals, outvals):
+            if id(eqn) in keys:
+                shapes[id(eqn)] = jax.ShapeDtypeStruct(outvals[0].shape, outvals[0].dtype)
+            return outvals
+
+        jax.eval_shape(
+            lambda *a: _evaluate(self.closed.jaxpr, self.closed.consts, list(a), hook),
+            *self.leaves,
+            *self.rest,
+        )
+        return {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+
+    def with_fallback(self, fallback, values):
+        ps = list(self.leaves)
+        for i, leaf in zip(fallback, values):
+            ps[i] = leaf
+        return ps

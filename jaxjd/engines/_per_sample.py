@@ -1,0 +1,172 @@
+"""The per-sample engine: Gramians without per-sample gradients (the "ghost" trick), for
+instance-wise risk minimisation on an ordinary JAX function ``losses(params, batch) -> (B,)``.
+
+A dense use ``y = x @ W`` (x: ``(B, ..., d_in)``) gives sample b the gradient
+``X_b^T D_b`` (``X_b``: its rows of x, ``D_b``: the matching rows of the cotangent of y), so
+``<g_b, g_c> = sum (X_b X_c^T) * (D_b D_c^T)``: the Gramian needs only activations and output
+cotangents, which one backward pass of ``sum(losses)`` gives for every sample at once (the
+samples are independent). A bias added after a broadcast gives ``g_b = sum_l D_bl``. A
+convolution kernel or an embedding table gets sample b's gradient from its own op's VJP on
+sample b's captured operands and cotangent (vmapped; no pass through the rest of the network).
+All are found by reading the function's jaxpr; every other parameter (used twice, a layer-norm
+scale, ...) falls back to per-sample gradients of that parameter only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .._tree import accumulation_dtype
+from ._jaxpr import _analyse, _Traced
+
+
+class PerSampleFactors(NamedTuple):
+    """What the per-sample engine captured, for ``J^T w`` without a second backward pass.
+
+    Attributes:
+        plan: the analysed uses of the parameters (dense, bias, local).
+        captured: the dense uses' inputs ``X`` and the local equations' operands.
+        deltas: the cotangents ``D`` at those equations' outputs, ``(T, ...)``.
+        row_grads: per-sample gradients of the bias and local parameters, ``(B T, -1)``.
+        fallback_grads: per-sample gradients of the other parameters, ``(B T, *shape)``.
+        treedef: the parameters' structure.
+        leaves: the parameters' leaves.
+        shape: ``(B, T)``.
+    """
+
+    plan: Any
+    captured: dict
+    deltas: dict
+    row_grads: dict
+    fallback_grads: dict
+    treedef: Any
+    leaves: list
+    shape: tuple
+
+
+def per_sample_gramian_parts(fun: Callable, params, *args):
+    """``(losses, G, factors)`` for ``fun(params, *args) -> (B,)`` losses, one per independent
+    sample, or ``(B, T, ...)`` (T losses per sample, instance-wise multi-task: m = B T rows in
+    the order of ``ravel(losses)``): the per-sample Gramian and, for the weighted update without
+    a second backward pass, the captured factors and the fallback per-sample gradients. With T
+    losses per sample one vmapped backward pass carries T cotangents (loss t of every sample)."""
+    traced = _Traced(fun, params, args)
+    closed, leaves, n = traced.closed, traced.leaves, traced.n
+    if len(closed.out_avals) != 1 or closed.out_avals[0].ndim < 1:
+        raise ValueError(
+            "method='per_sample' needs one array of losses of shape (B,) or (B, T), one row per "
+            f"sample; got {[a.shape for a in closed.out_avals]}. Use method='jacobian' or "
+            "'columns'."
+        )
+    shape = closed.out_avals[0].shape
+    B, T = shape[0], math.prod(shape[1:])
+    m = B * T
+    if m == 0:
+        raise ValueError("The function returned no losses (m = 0).")
+    plan = _analyse(closed, n, B)
+    zeros = traced.perturbation_zeros(plan)
+    fallback = [i for i in range(n) if i not in plan.structural]
+
+    def run(pert):
+        (losses,), captured = traced.run(plan, pert, leaves)
+        return losses, captured
+
+    losses, vjp_fn, captured = jax.vjp(run, zeros, has_aux=True)
+    if losses.ndim == 1:
+        (deltas,) = vjp_fn(jnp.ones_like(losses))
+        deltas = {k: d[None] for k, d in deltas.items()}  # every cotangent gets a T axis
+    else:  # cotangent t: ones on loss t of every sample
+        basis = jnp.eye(T, dtype=losses.dtype).reshape((T, 1, *shape[1:]))
+        (deltas,) = jax.vmap(vjp_fn)(jnp.broadcast_to(basis, (T, *shape)))
+    acc = accumulation_dtype(losses.dtype)
+
+    def rows(g):  # (T, B, ...) -> (B T, -1), sample-major like ravel(losses)
+        return jnp.swapaxes(g.reshape(T, B, -1), 0, 1).reshape(m, -1).astype(acc)
+
+    G = jnp.zeros((m, m), acc)
+    for k in plan.dense:
+        X = captured[k].reshape(B, -1, captured[k].shape[-1]).astype(acc)
+        D = deltas[k].reshape(T, B, X.shape[1], -1).astype(acc)
+        L = X.shape[1]
+        if L * L > X.shape[2] * D.shape[-1]:
+            g = rows(jnp.einsum("bld,tble->tbde", X, D))
+            G = G + g @ g.T
+        elif T == 1:
+            G = G + jnp.einsum("bld,cmd,ble,cme->bc", X, X, D[0], D[0], optimize=True)
+        else:
+            GT = jnp.einsum("bld,cmd,tble,ucme->btcu", X, X, D, D, optimize=True)
+            G = G + GT.reshape(m, m)
+    row_grads = {}
+    for k, (p, dims) in plan.bias.items():
+        D = deltas[k]
+        axes = tuple(a + 1 for a in range(1, D.ndim - 1) if a not in dims)
+        row_grads[p] = rows(jnp.sum(D, axis=axes))
+    for k, (p, eqn, pos) in plan.local.items():
+        g = jax.vmap(
+            lambda d, eqn=eqn, pos=pos, k=k: _local_per_sample(eqn, pos, captured[k], d, B)
+        )(deltas[k])
+        row_grads[p] = rows(g)
+    for g in row_grads.values():
+        G = G + g @ g.T
+    fb_grads = {}
+    if fallback:
+
+        def losses_of(fb):
+            return traced.run(plan, {}, traced.with_fallback(fallback, fb))[0][0]
+
+        jac = jax.jacrev(losses_of)([leaves[i] for i in fallback])
+        for i, Ji in zip(fallback, jac):
+            Ji = Ji.reshape(m, *leaves[i].shape)
+            g = Ji.reshape(m, -1).astype(acc)
+            fb_grads[i] = Ji
+            G = G + g @ g.T
+    factors = PerSampleFactors(
+        plan, captured, deltas, row_grads, fb_grads, traced.treedef, leaves, (B, T)
+    )
+    return losses, G, factors
+
+
+def _local_per_sample(eqn, pos, invals, delta, B):
+    """Per-sample gradients of the parameter at position ``pos`` of ``eqn``: the op's VJP on
+    each sample's slice (vmapped), given its captured operands and output cotangent."""
+    batched = [i != pos and jnp.ndim(v) > 0 and v.shape[0] == B for i, v in enumerate(invals)]
+    params = eqn.primitive.get_bind_params(eqn.params)
+    sliced = [v.reshape(B, 1, *v.shape[1:]) if b else None for v, b in zip(invals, batched)]
+
+    def one(slices, d):
+        def f(w):
+            args = [s if b else v for s, v, b in zip(slices, invals, batched)]
+            args[pos] = w
+            return eqn.primitive.bind(*args, **params)
+
+        _, vjp = jax.vjp(f, invals[pos])
+        return vjp(d)[0]
+
+    in_axes = ([0 if b else None for b in batched], 0)
+    return jax.vmap(one, in_axes=in_axes)(sliced, delta.reshape(B, 1, *delta.shape[1:]))
+
+
+def weighted_grad_from_factors(weights, factors: PerSampleFactors):
+    """``sum_b w_b g_b`` for every parameter from the captured factors (no second backward)."""
+    plan, captured, deltas, row_grads, fb_grads, treedef, leaves, (B, T) = factors
+    out = [None] * len(leaves)
+    for k, p in plan.dense.items():
+        X = captured[k].reshape(B, -1, captured[k].shape[-1])
+        D = deltas[k].reshape(T, B, X.shape[1], -1)
+        acc = accumulation_dtype(X.dtype)
+        W = weights.reshape(B, T).astype(acc)
+        if T == 1:
+            g = jnp.einsum("b,bld,ble->de", W[:, 0], X, D[0])
+        else:
+            g = jnp.einsum("bt,bld,tble->de", W, X, D)
+        out[p] = g.astype(leaves[p].dtype)
+    for p, g in row_grads.items():
+        out[p] = (weights.astype(g.dtype) @ g).reshape(leaves[p].shape).astype(leaves[p].dtype)
+    for p, J in fb_grads.items():
+        out[p] = jnp.tensordot(weights.astype(J.dtype), J, axes=1).astype(leaves[p].dtype)
+    return jax.tree_util.tree_unflatten(treedef, out)
