@@ -152,9 +152,9 @@ class AbstractWeighting(_Method):
         """``(weights, new_state)`` for this step's Gramian."""
         m = check_gramian(gramian)
         dtype = accumulation_dtype(gramian.dtype)
-        _check_state(
-            jax.eval_shape(lambda: self._init(m, dtype)), state, type(self).__name__, "init(m)"
-        )
+        if self.stateful or not isinstance(state, EmptyState):
+            expected = jax.eval_shape(lambda: self._init(m, dtype))
+            _check_state(expected, state, type(self).__name__, "init(m)")
         return _weigh_jit(self, gramian, state, key)
 
     def __call__(
@@ -217,13 +217,20 @@ class AbstractAggregator(_Method):
         """The update, the weights (``None`` if the method is not a weighting) and the new
         state: everything a step can report."""
         num_objectives(jacobian)
-        _check_state(
-            jax.eval_shape(lambda: self._init(jax.tree_util.tree_map(_shape_struct, jacobian))),
-            state,
-            type(self).__name__,
-            "init(jacobian)",
-        )
-        return _aggregate_jit(self, jacobian, state, key)
+        if self.stateful or not isinstance(state, EmptyState):
+            _check_state(
+                jax.eval_shape(
+                    lambda: self._init(jax.tree_util.tree_map(_shape_struct, jacobian))
+                ),
+                state,
+                type(self).__name__,
+                "init(jacobian)",
+            )
+        # Not jitted here: a Gramian-weighted aggregator's weighting is jitted per (m, dtype),
+        # so that Jacobians of every width share one compiled solver; inside a user's jit it
+        # all fuses anyway.
+        with jax.default_matmul_precision("highest"):
+            return self._aggregate(jacobian, state, key)
 
     def update(
         self, jacobian: PyTree, state: Any, /, *, key: PRNGKeyArray | None = None
@@ -258,12 +265,6 @@ class AbstractAggregator(_Method):
 
 def _shape_struct(leaf):
     return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
-
-
-@eqx.filter_jit
-def _aggregate_jit(aggregator, jacobian, state, key):
-    with jax.default_matmul_precision("highest"):
-        return aggregator._aggregate(jacobian, state, key)
 
 
 class GramianWeightedAggregator(AbstractAggregator):
@@ -312,5 +313,5 @@ class GramianWeightedAggregator(AbstractAggregator):
             G = gramian(jacobian)
         else:
             G = jax.ShapeDtypeStruct((m, m), dtype)
-        w, state = self.weighting._weigh(_prepared(G), state, key)
+        w, state = self.weighting.update(G, state, key=key)
         return Aggregation(combine(w, jacobian), w, state)
