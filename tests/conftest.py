@@ -10,6 +10,13 @@ os.environ["XLA_FLAGS"] = (
 import jax
 import pytest
 
+# JAXJD_STRICT=1 (a job of .ci/run) runs under strict dtype promotion and rank promotion raising,
+# as equinox runs its own tests: no implicit float32/float64 mixing, no implicit broadcasting of
+# ranks anywhere in the library.
+if os.environ.get("JAXJD_STRICT") == "1":
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+
 # Float64 runs inside ``jax.enable_x64(True)``; float32 runs with x64 off, as most users have it.
 # So both modes are exercised in one session, per test.
 
@@ -28,6 +35,22 @@ def dtype(request):
 def x64():
     with jax.enable_x64(True):
         yield
+
+
+_MAPS = "/proc/self/maps"
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Each compiled XLA CPU program holds about three memory maps until JAX's caches drop it: a
+    worker that had compiled ~15,000 programs reached the kernel's limit (vm.max_map_count,
+    65,530) and segfaulted. Past 30,000 maps the caches are cleared (programs compile again on
+    demand)."""
+    yield
+    if os.path.exists(_MAPS):
+        with open(_MAPS) as f:
+            if sum(1 for _ in f) > 30_000:
+                jax.clear_caches()
 
 
 def pytest_collection_modifyitems(config, items):

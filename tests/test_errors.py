@@ -87,3 +87,44 @@ def test_extreme_scales_float32(scale):
         np.testing.assert_allclose(out, jd.mean(J), rtol=1e-6)
     else:
         np.testing.assert_allclose(out / scale, ref, rtol=2e-4, atol=1e-6)
+
+
+def test_no_guessing_on_the_first_argument():
+    """A vector where a hyper-parameter was meant, or a key that would be dropped, is an error
+    that names the right spelling."""
+    with pytest.raises(TypeError, match="pref_vector="):
+        jd.upgrad(jnp.array([0.3, 0.7]))
+    with pytest.raises(TypeError, match="pref_vector="):
+        jd.upgrad([0.3, 0.7])
+    with pytest.raises(TypeError, match="weights="):
+        jd.constant_weighting(jnp.array([0.3, 0.7]), weights=[0.5, 0.5])
+    key = jax.random.key(0)
+    for factory in (jd.pcgrad, jd.rlw, jd.random_weighting, jd.graddrop, jd.pcgrad_weighting):
+        with pytest.raises(TypeError, match="drop the key"):
+            factory(key=key)
+    with pytest.raises(TypeError, match="stateful"):
+        jd.gradvac(jnp.ones((3, 4)), key=key)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        jd.upgrad(pref=[0.3, 0.7])
+
+
+def test_sweeping_a_number_hyper_parameter_does_not_retrace():
+    traces = []
+
+    @jax.jit
+    def step(agg, J):
+        traces.append(1)
+        return agg(J)
+
+    J = jnp.array([[1.0, 2.0, 0.0], [-1.0, 0.5, 1.0]])
+    outs = [
+        step(jd.upgrad(reg_eps=r, pref_vector=[p, 1 - p]), J) for r, p in [(1e-4, 0.5), (0.1, 0.2)]
+    ]
+    assert len(traces) == 1
+    for out, (r, p) in zip(outs, [(1e-4, 0.5), (0.1, 0.2)]):
+        np.testing.assert_allclose(out, jd.upgrad(J, reg_eps=r, pref_vector=[p, 1 - p]), rtol=1e-6)
+    assert not np.allclose(outs[0], outs[1])
+    # Integers that set loop bounds stay static: a new value is a new program.
+    step(jd.mgda(max_iters=5), J)
+    step(jd.mgda(max_iters=6), J)
+    assert len(traces) == 3
