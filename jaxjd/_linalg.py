@@ -16,7 +16,8 @@ def project_onto_simplex(y):
     k = jnp.arange(1, m + 1, dtype=y.dtype)
     ok = u - (css - 1.0) / k > 0
     rho = jnp.max(jnp.where(ok, jnp.arange(m), 0))
-    theta = jnp.where(rho == m - 1, (jnp.sum(y) - 1.0) / m, (css[rho] - 1.0) / (rho + 1.0))
+    count = (rho + 1).astype(y.dtype)
+    theta = jnp.where(rho == m - 1, (jnp.sum(y) - 1.0) / m, (css[rho] - 1.0) / count)
     return jnp.maximum(y - theta, 0.0)
 
 
@@ -37,4 +38,4 @@ def pinv_psd(G, rtol=None):
     rtol = m * jnp.finfo(G.dtype).eps if rtol is None else rtol
     keep = jnp.abs(lam) > rtol * jnp.max(jnp.abs(lam))
     inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
-    return (V * inv) @ V.T
+    return (V * inv[None, :]) @ V.T

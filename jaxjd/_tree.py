@@ -53,6 +53,12 @@ def num_objectives(jacobian: PyTreeJacobian) -> int:
     return m
 
 
+def accumulation_dtype_of(*arrays) -> jnp.dtype:
+    """The accumulation dtype of several arrays (or dtypes): float64 if any is float64."""
+    dtypes = [jnp.dtype(getattr(a, "dtype", a)) for a in arrays]
+    return jnp.dtype(jnp.float64 if jnp.dtype(jnp.float64) in dtypes else jnp.float32)
+
+
 def accumulation_dtype(dtype) -> jnp.dtype:
     """The dtype in which Gramians are accumulated: float64 for float64 input, else float32
     (without promotion rules, so that it holds under strict dtype promotion)."""
@@ -78,7 +84,7 @@ def gramian(jacobian: PyTreeJacobian, *, axis_name=None) -> Float[Array, "m m"]:
     """
     leaves = _leaves(jacobian)
     num_objectives(jacobian)
-    acc = accumulation_dtype(jnp.result_type(*leaves))
+    acc = accumulation_dtype_of(*leaves)
     total = None
     for leaf in leaves:
         rows = _as_rows(leaf)
@@ -144,7 +150,7 @@ def cross_gramian(jacobian1: PyTreeJacobian, jacobian2: PyTreeJacobian) -> Float
     for a, b in zip(_leaves(jacobian1), _leaves(jacobian2)):
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(f"Leaf shapes differ: {a.shape} vs {b.shape}.")
-        acc = accumulation_dtype(jnp.result_type(a, b))
+        acc = accumulation_dtype_of(a, b)
         g = _dot_rows(_as_rows(a), _as_rows(b), acc)
         total = g if total is None else total + g
     assert total.shape == (m1, m2)
@@ -196,7 +202,7 @@ def row_dots(jacobian: PyTreeJacobian, vector: PyTree[Array]) -> Float[Array, " 
             raise ValueError(
                 f"A leaf of shape {jnp.shape(v)} does not match rows {leaf.shape[1:]}."
             )
-        acc = accumulation_dtype(jnp.result_type(leaf, v))
+        acc = accumulation_dtype_of(leaf, v)
         return jnp.dot(
             _as_rows(leaf).astype(acc),
             jnp.ravel(v).astype(acc),

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from .._tree import accumulation_dtype, check_gramian, combine, gramian, num_objectives
+from .._tree import (
+    accumulation_dtype,
+    accumulation_dtype_of,
+    check_gramian,
+    combine,
+    gramian,
+    num_objectives,
+)
 
 __all__ = [
     "AbstractAggregator",
@@ -194,7 +201,7 @@ def _abstract_rows(jacobian) -> tuple[int, Any]:
     """``(m, accumulation dtype)`` of a Jacobian pytree of arrays or shape structs."""
     m = num_objectives(jacobian)
     leaves = jax.tree_util.tree_leaves(jacobian)
-    return m, accumulation_dtype(jnp.result_type(*[leaf.dtype for leaf in leaves]))
+    return m, accumulation_dtype_of(*leaves)
 
 
 class AbstractAggregator(_Method):
@@ -219,9 +226,7 @@ class AbstractAggregator(_Method):
         num_objectives(jacobian)
         if self.stateful or not isinstance(state, EmptyState):
             _check_state(
-                jax.eval_shape(
-                    lambda: self._init(jax.tree_util.tree_map(_shape_struct, jacobian))
-                ),
+                jax.eval_shape(lambda: self._init(jax.tree_util.tree_map(_shape_struct, jacobian))),
                 state,
                 type(self).__name__,
                 "init(jacobian)",

@@ -51,7 +51,7 @@ class AlignedMTLWeighting(AbstractWeighting):
             ordered = jnp.sort(jnp.where(keep, lam, jnp.inf))
             scale = ordered[jnp.maximum(rank - 1, 0) // 2]
         inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
-        B = jnp.sqrt(scale) * (V * inv_sqrt) @ V.T
+        B = jnp.sqrt(scale) * (V * inv_sqrt[None, :]) @ V.T
         B = jnp.where(rank == 0, jnp.eye(m, dtype=G.dtype), B)
         return B @ p, state
 

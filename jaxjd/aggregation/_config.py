@@ -55,7 +55,8 @@ class ConFIG(AbstractAggregator):
         eps = jnp.finfo(G.dtype).eps
         rtol = jnp.maximum((max(m, n) * eps) ** 2, m * eps)
         keep = lam > rtol * jnp.max(lam)
-        alpha = (V * jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)) @ (V.T @ p)
+        inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
+        alpha = (V * inv[None, :]) @ (V.T @ p)
         norm_d = jnp.sqrt(jnp.maximum(alpha @ Gu @ alpha, 0.0))
         denom = jnp.maximum(norm_d, 1e-12)
         beta = inv_norm * alpha  # J^T beta = U^T alpha

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
-from .._tree import accumulation_dtype, combine, num_objectives
+from .._tree import accumulation_dtype, accumulation_dtype_of, combine, num_objectives
 from ._abstract import AbstractAggregator, Aggregation
 from ._fields import as_dtype, number, spelling, static_int
 
@@ -70,7 +70,7 @@ class ExcessMTL(AbstractAggregator):
         sums = jax.tree_util.tree_map(
             lambda leaf: jnp.zeros(leaf.shape, accumulation_dtype(leaf.dtype)), jacobian
         )
-        dtype = jnp.result_type(*jax.tree_util.tree_leaves(sums))
+        dtype = accumulation_dtype_of(*jax.tree_util.tree_leaves(sums))
         zeros = jnp.zeros((m,), dtype)
         return ExcessMTLState(
             jnp.full((m,), 1.0 / m, dtype), sums, zeros, zeros, jnp.zeros((), jnp.int32)

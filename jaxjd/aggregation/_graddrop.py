@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype, num_objectives
+from .._tree import accumulation_dtype, accumulation_dtype_of, num_objectives
 from ._abstract import AbstractAggregator, Aggregation
 from ._fields import sized, spelling, vector
 
@@ -56,7 +56,7 @@ class GradDrop(AbstractAggregator):
         # One uniform per coordinate of the flattened row, so a pytree and its matrix view get
         # the same draws.
         sizes = [leaf[0].size for leaf in leaves]
-        dtype_u = accumulation_dtype(jnp.result_type(*leaves))
+        dtype_u = accumulation_dtype_of(*leaves)
         u_all = jax.random.uniform(key, (sum(sizes),), dtype_u)
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
 
@@ -70,8 +70,8 @@ class GradDrop(AbstractAggregator):
             purity = 0.5 * (1.0 + jnp.sum(x, axis=0) / jnp.sum(jnp.abs(x), axis=0))
             u = jnp.reshape(u_all[start : start + x[0].size], x.shape[1:]).astype(dtype)
             fp = self.f(purity)
-            mask = ((fp > u) & (x > 0)) | ((fp < u) & (x < 0))
-            out = jnp.sum((leak + (1.0 - leak) * mask) * x, axis=0)
+            mask = ((fp > u)[None] & (x > 0)) | ((fp < u)[None] & (x < 0))
+            out = jnp.sum((leak + (1.0 - leak) * mask.astype(dtype)) * x, axis=0)
             return out.astype(leaf.dtype)
 
         outs = [one(x, start) for x, start in zip(leaves, starts)]

@@ -58,7 +58,7 @@ def solve_priority_qp(G, taus, *, tol=1e-9, dependence_tol=1e-9, max_iter=None):
     def body(s):
         mu, active, p, slack_p, it, _ = s
         both = active[:, None] & active[None, :]
-        system = jnp.where(both, Gs, 0.0) + jnp.where(active, 0.0, 1.0) * eye
+        system = jnp.where(both, Gs, 0.0) + jnp.where(active, 0.0, 1.0)[:, None] * eye
         r = jnp.where(active, jnp.linalg.solve(system, jnp.where(active, Gs[:, p], 0.0)), 0.0)
         z = Gs[p, p] - Gs[p] @ r
         ratios = jnp.where(active & (r > 0), mu / jnp.where(r > 0, r, 1.0), jnp.inf)

@@ -51,7 +51,8 @@ class TrimmedMean(AbstractAggregator):
 
                 def count(j, rank):
                     xj = x[j]
-                    return rank + ((xj < x) | ((xj == x) & (j < rows_idx))).astype(jnp.int32)
+                    below = (xj[None] < x) | ((xj[None] == x) & (j < rows_idx))
+                    return rank + below.astype(jnp.int32)
 
                 rank = jax.lax.fori_loop(0, m, count, jnp.zeros(x.shape, jnp.int32))
                 keep = (rank >= t) & (rank < m - t)

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .._tree import accumulation_dtype
+from .._tree import accumulation_dtype_of
 from ._jaxpr import _analyse, _Traced
 
 
@@ -61,7 +61,7 @@ def task_gramian_vjp(fun: Callable, params, *args):
         if m == 0 or any(c.shape[:1] != (m,) for c in cots):
             raise ValueError("The cotangents need one shared, non-empty leading axis m.")
         deltas, fb_rows = jax.vmap(vjp_fn)(cots)
-        acc = accumulation_dtype(jnp.result_type(*cots))
+        acc = accumulation_dtype_of(*cots)
         G = jnp.zeros((m, m), acc) if gramian else None
         ghost, rows = {}, {}
         for k, p in plan.dense.items():

@@ -154,8 +154,8 @@ def _project(U, G, solver):
     # Exactly symmetric with a unit diagonal (zero rows keep a zero diagonal).
     Ge = 0.5 * (Ge + Ge.T)
     Ge = jnp.where(jnp.eye(m, dtype=bool), jnp.where(jnp.diagonal(G) > 0, 1.0, 0.0), Ge)
-    Ve, converged, iterations = solver.solve(flat * d, Ge)
-    V = Ve / d
+    Ve, converged, iterations = solver.solve(flat * d[None, :], Ge)
+    V = Ve / d[None, :]
     res = kkt_residual(G, flat, V)
     ok = converged & jnp.all(jnp.isfinite(V), axis=-1) & (res <= solver.acceptance(G.dtype, m))
     info = ProjectionInfo(ok, jnp.asarray(iterations, jnp.int32), res)

@@ -56,7 +56,7 @@ def kkt_residual(
     is measured in that row's own units (a tiny row of J is not drowned by a large one).
     Rounding alone leaves about ``m * eps``.
     """
-    d = row_scales(G)
+    d = jnp.reshape(row_scales(G), (1,) * (jnp.ndim(v) - 1) + (G.shape[0],))
     lam = jnp.einsum("ij,...j->...i", G, v, precision="highest") / d
     s = (v - u) * d
     scale = jnp.maximum(

@@ -361,7 +361,7 @@ def _lane_ops(G, compact, refine):
                 s = jnp.where(better, s_new, s)
                 r = jnp.where(better, r_new, r)
                 res = jnp.minimum(res, res_new)
-            lam = r * (~lane.free)
+            lam = jnp.where(lane.free, jnp.zeros_like(r), r)
             lane = lane._replace(s=s, lam=lam)
         # NaN/Inf anywhere (G, u or the solves) gives NaN weights and converged = False; the
         # test is explicit because XLA's fast max(NaN, 0) may return 0.
