@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ def load_digits(seed: int = 0):
         from sklearn.datasets import load_digits as sk_load
     except ImportError as e:  # pragma: no cover - the examples extra installs it
         raise SystemExit('The demo needs scikit-learn: pip install "jaxjd[examples]"') from e
-    data = sk_load()
+    data: Any = sk_load()
     x = data.data.astype(np.float32) / 16.0
     y = data.target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(y))

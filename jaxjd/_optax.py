@@ -136,4 +136,4 @@ def jd_aggregate(
             )
         return out, JDAggregateState(new_key, weights, inner, stats)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)  # pyright: ignore[reportArgumentType]

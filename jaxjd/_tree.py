@@ -153,7 +153,7 @@ def cross_gramian(jacobian1: PyTreeJacobian, jacobian2: PyTreeJacobian) -> Float
         acc = accumulation_dtype_of(a, b)
         g = _dot_rows(_as_rows(a), _as_rows(b), acc)
         total = g if total is None else total + g
-    assert total.shape == (m1, m2)
+    assert total is not None and total.shape == (m1, m2)
     return total
 
 
@@ -237,7 +237,7 @@ def unravel_row(vector: Float[Array, " n"], jacobian: PyTreeJacobian) -> PyTree[
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def check_gramian(gramian_matrix: Array) -> int:
+def check_gramian(gramian_matrix: Array | jax.ShapeDtypeStruct) -> int:
     """Checks a Gramian at trace time (square, floating, m >= 1) and returns m."""
     shape = (
         tuple(gramian_matrix.shape)

@@ -150,7 +150,7 @@ class AbstractWeighting(_Method):
 
     def update(
         self,
-        gramian: Float[Array, "m m"],
+        gramian: Float[Array, "m m"] | jax.ShapeDtypeStruct,
         state: Any,
         /,
         *,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import spelling, static_int
 
 
 def _alpha(value):
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         raise TypeError("FairGrad's alpha sets the form of the problem: it must be concrete.")
     if not float(value) >= 0:
         raise ValueError(f"alpha must be >= 0; got {value}.")

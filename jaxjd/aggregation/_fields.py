@@ -12,12 +12,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 __all__ = ["as_dtype", "choice", "number", "sized", "spelling", "static_int", "vector"]
 
 
 def _is_traced(value) -> bool:
-    return isinstance(value, jax.core.Tracer)
+    return isinstance(value, Tracer)
 
 
 def _number(name: str, check: Callable[[float], bool] | None, what: str):
@@ -76,14 +77,17 @@ def _vector(name: str, optional: bool):
 def vector(name: str, *, optional: bool = True) -> Any:
     """A 1-D float vector hyper-parameter (preference, fixed weights, leaks), stored as an
     array leaf; its length is checked against m at trace time."""
-    kwargs = {"default": None} if optional else {}
-    return eqx.field(converter=_vector(name, optional), **kwargs)
+    if optional:
+        return eqx.field(converter=_vector(name, optional), default=None)
+    return eqx.field(converter=_vector(name, optional))
 
 
 def _int(name: str, minimum: int, allow_none: bool):
-    def convert(value):
-        if value is None and allow_none:
-            return None
+    def convert(value: Any):
+        if value is None:
+            if allow_none:
+                return None
+            raise ValueError(f"{name} is required (an integer).")
         if isinstance(value, bool) or int(value) != value or value < minimum:
             bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise ValueError(f"{name} must be {bound}; got {value}.")

@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling
@@ -94,7 +95,7 @@ def solve_priority_qp(G, taus, *, tol=1e-9, dependence_tol=1e-9, max_iter=None):
 
 def _taus_field(tau):
     """``tau``: a number or a 1-D vector in [0, 1], stored as an array leaf."""
-    if isinstance(tau, jax.core.Tracer):
+    if isinstance(tau, Tracer):
         return tau
     arr = np.asarray(tau, np.float64)
     if arr.ndim > 1:

@@ -175,7 +175,7 @@ def mtl_value_and_grad(
     def by_layers(trunk_params, head_params, *args, key=None, state=None):
         features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
         losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
-        weighting = aggregator.weighting
+        weighting = aggregator.weighting  # pyright: ignore[reportAttributeAccessIssue]
         m = losses.size
         if weighting.reads_gramian:
             G, factors = pullback(cotangents)

@@ -96,7 +96,7 @@ def task_gramian_vjp(fun: Callable, params, *args):
 def task_weighted_grad(weights, factors: LayerwiseFactors):
     """``J^T w`` for every parameter from :func:`task_gramian_vjp`'s factors."""
     ghost, rows, treedef, leaves = factors
-    out = [None] * len(leaves)
+    out: list = [None] * len(leaves)
     for p, (X, D) in ghost.items():
         out[p] = X.T @ jnp.tensordot(weights.astype(D.dtype), D, axes=1)
     for p, r in rows.items():

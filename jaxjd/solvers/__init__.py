@@ -75,7 +75,7 @@ def as_solver(
 
 
 def normalize_regularize(
-    G: Float[Array, "m m"], norm_eps: float, reg_eps: float
+    G: Float[Array, "m m"], norm_eps: float | Array, reg_eps: float | Array
 ) -> Float[Array, "m m"]:
     """TorchJD's conditioning: ``G / tr(G)`` (zeros when ``tr(G) <= norm_eps``) ``+ reg_eps I``.
 
