@@ -25,8 +25,8 @@ class Spec:
         covers: the public classes and spellings this entry exercises.
         loose: tolerances of the transformation tests, when the method's own solver stops
             short of rounding (``{"float32": ..., "float64": ...}``).
-        slow_eager: its op-by-op run under ``jax.disable_jit()`` takes seconds (long loops),
-            so that case runs in the slow sweep.
+        slow_eager: its op-by-op run under ``jax.disable_jit()`` takes seconds (the exact
+            solvers' loops: 4-11 s each on one core), so that case runs in the slow sweep.
     """
 
     name: str
@@ -41,11 +41,11 @@ _CONST = [1.0, -0.5, 2.0, 0.25]  # the transformation tests use m = 4
 
 REGISTRY = [
     Spec("upgrad", jd.upgrad, jd.upgrad_weighting,
-         (agg.UPGrad, agg.UPGradWeighting, "upgrad", "upgrad_weighting")),
+         (agg.UPGrad, agg.UPGradWeighting, "upgrad", "upgrad_weighting"), slow_eager=True),
     Spec("upgrad_pgd", lambda: jd.upgrad(solver="nesterov_pgd"),
          lambda: jd.upgrad_weighting(solver="nesterov_pgd"), slow_eager=True),
     Spec("dualproj", jd.dualproj, jd.dualproj_weighting,
-         (agg.DualProj, agg.DualProjWeighting, "dualproj", "dualproj_weighting")),
+         (agg.DualProj, agg.DualProjWeighting, "dualproj", "dualproj_weighting"), slow_eager=True),
     Spec("mgda", jd.mgda, jd.mgda_weighting,
          (agg.MGDA, agg.MGDAWeighting, "mgda", "mgda_weighting")),
     Spec("mean", jd.mean, jd.mean_weighting,
@@ -81,9 +81,11 @@ REGISTRY = [
          (agg.CAGrad, agg.CAGradWeighting, "cagrad", "cagrad_weighting"),
          loose={"float64": 1e-7, "float32": 1e-3}, slow_eager=True),
     Spec("gradvac", jd.gradvac, jd.gradvac_weighting,
-         (agg.GradVac, agg.GradVacWeighting, agg.GradVacState, "gradvac", "gradvac_weighting")),
+         (agg.GradVac, agg.GradVacWeighting, agg.GradVacState, "gradvac", "gradvac_weighting"),
+         slow_eager=True),
     Spec("pcd", jd.pcd, jd.pcd_weighting,
-         (agg.PCD, agg.PCDWeighting, agg.PCDState, "pcd", "pcd_weighting", "solve_priority_qp")),
+         (agg.PCD, agg.PCDWeighting, agg.PCDState, "pcd", "pcd_weighting", "solve_priority_qp"),
+         slow_eager=True),
     Spec("nash_mtl", jd.nash_mtl, jd.nash_mtl_weighting,
          (agg.NashMTL, agg.NashMTLWeighting, agg.NashMTLState, "nash_mtl", "nash_mtl_weighting"),
          loose={"float64": 1e-9, "float32": 1e-4}, slow_eager=True),
@@ -91,9 +93,10 @@ REGISTRY = [
          (agg.ExcessMTL, agg.ExcessMTLState, "excess_mtl")),
     Spec("crmogm_upgrad", lambda: jd.crmogm(jd.upgrad_weighting(), alpha=0.5),
          lambda: jd.crmogm_weighting(jd.upgrad_weighting(), alpha=0.5),
-         (agg.CRMOGM, agg.CRMOGMWeighting, agg.CRMOGMState, "crmogm", "crmogm_weighting")),
+         (agg.CRMOGM, agg.CRMOGMWeighting, agg.CRMOGMState, "crmogm", "crmogm_weighting"),
+         slow_eager=True),
     Spec("crmogm_gradvac", lambda: jd.crmogm(jd.gradvac_weighting(), alpha=0.5),
-         lambda: jd.crmogm_weighting(jd.gradvac_weighting(), alpha=0.5)),
+         lambda: jd.crmogm_weighting(jd.gradvac_weighting(), alpha=0.5), slow_eager=True),
     Spec("modo", lambda: agg.GramianWeightedAggregator(jd.modo_weighting()), jd.modo_weighting,
          (agg.MoDoWeighting, agg.SimplexWeightsState, "modo_weighting",
           agg.GramianWeightedAggregator)),
