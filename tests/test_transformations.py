@@ -55,6 +55,9 @@ def test_jit_equals_true_eager(spec, dtype):
 
 
 @pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)], indirect=True
+)
 def test_vmap_over_jacobians_and_states(spec, dtype):
     method = spec.build()
     Js = jnp.stack([jacobian(dtype, seed=s) for s in range(5)])

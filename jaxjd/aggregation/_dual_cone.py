@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
+from .._tree import check_gramian
 from ..solvers import ProjectionInfo, normalize_regularize, project_onto_dual_cone
+from ._abstract import _prepared
 from ._fields import as_dtype, sized
 
 
@@ -31,9 +35,17 @@ def checked(weights, info: ProjectionInfo):
     return jnp.where(jnp.all(info.converged), weights, jnp.nan)
 
 
-def solve(weighting, gramian):
-    """``weighting._solve`` on a prepared Gramian, jitted with the weighting's leaves traced."""
-    from ._abstract import _prepared
-
+def _solve(weighting, gramian):
     with jax.default_matmul_precision("highest"):
         return weighting._solve(_prepared(gramian))
+
+
+_solve_jit = eqx.filter_jit(_solve)
+
+
+def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], ProjectionInfo]:
+    """Weights and the solver's :class:`~jaxjd.solvers.ProjectionInfo` (converged flag,
+    iterations, KKT residual; one entry per right-hand side). The weights are the solver's
+    answer, also when it did not converge (calling the weighting gives NaN then)."""
+    check_gramian(gramian)
+    return _solve_jit(self, gramian)

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import equinox as eqx
-from jaxtyping import Array, Float
 
-from .._tree import check_gramian
 from ..solvers import AbstractSolver, ProjectionInfo, as_solver
 from . import _dual_cone
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
@@ -48,11 +46,7 @@ class DualProjWeighting(AbstractWeighting):
     def _weigh(self, gramian, state, key):
         return _dual_cone.checked(*self._solve(gramian)), state
 
-    def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], ProjectionInfo]:
-        """Weights and the solver's :class:`~jaxjd.solvers.ProjectionInfo`, as
-        :meth:`UPGradWeighting.solve`."""
-        check_gramian(gramian)
-        return _solve_jit(self, gramian)
+    solve = _dual_cone.solve
 
 
 class DualProj(GramianWeightedAggregator):
@@ -68,8 +62,6 @@ class DualProj(GramianWeightedAggregator):
 
     weighting_class = DualProjWeighting
 
-
-_solve_jit = eqx.filter_jit(_dual_cone.solve)
 
 dualproj = spelling(DualProj, "dualproj", reads="jacobian")
 dualproj_weighting = spelling(DualProjWeighting, "dualproj_weighting", reads="gramian")

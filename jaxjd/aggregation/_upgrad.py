@@ -6,10 +6,8 @@ from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float
 
-from .._tree import check_gramian
-from ..solvers import AbstractSolver, ProjectionInfo, as_solver
+from ..solvers import AbstractSolver, as_solver
 from . import _dual_cone
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import number, spelling, vector
@@ -57,12 +55,7 @@ class UPGradWeighting(AbstractWeighting):
     def _weigh(self, gramian, state, key):
         return _dual_cone.checked(*self._solve(gramian)), state
 
-    def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], ProjectionInfo]:
-        """Weights and the solver's :class:`~jaxjd.solvers.ProjectionInfo` (converged flag,
-        iterations, KKT residual; one entry per right-hand side). The weights are the solver's
-        answer, also when it did not converge (calling the weighting gives NaN then)."""
-        check_gramian(gramian)
-        return _solve_jit(self, gramian)
+    solve = _dual_cone.solve
 
 
 class UPGrad(GramianWeightedAggregator):
@@ -77,8 +70,6 @@ class UPGrad(GramianWeightedAggregator):
 
     weighting_class = UPGradWeighting
 
-
-_solve_jit = eqx.filter_jit(_dual_cone.solve)
 
 upgrad = spelling(UPGrad, "upgrad", reads="jacobian")
 upgrad_weighting = spelling(UPGradWeighting, "upgrad_weighting", reads="gramian")
