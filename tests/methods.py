@@ -27,6 +27,8 @@ class Spec:
             short of rounding (``{"float32": ..., "float64": ...}``).
         slow_eager: its op-by-op run under ``jax.disable_jit()`` takes seconds (the exact
             solvers' loops: 4-11 s each on one core), so that case runs in the slow sweep.
+        eager: False for the iterative solvers (FISTA, damped Newton, interior point) whose
+            thousands of iterations take minutes op by op: they are compared under jit only.
     """
 
     name: str
@@ -35,6 +37,7 @@ class Spec:
     covers: tuple = ()
     loose: dict = field(default_factory=dict)
     slow_eager: bool = False
+    eager: bool = True
 
 
 _CONST = [1.0, -0.5, 2.0, 0.25]  # the transformation tests use m = 4
@@ -43,7 +46,7 @@ REGISTRY = [
     Spec("upgrad", jd.upgrad, jd.upgrad_weighting,
          (agg.UPGrad, agg.UPGradWeighting, "upgrad", "upgrad_weighting"), slow_eager=True),
     Spec("upgrad_pgd", lambda: jd.upgrad(solver="nesterov_pgd"),
-         lambda: jd.upgrad_weighting(solver="nesterov_pgd"), slow_eager=True),
+         lambda: jd.upgrad_weighting(solver="nesterov_pgd"), slow_eager=True, eager=False),
     Spec("dualproj", jd.dualproj, jd.dualproj_weighting,
          (agg.DualProj, agg.DualProjWeighting, "dualproj", "dualproj_weighting"), slow_eager=True),
     Spec("mgda", jd.mgda, jd.mgda_weighting,
@@ -74,12 +77,12 @@ REGISTRY = [
          (agg.GradDrop, "graddrop")),
     Spec("fairgrad", lambda: jd.fairgrad(alpha=1.0), lambda: jd.fairgrad_weighting(alpha=1.0),
          (agg.FairGrad, agg.FairGradWeighting, "fairgrad", "fairgrad_weighting"),
-         slow_eager=True),
+         slow_eager=True, eager=False),
     # CAGrad's first-order solver stops on the gradient mapping: its weights are accurate to
     # ~1e-7 (float64) and ~1e-3 (float32, 3e-4 absolute seen on a vmapped batch).
     Spec("cagrad", lambda: jd.cagrad(c=0.5), lambda: jd.cagrad_weighting(c=0.5),
          (agg.CAGrad, agg.CAGradWeighting, "cagrad", "cagrad_weighting"),
-         loose={"float64": 1e-7, "float32": 1e-3}, slow_eager=True),
+         loose={"float64": 1e-7, "float32": 1e-3}, slow_eager=True, eager=False),
     Spec("gradvac", jd.gradvac, jd.gradvac_weighting,
          (agg.GradVac, agg.GradVacWeighting, agg.GradVacState, "gradvac", "gradvac_weighting"),
          slow_eager=True),
@@ -88,7 +91,7 @@ REGISTRY = [
          slow_eager=True),
     Spec("nash_mtl", jd.nash_mtl, jd.nash_mtl_weighting,
          (agg.NashMTL, agg.NashMTLWeighting, agg.NashMTLState, "nash_mtl", "nash_mtl_weighting"),
-         loose={"float64": 1e-9, "float32": 1e-4}, slow_eager=True),
+         loose={"float64": 1e-9, "float32": 1e-4}, slow_eager=True, eager=False),
     Spec("excess_mtl", lambda: jd.excess_mtl(n_warmup_steps=0), None,
          (agg.ExcessMTL, agg.ExcessMTLState, "excess_mtl")),
     Spec("crmogm_upgrad", lambda: jd.crmogm(jd.upgrad_weighting(), alpha=0.5),

@@ -11,7 +11,9 @@ import jaxjd as jd
 
 KEY = jax.random.key(3)
 EAGER = [
-    pytest.param(spec, marks=pytest.mark.slow) if spec.slow_eager else spec for spec in REGISTRY
+    pytest.param(spec, marks=pytest.mark.slow) if spec.slow_eager else spec
+    for spec in REGISTRY
+    if spec.eager
 ]
 
 
@@ -42,6 +44,9 @@ def close(a, b, dtype, spec):
 
 
 @pytest.mark.parametrize("spec", EAGER, ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)], indirect=True
+)
 def test_jit_equals_true_eager(spec, dtype):
     method = spec.build()
     J = jacobian(dtype)
