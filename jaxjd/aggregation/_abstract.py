@@ -318,5 +318,7 @@ class GramianWeightedAggregator(AbstractAggregator):
             G = gramian(jacobian)
         else:
             G = jax.ShapeDtypeStruct((m, m), dtype)
-        w, state = self.weighting.update(G, state, key=key)
+        # The state was checked by aggregate() (init delegates to the weighting): go straight
+        # to the weighting's jitted step rather than through its update(), which checks again.
+        w, state = _weigh_jit(self.weighting, G, state, key)
         return Aggregation(combine(w, jacobian), w, state)

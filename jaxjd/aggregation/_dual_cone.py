@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._tree import check_gramian
-from ..solvers import ProjectionInfo, normalize_regularize, project_onto_dual_cone
+from ..solvers import ProjectionInfo, normalize_regularize
 from ._abstract import _prepared
 from ._fields import as_dtype, sized
 
@@ -24,10 +24,6 @@ def conditioned(weighting, G):
     norm_eps = as_dtype(weighting.norm_eps, G.dtype)
     reg_eps = as_dtype(weighting.reg_eps, G.dtype)
     return normalize_regularize(G, norm_eps, reg_eps), pref
-
-
-def project(weighting, U, G):
-    return project_onto_dual_cone(U, G, solver=weighting.solver)
 
 
 def checked(weights, info: ProjectionInfo):

@@ -6,7 +6,7 @@ from typing import Any
 
 import equinox as eqx
 
-from ..solvers import AbstractSolver, ProjectionInfo, as_solver
+from ..solvers import AbstractSolver, ProjectionInfo, as_solver, project_onto_dual_cone
 from . import _dual_cone
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import number, spelling, vector
@@ -40,7 +40,7 @@ class DualProjWeighting(AbstractWeighting):
 
     def _solve(self, G):
         G, pref = _dual_cone.conditioned(self, G)
-        V, info = _dual_cone.project(self, pref[None, :], G)
+        V, info = project_onto_dual_cone(pref[None, :], G, solver=self.solver)
         return V[0], ProjectionInfo(*(x[0] for x in info))
 
     def _weigh(self, gramian, state, key):

@@ -7,7 +7,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 
-from ..solvers import AbstractSolver, as_solver
+from ..solvers import AbstractSolver, as_solver, project_onto_dual_cone
 from . import _dual_cone
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import number, spelling, vector
@@ -49,7 +49,7 @@ class UPGradWeighting(AbstractWeighting):
 
     def _solve(self, G):
         G, pref = _dual_cone.conditioned(self, G)
-        V, info = _dual_cone.project(self, jnp.diag(pref), G)
+        V, info = project_onto_dual_cone(jnp.diag(pref), G, solver=self.solver)
         return jnp.sum(V, axis=0), info
 
     def _weigh(self, gramian, state, key):
