@@ -8,6 +8,7 @@ one-leaf case. Nothing here concatenates the leaves unless a method asks for coo
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def _as_rows(leaf: Array) -> Array:
     return jnp.reshape(leaf, (leaf.shape[0], -1))
 
 
-def gramian(jacobian: PyTreeJacobian, *, axis_name=None) -> Float[Array, "m m"]:
+def gramian(jacobian: PyTreeJacobian, *, axis_name: Hashable | None = None) -> Float[Array, "m m"]:
     r"""The Gramian :math:`G = J J^\top` of a Jacobian pytree, summed leaf by leaf.
 
     Each leaf is viewed as an ``(m, -1)`` matrix and contributed with

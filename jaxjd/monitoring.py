@@ -9,6 +9,8 @@ from jaxtyping import Array, Float
 
 from ._tree import check_gramian
 
+__all__ = ["ConflictStats", "conflict_statistics"]
+
 
 class ConflictStats(NamedTuple):
     """What people look at when they ask "do my gradients conflict?".

@@ -10,6 +10,35 @@ os.environ["XLA_FLAGS"] = (
 import jax
 import pytest
 
+# The xdist workers of one run share XLA's persistent compilation cache (a temporary directory
+# made by the controlling process, see pytest_configure): a program that took over half a second
+# to compile on one worker is read back by the other instead of compiled again. It changes when a
+# program is compiled, not what runs. JAXJD_TEST_SHARED_CACHE=0 turns it off.
+if os.environ.get("JAXJD_TEST_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAXJD_TEST_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+    distributed = getattr(config.option, "numprocesses", None) and not hasattr(
+        config, "workerinput"
+    )
+    if distributed and os.environ.get("JAXJD_TEST_SHARED_CACHE", "1") == "1":
+        import tempfile
+
+        config._jaxjd_cache = tempfile.mkdtemp(prefix="jaxjd-xla-")
+        os.environ["JAXJD_TEST_CACHE_DIR"] = config._jaxjd_cache  # inherited by the workers
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_jaxjd_cache", None)
+    if cache:
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ.pop("JAXJD_TEST_CACHE_DIR", None)
+
+
 # JAXJD_STRICT=1 (a job of .ci/run) runs under strict dtype promotion and rank promotion raising,
 # as equinox runs its own tests: no implicit float32/float64 mixing, no implicit broadcasting of
 # ranks anywhere in the library.

@@ -110,7 +110,7 @@ MODELS = {
 
 
 def explicit(losses, params, batch):
-    J = jax.jacrev(lambda p: jnp.ravel(losses(p, batch)))(params)
+    J = jax.jit(jax.jacrev(lambda p: jnp.ravel(losses(p, batch))))(params)
     return J, jd.gramian(J)
 
 
@@ -242,8 +242,15 @@ def test_per_sample_structure_and_its_limits(x64):
             "/".join(str(k.key) for k in path)
             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
         ]
-        _, _, factors = per_sample_gramian_parts(losses, params, batch)
-        assert {paths[i] for i in factors.plan.structural} == names, model
+        plans = []  # traced only (the plan is decided at trace time): no compile, no run
+
+        def parts(params, batch, losses=losses, plans=plans):
+            _, G, factors = per_sample_gramian_parts(losses, params, batch)
+            plans.append(factors.plan)
+            return G
+
+        jax.eval_shape(parts, params, batch)
+        assert {paths[i] for i in plans[0].structural} == names, model
     losses, params, batch = MODELS["mlp"]()
     with pytest.raises(ValueError, match=r"shape \(B,\) or \(B, T\)"):
         jd.value_and_gramian(lambda p, b: jnp.sum(losses(p, b)), method="per_sample")(params, batch)
@@ -276,9 +283,18 @@ def test_layerwise_structure_ghost_and_rows(x64):
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     x = x.astype(jnp.float64)
     J, G_ref = explicit(losses, params, x)
-    out, pullback = task_gramian_vjp(losses, params, x)
-    G, factors = pullback(jnp.eye(3))
-    ghost, rows = factors.ghost, factors.rows
+    w = jnp.array([0.3, -1.2, 2.0])
+    forms = {}
+
+    @jax.jit
+    def layerwise(params, x):
+        out, pullback = task_gramian_vjp(losses, params, x)
+        G, factors = pullback(jnp.eye(3))
+        forms.update(ghost=set(factors.ghost), rows=set(factors.rows))
+        return out, G, task_weighted_grad(w, factors)
+
+    out, G, weighted = layerwise(params, x)
+    ghost, rows = forms["ghost"], forms["rows"]
     paths = [
         "/".join(str(k.key) for k in path)
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -287,14 +303,13 @@ def test_layerwise_structure_ghost_and_rows(x64):
     assert {paths[i] for i in rows} == set(paths) - {"wide/w"}
     np.testing.assert_allclose(out, losses(params, x), rtol=1e-12)
     np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-12)
-    w = jnp.array([0.3, -1.2, 2.0])
     for a, b in zip(
-        jax.tree_util.tree_leaves(task_weighted_grad(w, factors)),
+        jax.tree_util.tree_leaves(weighted),
         jax.tree_util.tree_leaves(jd.combine(w, J)),
     ):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="leading axis m"):
-        pullback(jnp.zeros((0, 3)))
+        jax.eval_shape(lambda: task_gramian_vjp(losses, params, x)[1](jnp.zeros((0, 3))))
     with pytest.raises(ValueError, match="has_aux"):
         jd.value_and_gramian(losses, method="layerwise", chunk_size=2)
 
@@ -335,10 +350,10 @@ def test_mtl_helper_equals_brute_force(x64):
         return heads(hp, trunk(tp, x), x)
 
     np.testing.assert_allclose(losses, full(tp, hp), rtol=1e-12)
-    J_ref = jax.jacrev(full)(tp, hp)
+    J_ref = jax.jit(jax.jacrev(full))(tp, hp)
     for a, b in zip(jax.tree_util.tree_leaves(J), jax.tree_util.tree_leaves(J_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    g_ref = jax.grad(lambda h: jnp.sum(full(tp, h)))(hp)
+    g_ref = jax.jit(jax.grad(lambda h: jnp.sum(full(tp, h))))(hp)
     for a, b in zip(jax.tree_util.tree_leaves(head_grads), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     agg = jd.upgrad()
@@ -348,7 +363,7 @@ def test_mtl_helper_equals_brute_force(x64):
     np.testing.assert_allclose(w, agg.weights(J_ref), rtol=1e-9)
     for a, b in zip(jax.tree_util.tree_leaves(trunk_grad), jax.tree_util.tree_leaves(agg(J_ref))):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
-    _, (cfg_grad, _), cfg_w = jd.mtl_value_and_grad(trunk, heads, jd.config())(tp, hp, x)
+    _, (cfg_grad, _), cfg_w = jax.jit(jd.mtl_value_and_grad(trunk, heads, jd.config()))(tp, hp, x)
     np.testing.assert_allclose(cfg_w, jd.config().weights(J_ref), rtol=1e-9)
     for a, b in zip(
         jax.tree_util.tree_leaves(cfg_grad), jax.tree_util.tree_leaves(jd.config(J_ref))
@@ -383,13 +398,13 @@ def test_mtl_layerwise_equals_the_materialised_jacobian(dtype, x64):
     def full(tp):
         return heads(hp, trunk(tp, x), x)
 
-    J_ref = jax.jacrev(full)(tp)
+    J_ref = jax.jit(jax.jacrev(full))(tp)
     G_ref = jd.gramian(J_ref)
     losses, G, head_grads = jax.jit(jd.mtl_value_and_gramian(trunk, heads))(tp, hp, x)
     assert G.dtype == jnp.dtype(dtype)
     np.testing.assert_allclose(losses, full(tp), rtol=rtol)
     np.testing.assert_allclose(G, G_ref, rtol=rtol, atol=rtol * float(jnp.abs(G_ref).max()))
-    h_ref = jax.grad(lambda h: jnp.sum(heads(h, trunk(tp, x), x)))(hp)
+    h_ref = jax.jit(jax.grad(lambda h: jnp.sum(heads(h, trunk(tp, x), x))))(hp)
     for a, b in zip(jax.tree_util.tree_leaves(head_grads), jax.tree_util.tree_leaves(h_ref)):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.abs(b).max()))
     key = jax.random.key(3)
@@ -428,7 +443,7 @@ def test_equinox_module_with_the_filter_pattern(x64):
 
     values, J = jd.value_and_jacobian(losses)(params, x)
     np.testing.assert_allclose(values, losses(params, x), rtol=1e-12)
-    J_ref = jax.jacrev(losses)(params, x)
+    J_ref = jax.jit(jax.jacrev(losses))(params, x)
     for a, b in zip(jax.tree_util.tree_leaves(J), jax.tree_util.tree_leaves(J_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     update = jd.upgrad(J)
@@ -436,7 +451,7 @@ def test_equinox_module_with_the_filter_pattern(x64):
     # The jaxpr-reading engines on the same vmapped equinox model (its kernels sit on the left
     # of the product, so they take the per-equation VJP path): objectives and per-sample losses.
     np.testing.assert_allclose(
-        jd.value_and_gramian(losses, method="layerwise")(params, x)[1],
+        jax.jit(jd.value_and_gramian(losses, method="layerwise"))(params, x)[1],
         jd.gramian(J_ref),
         rtol=1e-10,
     )
@@ -444,7 +459,7 @@ def test_equinox_module_with_the_filter_pattern(x64):
     def per_sample(p, x):
         return jnp.sum(jax.vmap(eqx.combine(p, static))(x) ** 2, axis=1)
 
-    G_ref = jd.gramian(jax.jacrev(per_sample)(params, x))
+    G_ref = jd.gramian(jax.jit(jax.jacrev(per_sample))(params, x))
     for method in ("per_sample", "layerwise"):
         _, G = jax.jit(jd.value_and_gramian(per_sample, method=method))(params, x)
         np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-14)

@@ -36,6 +36,7 @@ from .._tree import (
     gramian,
     num_objectives,
 )
+from ._fields import declared_signature
 
 __all__ = [
     "AbstractAggregator",
@@ -162,7 +163,10 @@ class AbstractWeighting(_Method):
         if self.stateful or not isinstance(state, EmptyState):
             expected = jax.eval_shape(lambda: self._init(m, dtype))
             _check_state(expected, state, type(self).__name__, "init(m)")
-        return _weigh_jit(self, gramian, state, key)
+        # The same precision context as an aggregator's call: it is part of jit's cache key,
+        # so weighting(G) and aggregator(J) share one compiled program.
+        with jax.default_matmul_precision("highest"):
+            return _weigh_jit(self, gramian, state, key)
 
     def __call__(
         self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
@@ -302,7 +306,7 @@ class GramianWeightedAggregator(AbstractAggregator):
         def __init__(self, *args, **hyper):
             self.weighting = weighting_class(*args, **hyper)
 
-        params = list(inspect.signature(weighting_class).parameters.values())
+        params = list(declared_signature(weighting_class).parameters.values())
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
         __init__.__signature__ = inspect.Signature([self_param, *params])  # type: ignore[attr-defined]
         __init__.__doc__ = f"Takes the arguments of :class:`{weighting_class.__name__}`."

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 
+from .._typing import VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import choice, sized, spelling, vector
 
@@ -30,7 +29,7 @@ class AlignedMTLWeighting(AbstractWeighting):
     array([0.5591, 0.4083])
     """
 
-    pref_vector: Any = vector("pref_vector")
+    pref_vector: VectorLike | None = vector("pref_vector")
     scale_mode: str = choice("scale_mode", "min", ("min", "median", "rmse"))
 
     def _weigh(self, G, state, key):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .._linalg import project_onto_simplex_pairwise
+from .._typing import Scalar
 from ..solvers import normalize_regularize
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling, static_int
@@ -41,8 +40,8 @@ class CAGradWeighting(AbstractWeighting):
     array([0.7041, 0.5   ])
     """
 
-    c: Any = number("c", check="nonnegative")
-    norm_eps: Any = number("norm_eps", 1e-4, check="nonnegative")
+    c: Scalar = number("c", check="nonnegative")
+    norm_eps: Scalar = number("norm_eps", 1e-4, check="nonnegative")
     tol: float | None = eqx.field(static=True, default=None)
     max_iter: int = static_int("max_iter", 20_000)
 

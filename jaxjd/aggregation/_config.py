@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from .._tree import combine, gramian, num_objectives
+from .._typing import VectorLike
 from ._abstract import AbstractAggregator, Aggregation
 from ._fields import sized, spelling, vector
 
@@ -34,7 +33,7 @@ class ConFIG(AbstractAggregator):
     array([0.1588, 2.0706, 2.0706])
     """
 
-    pref_vector: Any = vector("pref_vector")
+    pref_vector: VectorLike | None = vector("pref_vector")
 
     def _aggregate(self, jacobian, state, key):
         w = self._weights(jacobian)

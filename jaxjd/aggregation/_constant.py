@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from .._typing import VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import sized, spelling, vector
 
@@ -19,7 +18,7 @@ class ConstantWeighting(AbstractWeighting):
     Array([0.2, 0.8], dtype=float32)
     """
 
-    weights: Any = vector("weights", optional=False)
+    weights: VectorLike = vector("weights", optional=False)
     reads_gramian = False
 
     def _weigh(self, gramian, state, key):

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._typing import Scalar, VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, sized, spelling, vector
 
@@ -55,8 +56,8 @@ class CRMOGMWeighting(AbstractWeighting):
     """
 
     weighting: AbstractWeighting = eqx.field(converter=_weighting)
-    alpha: Any = number("alpha", 0.9, check="unit")
-    initial_weights: Any = vector("initial_weights")
+    alpha: Scalar = number("alpha", 0.9, check="unit")
+    initial_weights: VectorLike | None = vector("initial_weights")
     has_state = True
 
     def _init(self, m, dtype):

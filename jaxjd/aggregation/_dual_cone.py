@@ -44,4 +44,5 @@ def solve(self, gramian: Float[Array, "m m"], /) -> tuple[Float[Array, " m"], Pr
     iterations, KKT residual; one entry per right-hand side). The weights are the solver's
     answer, also when it did not converge (calling the weighting gives NaN then)."""
     check_gramian(gramian)
-    return _solve_jit(self, gramian)
+    with jax.default_matmul_precision("highest"):  # one cache entry with the weighting's
+        return _solve_jit(self, gramian)

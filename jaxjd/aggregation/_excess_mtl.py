@@ -7,13 +7,14 @@ Jacobian** (m times the parameters), so it cannot be fed by a Gramian engine.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
 from .._tree import accumulation_dtype, accumulation_dtype_of, combine, num_objectives
+from .._typing import Scalar
 from ._abstract import AbstractAggregator, Aggregation
 from ._fields import as_dtype, number, spelling, static_int
 
@@ -61,7 +62,7 @@ class ExcessMTL(AbstractAggregator):
     1
     """
 
-    robust_step_size: Any = number("robust_step_size", 1.0, check="positive")
+    robust_step_size: Scalar = number("robust_step_size", 1.0, check="positive")
     n_warmup_steps: int = static_int("n_warmup_steps", 0, minimum=0)
     has_state = True
 

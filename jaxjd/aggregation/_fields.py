@@ -3,16 +3,19 @@ snake_case spelling generated from each class."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
+
+from .._typing import Gramian, Jacobian, Key, Update, Weights
 
 __all__ = ["as_dtype", "choice", "number", "sized", "spelling", "static_int", "vector"]
 
@@ -119,14 +122,78 @@ def _looks_like_hyper(x) -> bool:
     return hasattr(x, "ndim") and getattr(x, "ndim", None) in (0, 1)
 
 
-def spelling(cls: type, name: str, *, reads: str) -> Callable:
+def _first_annotation(fn) -> Any:
+    try:
+        first = next(iter(inspect.signature(fn).parameters.values()), None)
+    except (TypeError, ValueError):
+        return None
+    if first is None or first.annotation in (inspect.Parameter.empty, "Any", Any):
+        return None
+    return first.annotation
+
+
+def declared_signature(cls: type) -> inspect.Signature:
+    """``cls``'s constructor signature with each hyper-parameter annotated as declared (equinox
+    writes ``Any`` for fields with a converter). An aggregator built on a weighting
+    (``weighting_class``) takes the weighting's hyper-parameters."""
+    source = getattr(cls, "weighting_class", None) or cls
+    declared: dict = {}
+    for klass in reversed(source.__mro__):
+        declared.update(getattr(klass, "__annotations__", {}))
+    for field in dataclasses.fields(source):  # a converter's own input type, where it has one
+        converter = field.metadata.get("converter")
+        accepts = _first_annotation(converter) if converter is not None else None
+        if accepts is not None:
+            declared[field.name] = accepts
+    params = [
+        p.replace(annotation=declared.get(p.name, p.annotation))
+        for p in inspect.signature(source).parameters.values()
+        if p.name != "self"
+    ]
+    return inspect.Signature(params)
+
+
+M = TypeVar("M", covariant=True)
+
+
+class AggregatorSpelling(Protocol, Generic[M]):
+    """``name(**hyper) -> method``; ``name(jacobian, **hyper, key=None) -> update``."""
+
+    @overload
+    def __call__(self, jacobian: None = None, /, **hyper: Any) -> M: ...
+    @overload
+    def __call__(
+        self, jacobian: Jacobian, /, *, key: Key | None = None, **hyper: Any
+    ) -> Update: ...
+
+
+class WeightingSpelling(Protocol, Generic[M]):
+    """``name(**hyper) -> weighting``; ``name(gramian, **hyper, key=None) -> weights``."""
+
+    @overload
+    def __call__(self, gramian: None = None, /, **hyper: Any) -> M: ...
+    @overload
+    def __call__(self, gramian: Gramian, /, *, key: Key | None = None, **hyper: Any) -> Weights: ...
+
+
+C = TypeVar("C")
+
+
+@overload
+def spelling(cls: type[C], name: str, *, reads: Literal["jacobian"]) -> AggregatorSpelling[C]: ...
+@overload
+def spelling(cls: type[C], name: str, *, reads: Literal["gramian"]) -> WeightingSpelling[C]: ...
+def spelling(cls: type, name: str, *, reads: str) -> Any:
     """``name(**hyper)`` builds ``cls(**hyper)``; ``name(x, **hyper)`` applies it to ``x`` (a
     Jacobian when ``reads == "jacobian"``, a Gramian for a weighting), with ``key=`` passed to
     the call. Hyper-parameters are keywords only: a 1-D array or a list of numbers in first
     position is refused (it is no Jacobian or Gramian), and ``key=`` without ``x`` too (it
     would be dropped). A wrapper (a ``weighting`` field) takes its inner method in first
     position: ``crmogm_weighting(jd.upgrad_weighting(), alpha=0.9)``."""
-    params = [p for p in inspect.signature(cls).parameters.values() if p.name != "self"]
+    params = list(declared_signature(cls).parameters.values())
+    if "weighting_class" not in vars(cls):  # help(cls) shows the declared types too
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        cls.__init__.__signature__ = inspect.Signature([self_param, *params])  # type: ignore[attr-defined]
     vector_fields = [p.name for p in params if p.name in ("pref_vector", "weights", "leak")]
     wraps = next((p.name for p in params if p.name in ("weighting", "aggregator")), None)
 
@@ -163,9 +230,16 @@ def spelling(cls: type, name: str, *, reads: str) -> Callable:
         return obj(x, key=key) if key is not None else obj(x)
 
     kw = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
-    key_param = inspect.Parameter("key", inspect.Parameter.KEYWORD_ONLY, default=None)
-    first = inspect.Parameter(reads, inspect.Parameter.POSITIONAL_ONLY, default=None)
-    factory.__signature__ = inspect.Signature([first, *kw, key_param])  # type: ignore[attr-defined]
+    key_param = inspect.Parameter(
+        "key", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Key | None"
+    )
+    x_type, out_type = ("Jacobian", "Update") if reads == "jacobian" else ("Gramian", "Weights")
+    first = inspect.Parameter(
+        reads, inspect.Parameter.POSITIONAL_ONLY, default=None, annotation=f"{x_type} | None"
+    )
+    factory.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [first, *kw, key_param], return_annotation=f"{cls.__name__} | {out_type}"
+    )
     factory.__name__ = factory.__qualname__ = name
     kind = "update" if reads == "jacobian" else "weights"
     factory.__doc__ = (

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .._tree import accumulation_dtype, accumulation_dtype_of, num_objectives
+from .._typing import VectorLike
 from ._abstract import AbstractAggregator, Aggregation
 from ._fields import sized, spelling, vector
 
@@ -45,7 +45,7 @@ class GradDrop(AbstractAggregator):
     """
 
     f: Callable = eqx.field(static=True, default=_identity, converter=_callable)
-    leak: Any = vector("leak")
+    leak: VectorLike | None = vector("leak")
     draws_key = True
 
     def _aggregate(self, jacobian, state, key):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from .._typing import Scalar
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling
 
@@ -45,8 +46,8 @@ class GradVacWeighting(AbstractWeighting):
     (2, 2)
     """
 
-    beta: Any = number("beta", 0.5, check="unit")
-    eps: Any = number("eps", 1e-8, check="nonnegative")
+    beta: Scalar = number("beta", 0.5, check="unit")
+    eps: Scalar = number("eps", 1e-8, check="nonnegative")
     draws_key = True
     has_state = True
 

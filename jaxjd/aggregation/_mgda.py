@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
+from .._typing import Scalar
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling, static_int
 
@@ -32,13 +32,13 @@ class MGDAWeighting(AbstractWeighting):
     array([0.6, 0.4])
     """
 
-    epsilon: Any = number("epsilon", 1e-3, check="positive")
+    epsilon: Scalar = number("epsilon", 1e-3, check="positive")
     max_iters: int = static_int("max_iters", 100)
 
     def _weigh(self, G, state, key):
         return self.minimum_norm(G), state
 
-    def minimum_norm(self, G):
+    def minimum_norm(self, G: Float[Array, "m m"]) -> Float[Array, " m"]:
         """The Frank–Wolfe loop on a prepared Gramian (also Nash-MTL's start certificate)."""
         m = G.shape[0]
         epsilon = as_dtype(self.epsilon, G.dtype)

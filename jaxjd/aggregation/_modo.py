@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from .._linalg import project_onto_simplex
+from .._typing import Scalar
 from ._abstract import AbstractWeighting
 from ._fields import as_dtype, number, spelling
 from ._simplex_state import SimplexWeightsState, uniform_state
@@ -33,8 +32,8 @@ class MoDoWeighting(AbstractWeighting):
     [1.0, 0.0]
     """
 
-    gamma: Any = number("gamma", 0.1, check="positive")
-    rho: Any = number("rho", 0.1, check="nonnegative")
+    gamma: Scalar = number("gamma", 0.1, check="positive")
+    rho: Scalar = number("rho", 0.1, check="nonnegative")
     has_state = True
 
     def _init(self, m, dtype):

@@ -3,11 +3,12 @@ by a sequence of convex programs, each solved in-graph by a primal-dual interior
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from .._typing import Scalar
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling, static_int
 from ._mgda import MGDAWeighting
@@ -150,7 +151,7 @@ class NashMTLWeighting(AbstractWeighting):
     1
     """
 
-    max_norm: Any = number("max_norm", 1.0, check="nonnegative")
+    max_norm: Scalar = number("max_norm", 1.0, check="nonnegative")
     update_weights_every: int = static_int("update_weights_every", 1)
     optim_niter: int = static_int("optim_niter", 20)
     has_state = True

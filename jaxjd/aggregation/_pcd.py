@@ -4,14 +4,16 @@ normalised first-order progress."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
+from jaxtyping import Array, Float
 
+from .._typing import Scalar, VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling
 
@@ -23,7 +25,14 @@ class PCDState(NamedTuple):
     count: jax.Array
 
 
-def solve_priority_qp(G, taus, *, tol=1e-9, dependence_tol=1e-9, max_iter=None):
+def solve_priority_qp(
+    G: Float[Array, "m m"],
+    taus: Float[Array, " m-1"],
+    *,
+    tol: float = 1e-9,
+    dependence_tol: float = 1e-9,
+    max_iter: int | None = None,
+) -> Float[Array, " m"]:
     r"""``min_d 1/2 |d - g_1|^2`` s.t. ``g_j . d >= tau_j |g_j|^2`` (j >= 2), from the Gramian of
     ``g_1..g_m``: the dual active-set method of Goldfarb and Idnani (1983) for an identity
     Hessian, so that ``d = g_1 + sum_j mu_j g_j`` at every iteration. Returns ``[1, mu]`` (the
@@ -131,9 +140,9 @@ class PCDWeighting(AbstractWeighting):
     1
     """
 
-    tau: Any = eqx.field(default=0.02, converter=_taus_field)
-    beta: Any = number("beta", 0.999, check="fraction")
-    eps: Any = number("eps", 1e-8, check="nonnegative")
+    tau: Scalar | VectorLike = eqx.field(default=0.02, converter=_taus_field)
+    beta: Scalar = number("beta", 0.999, check="fraction")
+    eps: Scalar = number("eps", 1e-8, check="nonnegative")
     has_state = True
 
     def _init(self, m, dtype):
@@ -141,14 +150,15 @@ class PCDWeighting(AbstractWeighting):
         return PCDState(jnp.zeros((m,), dtype), jnp.zeros((), jnp.int32))
 
     def _taus(self, m, dtype):
-        if jnp.ndim(self.tau) == 1:
-            if jnp.shape(self.tau) != (m - 1,):
+        tau = jnp.asarray(self.tau)  # a 0-d or 1-d leaf after conversion
+        if tau.ndim == 1:
+            if tau.shape != (m - 1,):
                 raise ValueError(
-                    f"tau has length {jnp.shape(self.tau)[0]}: it needs one value per secondary "
+                    f"tau has length {tau.shape[0]}: it needs one value per secondary "
                     f"objective, m - 1 = {m - 1}."
                 )
-            return jnp.asarray(self.tau).astype(dtype)
-        return jnp.full((m - 1,), as_dtype(self.tau, dtype))
+            return tau.astype(dtype)
+        return jnp.full((m - 1,), as_dtype(tau, dtype))
 
     def _weigh(self, G, state, key):
         m = G.shape[0]

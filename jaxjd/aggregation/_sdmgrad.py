@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from .._linalg import project_onto_simplex
+from .._typing import Scalar, VectorLike
 from ._abstract import AbstractWeighting
 from ._fields import as_dtype, number, sized, spelling, static_int, vector
 from ._simplex_state import SimplexWeightsState, uniform_state
@@ -40,11 +39,11 @@ class SDMGradWeighting(AbstractWeighting):
     1.0
     """
 
-    lr: Any = number("lr", 10.0, check="positive")
-    momentum: Any = number("momentum", 0.5, check="fraction")
+    lr: Scalar = number("lr", 10.0, check="positive")
+    momentum: Scalar = number("momentum", 0.5, check="fraction")
     n_iter: int = static_int("n_iter", 20)
-    lambda_: Any = number("lambda_", 0.3, check="nonnegative")
-    pref_vector: Any = vector("pref_vector")
+    lambda_: Scalar = number("lambda_", 0.3, check="nonnegative")
+    pref_vector: VectorLike | None = vector("pref_vector")
     has_state = True
 
     def _init(self, m, dtype):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import equinox as eqx
 import jax.numpy as jnp
 
+from .._typing import Scalar, VectorLike
 from ..solvers import AbstractSolver, as_solver, project_onto_dual_cone
 from . import _dual_cone
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
@@ -42,9 +41,9 @@ class UPGradWeighting(AbstractWeighting):
     array([1.1109, 0.7894])
     """
 
-    pref_vector: Any = vector("pref_vector")
-    norm_eps: Any = number("norm_eps", 1e-4, check="nonnegative")
-    reg_eps: Any = number("reg_eps", 1e-4, check="nonnegative")
+    pref_vector: VectorLike | None = vector("pref_vector")
+    norm_eps: Scalar = number("norm_eps", 1e-4, check="nonnegative")
+    reg_eps: Scalar = number("reg_eps", 1e-4, check="nonnegative")
     solver: AbstractSolver = eqx.field(static=True, default="auto", converter=as_solver)
 
     def _solve(self, G):

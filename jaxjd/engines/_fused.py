@@ -37,14 +37,15 @@ def _given_state(method, state):
 
 
 def _weigh(weighting, G, state, key):
-    """``(w, new_state)``: the weights, constants under differentiation."""
-    w, new_state = weighting.update(G, _given_state(weighting, state), key=key)
+    """``(w, new_state)``: the weights, constants under differentiation (``state`` from
+    :func:`_given_state`, called before any work so that a missing state fails at once)."""
+    w, new_state = weighting.update(G, state, key=key)
     return jax.lax.stop_gradient(w), new_state
 
 
 def value_and_weighted_grad(
     fun: Callable,
-    weighting,
+    weighting: AbstractWeighting,
     *,
     method: str = "jacobian",
     gramian_filter: Any = None,
@@ -84,20 +85,18 @@ def value_and_weighted_grad(
             f"{type(weighting).__name__}."
         )
 
-    def weigh(G, state, key):
-        return _weigh(weighting, G, state, key)
-
     def wrapped(params, *args, key=None, state=None):
+        given = _given_state(weighting, state)
         if method == "per_sample" and gramian_filter is None and not has_aux:
             # The captured factors give J^T w directly: no second backward pass.
             losses, G, factors = per_sample_gramian_parts(fun, params, *args)
-            w, new_state = weigh(G, state, key)
+            w, new_state = _weigh(weighting, G, given, key)
             grad = weighted_grad_from_factors(w, factors)
             out = (losses, jnp.reshape(w, losses.shape), grad)
             return out if state is None else (*out, new_state)
         if method == "layerwise" and gramian_filter is None and not has_aux:
             losses, G, factors = layerwise_parts(fun, params, *args)
-            w, new_state = weigh(G, state, key)
+            w, new_state = _weigh(weighting, G, given, key)
             out = (losses, jnp.reshape(w, losses.shape), task_weighted_grad(w, factors))
             return out if state is None else (*out, new_state)
         if gramian_filter is None:
@@ -120,7 +119,7 @@ def value_and_weighted_grad(
                 losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
             )(chosen)
         losses = value[0] if has_aux else value
-        w, new_state = weigh(G, state, key)
+        w, new_state = _weigh(weighting, G, given, key)
 
         def weighted(p):
             out = fun(p, *args)
@@ -138,7 +137,11 @@ MTL_METHODS = ("layerwise", "jacobian")
 
 
 def mtl_value_and_grad(
-    trunk: Callable, heads: Callable, aggregator, *, method: str | None = None
+    trunk: Callable,
+    heads: Callable,
+    aggregator: AbstractAggregator,
+    *,
+    method: str | None = None,
 ) -> Callable:
     """One call for a multi-task train step: the trunk's Jacobian (or Gramian) aggregated by
     ``aggregator``, the heads' ordinary gradients.
@@ -173,6 +176,7 @@ def mtl_value_and_grad(
     vj = mtl_value_and_jacobian(trunk, heads)
 
     def by_layers(trunk_params, head_params, *args, key=None, state=None):
+        given = _given_state(aggregator, state)
         features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
         losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
         weighting = aggregator.weighting  # pyright: ignore[reportAttributeAccessIssue]
@@ -182,13 +186,13 @@ def mtl_value_and_grad(
         else:  # weights from m alone: no Gramian
             _, factors = pullback(cotangents, gramian=False)
             G = jax.ShapeDtypeStruct((m, m), accumulation_dtype(losses.dtype))
-        weights, new_state = _weigh(weighting, G, state, key)
+        weights, new_state = _weigh(weighting, G, given, key)
         out = (losses, (task_weighted_grad(weights, factors), head_grads), weights)
         return out if state is None else (*out, new_state)
 
     def by_jacobian(trunk_params, head_params, *args, key=None, state=None):
-        losses, J, head_grads = vj(trunk_params, head_params, *args)
         inner = _given_state(aggregator, state)
+        losses, J, head_grads = vj(trunk_params, head_params, *args)
         trunk_grad, weights, new_state = aggregator.aggregate(J, inner, key=key)
         out = (losses, (trunk_grad, head_grads), weights)
         return out if state is None else (*out, new_state)

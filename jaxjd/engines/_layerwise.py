@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
 
 from .._tree import accumulation_dtype_of
 from ._jaxpr import _analyse, _Traced
@@ -29,7 +30,9 @@ class LayerwiseFactors(NamedTuple):
     leaves: list
 
 
-def task_gramian_vjp(fun: Callable, params, *args):
+def task_gramian_vjp(
+    fun: Callable, params: PyTree, *args: Any
+) -> tuple[PyTree, Callable[..., tuple[Float[Array, "m m"] | None, LayerwiseFactors]]]:
     r"""The Gramian of the rows ``J_t = c_t^T d fun / d params`` for m output cotangents
     ``c_t``, layer by layer, without forming J.
 
@@ -93,7 +96,7 @@ def task_gramian_vjp(fun: Callable, params, *args):
     return out, pullback
 
 
-def task_weighted_grad(weights, factors: LayerwiseFactors):
+def task_weighted_grad(weights: Float[Array, " m"], factors: LayerwiseFactors) -> PyTree:
     """``J^T w`` for every parameter from :func:`task_gramian_vjp`'s factors."""
     ghost, rows, treedef, leaves = factors
     out: list = [None] * len(leaves)

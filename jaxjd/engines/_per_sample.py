@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, PyTree
 
 from .._tree import accumulation_dtype
 from ._jaxpr import _analyse, _Traced
@@ -49,7 +50,9 @@ class PerSampleFactors(NamedTuple):
     shape: tuple
 
 
-def per_sample_gramian_parts(fun: Callable, params, *args):
+def per_sample_gramian_parts(
+    fun: Callable, params: PyTree, *args: Any
+) -> tuple[Float[Array, "..."], Float[Array, "m m"], PerSampleFactors]:
     """``(losses, G, factors)`` for ``fun(params, *args) -> (B,)`` losses, one per independent
     sample, or ``(B, T, ...)`` (T losses per sample, instance-wise multi-task: m = B T rows in
     the order of ``ravel(losses)``): the per-sample Gramian and, for the weighted update without
@@ -151,7 +154,7 @@ def _local_per_sample(eqn, pos, invals, delta, B):
     return jax.vmap(one, in_axes=in_axes)(sliced, delta.reshape(B, 1, *delta.shape[1:]))
 
 
-def weighted_grad_from_factors(weights, factors: PerSampleFactors):
+def weighted_grad_from_factors(weights: Float[Array, " m"], factors: PerSampleFactors) -> PyTree:
     """``sum_b w_b g_b`` for every parameter from the captured factors (no second backward)."""
     plan, captured, deltas, row_grads, fb_grads, treedef, leaves, (B, T) = factors
     out = [None] * len(leaves)

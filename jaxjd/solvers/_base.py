@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import equinox as eqx
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
 
@@ -66,7 +67,7 @@ def kkt_residual(
     return jnp.max(jnp.abs(jnp.minimum(s, lam)), axis=-1) / scale
 
 
-def default_tol(dtype) -> float:
+def default_tol(dtype: DTypeLike) -> float:
     """Stopping tolerance of the iterative solvers on :func:`kkt_residual`."""
     return 1e-10 if jnp.finfo(dtype).bits >= 64 else 1e-5
 
@@ -102,7 +103,7 @@ class AbstractSolver(eqx.Module):
     ) -> tuple[Float[Array, "k m"], Bool[Array, " k"], Int[Array, " k"]]:
         """``(V, converged, iterations)`` for every row of ``U``."""
 
-    def acceptance(self, dtype, m: int) -> float:
+    def acceptance(self, dtype: DTypeLike, m: int) -> float:
         """Largest :func:`kkt_residual` accepted as converged: ``max(16 m eps, 1000 eps)`` by
         default (2.2e-13 in float64 up to m = 62; 1.2e-4 in float32 up to m = 62). The rounding
         of ``G v`` alone leaves up to ``m eps``; a float32 solve on a Gramian with condition

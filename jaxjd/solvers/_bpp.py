@@ -26,6 +26,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
 from ._base import AbstractSolver
@@ -458,7 +459,7 @@ class BPP(AbstractSolver):
         if self.refine is not None and (int(self.refine) != self.refine or self.refine < 0):
             raise ValueError(f"refine must be a non-negative integer; got {self.refine}.")
 
-    def acceptance(self, dtype, m):
+    def acceptance(self, dtype: DTypeLike, m: int) -> float:
         """``sqrt(eps)`` on top of pivoting's own test (every index feasible within rounding,
         measured against max|s|): on numerically singular Gramians (``reg_eps = 0``, duplicated
         or rank-deficient rows) the weights are not unique and only ``J^T v`` is accurate, so

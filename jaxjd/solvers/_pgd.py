@@ -12,6 +12,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
 from ._base import AbstractSolver, default_tol, kkt_residual
@@ -62,7 +63,7 @@ class NesterovPGD(AbstractSolver):
     def _tol(self, dtype):
         return default_tol(dtype) if self.tol is None else self.tol
 
-    def acceptance(self, dtype, m):
+    def acceptance(self, dtype: DTypeLike, m: int) -> float:
         return max(self._tol(dtype), super().acceptance(dtype, m))
 
     def solve(

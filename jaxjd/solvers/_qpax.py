@@ -8,6 +8,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
 from ._base import AbstractSolver
@@ -47,7 +48,7 @@ class Qpax(AbstractSolver):
         if int(self.max_iter) != self.max_iter or self.max_iter < 1:
             raise ValueError(f"max_iter must be a positive integer; got {self.max_iter}.")
 
-    def acceptance(self, dtype, m):
+    def acceptance(self, dtype: DTypeLike, m: int) -> float:
         if self.accept is not None:
             return self.accept
         return 100.0 * math.sqrt(float(jnp.finfo(dtype).eps))
