@@ -42,9 +42,22 @@ def pytest_unconfigure(config):
 # JAXJD_STRICT=1 (a job of .ci/run) runs under strict dtype promotion and rank promotion raising,
 # as equinox runs its own tests: no implicit float32/float64 mixing, no implicit broadcasting of
 # ranks anywhere in the library.
-if os.environ.get("JAXJD_STRICT") == "1":
+_STRICT = os.environ.get("JAXJD_STRICT") == "1"
+if _STRICT:
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def _third_party_promotion(request):
+    """Tests marked ``standard_dtype_promotion`` run third-party code that needs JAX's standard
+    dtype rules (optax's Adam raises ``count ** decay``-style int/float mixes under strict
+    promotion): in the strict job they keep rank_promotion="raise" and standard dtype rules."""
+    if _STRICT and request.node.get_closest_marker("standard_dtype_promotion"):
+        with jax.numpy_dtype_promotion("standard"):
+            yield
+    else:
+        yield
 
 # Float64 runs inside ``jax.enable_x64(True)``; float32 runs with x64 off, as most users have it.
 # So both modes are exercised in one session, per test.

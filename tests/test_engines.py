@@ -10,6 +10,13 @@ import pytest
 import jaxjd as jd
 
 
+def _affine(x, layer):
+    """``x @ w + b`` with the bias broadcast explicitly (the suite also runs with
+    ``jax_numpy_rank_promotion="raise"``)."""
+    y = x @ layer["w"]
+    return y + jnp.broadcast_to(layer["b"], y.shape)
+
+
 def _dense(key, n_in, n_out):
     return {"w": jax.random.normal(key, (n_in, n_out)) / jnp.sqrt(n_in), "b": jnp.zeros(n_out)}
 
@@ -22,8 +29,8 @@ def mlp():
 
     def losses(p, batch):
         x, y = batch
-        h = jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"])
-        return (h @ p["l2"]["w"] + p["l2"]["b"])[:, 0] - y  # signed residuals: (B,)
+        h = jnp.tanh(_affine(x, p["l1"]))
+        return _affine(h, p["l2"])[:, 0] - y  # signed residuals: (B,)
 
     return losses, params, (x, y)
 
@@ -38,7 +45,7 @@ def cnn():
         x, labels = batch
         h = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "VALID")
         h = jax.nn.relu(h).reshape(x.shape[0], -1)
-        logits = h @ p["head"]["w"] + p["head"]["b"]
+        logits = _affine(h, p["head"])
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)[:, 0]
 
     return losses, params, (x, labels)
@@ -57,8 +64,10 @@ def embedding_layernorm():
         h = p["embed"][tokens]  # (B, L, 8)
         mu = h.mean(-1, keepdims=True)
         var = h.var(-1, keepdims=True)
-        h = (h - mu) / jnp.sqrt(var + 1e-5) * p["ln"]["scale"] + p["ln"]["bias"]
-        return jnp.mean(h @ p["out"]["w"] + p["out"]["b"], axis=(1, 2)) ** 2
+        h = (h - mu) / jnp.sqrt(var + 1e-5) * p["ln"]["scale"][None, None] + p["ln"]["bias"][
+            None, None
+        ]
+        return jnp.mean(_affine(h, p["out"]), axis=(1, 2)) ** 2
 
     return losses, params, tokens
 
@@ -81,8 +90,8 @@ def multi_output():
     batch = {"x": jax.random.normal(k[2], (5, 4)), "y": jnp.ones((5, 3))}
 
     def losses(p, batch):  # (B, T): instance-wise multi-task
-        h = jnp.tanh(batch["x"] @ p["trunk"]["w"] + p["trunk"]["b"])
-        return (h @ p["heads"]["w"] + p["heads"]["b"] - batch["y"]) ** 2
+        h = jnp.tanh(_affine(batch["x"], p["trunk"]))
+        return (_affine(h, p["heads"]) - batch["y"]) ** 2
 
     return losses, params, batch
 
@@ -94,7 +103,7 @@ def cnn_multi_task():
         x, _ = batch
         h = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "VALID")
         h = jax.nn.relu(h).reshape(x.shape[0], -1)
-        return -jax.nn.log_softmax(h @ p["head"]["w"] + p["head"]["b"])
+        return -jax.nn.log_softmax(_affine(h, p["head"]))
 
     return task_losses, params, batch
 
@@ -274,8 +283,8 @@ def test_layerwise_structure_ghost_and_rows(x64):
     x = jax.random.normal(k[4], (16, 32))
 
     def losses(p, x):
-        h = jnp.tanh(x @ p["wide"]["w"] + p["wide"]["b"])
-        h = jnp.tanh(h @ p["narrow"]["w"] + p["narrow"]["b"]) * p["scale"]
+        h = jnp.tanh(_affine(x, p["wide"]))
+        h = jnp.tanh(_affine(h, p["narrow"])) * p["scale"][None]
         h = h @ p["t"].T
         h = jnp.tanh(h @ p["tied"]) @ p["tied"]
         return jnp.stack([jnp.mean(h**2), jnp.mean(h[:, 0]), jnp.mean(jnp.sin(h))])
@@ -330,12 +339,12 @@ def _mtl_model():
     x = jax.random.normal(jax.random.key(8), (9, 5))
 
     def trunk(p, x):
-        h = jnp.tanh(x @ p["l1"]["w"] + p["l1"]["b"])
-        return {"feat": jnp.tanh(h @ p["l2"]["w"] + p["l2"]["b"]), "skip": h}
+        h = jnp.tanh(_affine(x, p["l1"]))
+        return {"feat": jnp.tanh(_affine(h, p["l2"])), "skip": h}
 
     def heads(hp, f, x):
-        reg = jnp.mean((f["feat"] @ hp["a"]["w"] + hp["a"]["b"])[:, 0] - x[:, 0]) ** 2
-        cls = jnp.mean(jax.nn.logsumexp(f["feat"] @ hp["b"]["w"] + hp["b"]["b"], axis=1))
+        reg = jnp.mean(_affine(f["feat"], hp["a"])[:, 0] - x[:, 0]) ** 2
+        cls = jnp.mean(jax.nn.logsumexp(_affine(f["feat"], hp["b"]), axis=1))
         return jnp.stack([reg, cls, jnp.mean(f["skip"] ** 2)])  # 3 tasks
 
     return trunk, heads, trunk_params, head_params, x

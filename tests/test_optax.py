@@ -30,6 +30,7 @@ def test_update_equals_aggregator_by_hand():
     np.testing.assert_allclose(state.weights, jd.upgrad().weights(J), rtol=1e-6)
 
 
+@pytest.mark.standard_dtype_promotion  # optax.adam
 def test_chain_with_adam_equals_manual_pipeline():
     agg = jd.upgrad()
     tx = optax.chain(jd.jd_aggregate(agg), optax.adam(1e-2))
@@ -80,6 +81,7 @@ COMPOSITIONS = {
 }
 
 
+@pytest.mark.standard_dtype_promotion  # optax.adam
 @pytest.mark.parametrize("name", list(COMPOSITIONS))
 def test_compositions_run_two_jitted_steps(name):
     tx = optax.chain(jd.jd_aggregate(jd.upgrad(), num_objectives=3), COMPOSITIONS[name]())
@@ -148,7 +150,7 @@ def test_microbatch_accumulation_equals_the_whole_batch():
 
     def losses(p, batch):
         xb, yb = batch
-        return jnp.mean((xb @ p["w"] + p["b"] - yb) ** 2, axis=0)  # one loss per output
+        return jnp.mean((xb @ p["w"] + p["b"][None] - yb) ** 2, axis=0)  # one loss per output
 
     whole_values, whole_J = jd.value_and_jacobian(losses)(params, (x, y))
     step = jax.jit(jd.mean_over_microbatches(jd.value_and_jacobian(losses)))
@@ -165,6 +167,7 @@ def test_microbatch_accumulation_equals_the_whole_batch():
         step(params, (x.reshape(4, 4, 3), y))
 
 
+@pytest.mark.standard_dtype_promotion  # optax.adam
 def test_state_round_trips_through_host_memory():
     """The whole optax state (key, weights, a stateful aggregator's state, statistics) is a plain
     pytree: copied to numpy and back (as a checkpoint would), it continues the run identically."""

@@ -45,7 +45,7 @@ class AlignedMTLWeighting(AbstractWeighting):
         if self.scale_mode == "min":
             scale = jnp.min(jnp.where(keep, lam, jnp.inf))
         elif self.scale_mode == "rmse":
-            scale = jnp.sum(jnp.where(keep, lam, 0.0)) / jnp.maximum(rank, 1)
+            scale = jnp.sum(jnp.where(keep, lam, 0.0)) / jnp.maximum(rank, 1).astype(lam.dtype)
         else:
             ordered = jnp.sort(jnp.where(keep, lam, jnp.inf))
             scale = ordered[jnp.maximum(rank - 1, 0) // 2]

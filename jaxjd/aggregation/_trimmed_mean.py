@@ -60,10 +60,10 @@ class TrimmedMean(AbstractAggregator):
                 kept = jnp.where(jnp.any(jnp.isnan(x), axis=0), jnp.nan, kept)
                 return jnp.reshape(kept, leaf.shape[1:]).astype(leaf.dtype)
             rows = jnp.reshape(leaf, (m, -1)).T
-            positions = jnp.arange(m)
+            positions = jnp.arange(m, dtype=jnp.int32)[None, None, :]
 
             def hit(idx):  # (n, t) indices -> (n, m) mask, fused (no scatter)
-                return jnp.any(idx[:, :, None] == positions, axis=1)
+                return jnp.any(idx.astype(jnp.int32)[:, :, None] == positions, axis=1)
 
             drop = hit(jax.lax.top_k(rows, t)[1])
             drop = drop | hit(jax.lax.top_k(-jnp.where(drop, jnp.inf, rows), t)[1])

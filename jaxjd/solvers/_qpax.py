@@ -68,9 +68,12 @@ class Qpax(AbstractSolver):
         Gin = -jnp.eye(m, dtype=G.dtype)
 
         def one(u):
-            x, _, _, _, converged, iters = qpax.solve_qp(
-                G, q, A, b, Gin, -u, backend="e", solver_tol=tol, max_iter=self.max_iter
-            )
+            # qpax relies on implicit promotion (bool + int, float ** int): it runs under JAX's
+            # standard rules whatever the caller's, so strict-promotion users can use it too.
+            with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+                x, _, _, _, converged, iters = qpax.solve_qp(
+                    G, q, A, b, Gin, -u, backend="e", solver_tol=tol, max_iter=self.max_iter
+                )
             return x.astype(G.dtype), jnp.asarray(converged, bool), jnp.asarray(iters, jnp.int32)
 
         return jax.vmap(one)(U)
