@@ -34,6 +34,11 @@ def num_objectives(jacobian: PyTreeJacobian) -> int:
     leaves = _leaves(jacobian)
     ms = set()
     for leaf in leaves:
+        if isinstance(leaf, (int, float)):
+            raise TypeError(
+                "A Jacobian's leaves must be arrays; got a Python number (a nested list is read "
+                "as a pytree of numbers): pass jnp.asarray(J)."
+            )
         shape = jnp.shape(leaf)
         if len(shape) == 0:
             raise ValueError(

@@ -201,6 +201,10 @@ def _weigh_jit(weighting, gramian, state, key):
         return weighting._weigh(_prepared(gramian), state, key)
 
 
+def _as_jax(leaf):
+    return jnp.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf
+
+
 def _abstract_rows(jacobian) -> tuple[int, Any]:
     """``(m, accumulation dtype)`` of a Jacobian pytree of arrays or shape structs."""
     m = num_objectives(jacobian)
@@ -228,6 +232,7 @@ class AbstractAggregator(_Method):
         """The update, the weights (``None`` if the method is not a weighting) and the new
         state: everything a step can report."""
         num_objectives(jacobian)
+        jacobian = jax.tree_util.tree_map(_as_jax, jacobian)  # NumPy leaves work like arrays
         if self.stateful or not isinstance(state, EmptyState):
             _check_state(
                 jax.eval_shape(lambda: self._init(jax.tree_util.tree_map(_shape_struct, jacobian))),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -10,7 +9,7 @@ from .._linalg import project_onto_simplex_pairwise
 from .._typing import Scalar
 from ..solvers import normalize_regularize
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
-from ._fields import as_dtype, number, spelling, static_int
+from ._fields import as_dtype, number, spelling, static_int, static_tol
 
 
 class CAGradWeighting(AbstractWeighting):
@@ -42,7 +41,7 @@ class CAGradWeighting(AbstractWeighting):
 
     c: Scalar = number("c", check="nonnegative")
     norm_eps: Scalar = number("norm_eps", 1e-4, check="nonnegative")
-    tol: float | None = eqx.field(static=True, default=None)
+    tol: float | None = static_tol("tol")
     max_iter: int = static_int("max_iter", 20_000)
 
     def _weigh(self, G, state, key):

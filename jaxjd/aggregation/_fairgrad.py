@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax.core import Tracer
 
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
-from ._fields import spelling, static_int
+from ._fields import spelling, static_int, static_tol
 
 
 def _alpha(value):
@@ -51,7 +51,7 @@ class FairGradWeighting(AbstractWeighting):
 
     alpha: float = eqx.field(static=True, converter=_alpha)
     max_iters: int = static_int("max_iters", 100)
-    tol: float | None = eqx.field(static=True, default=None)
+    tol: float | None = static_tol("tol")
 
     def _weigh(self, G, state, key):
         return self._solve(G), state

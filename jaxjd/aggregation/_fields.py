@@ -17,7 +17,16 @@ from jax.core import Tracer
 
 from .._typing import Gramian, Jacobian, Key, Update, Weights
 
-__all__ = ["as_dtype", "choice", "number", "sized", "spelling", "static_int", "vector"]
+__all__ = [
+    "as_dtype",
+    "choice",
+    "number",
+    "sized",
+    "spelling",
+    "static_int",
+    "static_tol",
+    "vector",
+]
 
 
 def _is_traced(value) -> bool:
@@ -103,6 +112,24 @@ def static_int(name: str, default: Any = None, *, minimum: int = 1, allow_none=F
     """An integer that sets shapes or loop bounds: static (part of the compiled program)."""
     kwargs = {} if default is None and not allow_none else {"default": default}
     return eqx.field(static=True, converter=_int(name, minimum, allow_none), **kwargs)
+
+
+def _tolerance(name: str):
+    def convert(value: Any):
+        if value is None:
+            return None
+        if isinstance(value, bool) or not np.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"{name} must be a finite number > 0 (or None for the default); got {value}."
+            )
+        return float(value)
+
+    return convert
+
+
+def static_tol(name: str) -> Any:
+    """A stopping tolerance: static, ``None`` (the dtype's default) or a finite number > 0."""
+    return eqx.field(static=True, default=None, converter=_tolerance(name))
 
 
 def choice(name: str, default: str, options: tuple[str, ...]) -> Any:

@@ -72,6 +72,9 @@ class GradDrop(AbstractAggregator):
             fp = self.f(purity)
             mask = ((fp > u)[None] & (x > 0)) | ((fp < u)[None] & (x < 0))
             out = jnp.sum((leak + (1.0 - leak) * mask.astype(dtype)) * x, axis=0)
+            # A coordinate with a NaN or Inf entry is NaN: XLA rewrites ``0 * x`` of a dropped
+            # entry as a select, which would turn a NaN into 0 under jit only.
+            out = jnp.where(jnp.all(jnp.isfinite(x), axis=0), out, jnp.nan)
             return out.astype(leaf.dtype)
 
         outs = [one(x, start) for x, start in zip(leaves, starts)]

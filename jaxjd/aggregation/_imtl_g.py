@@ -11,7 +11,7 @@ from ._fields import spelling
 
 class IMTLGWeighting(AbstractWeighting):
     r"""Weights of IMTL-G: ``v = G^+ sqrt(diag G)``, ``w = v / sum(v)`` (zeros when
-    ``|sum v| < 1e-12``), so the update has equal projections on every unit gradient.
+    ``|sum v| < 1e-12`` once G is divided by its largest diagonal entry), so the update has equal projections on every unit gradient.
 
     Reference: Liu et al., "Towards impartial multi-task learning", ICLR 2021.
 
@@ -23,6 +23,11 @@ class IMTLGWeighting(AbstractWeighting):
     """
 
     def _weigh(self, G, state, key):
+        # The weights do not depend on the scale of G, but v does (as 1 / |g|): G is divided by
+        # its largest diagonal entry first, so that the 1e-12 test is relative (a fixed
+        # threshold on v gave zero weights for gradients of norm 1e13).
+        c = jnp.max(jnp.diagonal(G))
+        G = G / jnp.where(c > 0, c, 1.0).astype(G.dtype)
         d = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
         v = pinv_psd(G) @ d
         total = jnp.sum(v)

@@ -77,7 +77,8 @@ def as_solver(
 def normalize_regularize(
     G: Float[Array, "m m"], norm_eps: float | Array, reg_eps: float | Array
 ) -> Float[Array, "m m"]:
-    """TorchJD's conditioning: ``G / tr(G)`` (zeros when ``tr(G) <= norm_eps``) ``+ reg_eps I``.
+    """TorchJD's conditioning: ``G / tr(G)`` (zeros when ``tr(G) <= norm_eps``) ``+ reg_eps I``;
+    NaN when a diagonal entry is negative (no Gramian).
 
     The trace is summed in sorted order, so that it rounds alike for every order of the rows of
     J: in float32 a trace one ulp off changes the balance of ``G / tr(G)`` against ``reg_eps I``
@@ -87,6 +88,8 @@ def normalize_regularize(
     small = trace <= norm_eps
     safe = jnp.where(small, jnp.ones_like(trace), trace)
     Gn = jnp.where(small, jnp.zeros_like(G), G / safe)
+    # A negative diagonal is no Gramian (the fallback would hide it): NaN, refused downstream.
+    Gn = jnp.where(jnp.all(jnp.diagonal(G) >= 0), Gn, jnp.nan)
     return Gn + reg_eps * jnp.eye(G.shape[0], dtype=G.dtype)
 
 
@@ -145,18 +148,37 @@ def _project_jit(U, G, solver):
         return _project(U, G, solver)
 
 
+def _looks_like_a_gramian(G, Ge):
+    """Cheap necessary conditions for ``G = J J^T`` (O(m^2), no factorisation): a nonnegative
+    diagonal, symmetry and Cauchy-Schwarz ``|G_ij| <= sqrt(G_ii G_jj)``, each within
+    ``sqrt(eps)`` of the equilibrated entries. A matrix that fails (``-G``, an indefinite
+    ``[[1, 2], [2, 1]]``, a transposed half) gives NaN weights and ``converged=False``, never an
+    answer to another problem. An indefinite matrix that passes them is not caught."""
+    tol = float(jnp.finfo(G.dtype).eps) ** 0.5
+    diag = jnp.diagonal(G)
+    root = jnp.sqrt(jnp.maximum(diag, 0.0))
+    bound = (1.0 + tol) * root[:, None] * root[None, :]
+    return (
+        jnp.all(diag >= 0)
+        & jnp.all(jnp.abs(Ge - Ge.T) <= tol)
+        & jnp.all(jnp.abs(G) <= bound)
+    )
+
+
 def _project(U, G, solver):
     m = G.shape[0]
     batch = U.shape[:-1]
     flat = jnp.reshape(U, (-1, m))
     d = row_scales(G)
     Ge = G / d[:, None] / d[None, :]
+    valid = _looks_like_a_gramian(G, Ge)
     # Exactly symmetric with a unit diagonal (zero rows keep a zero diagonal).
     Ge = 0.5 * (Ge + Ge.T)
     Ge = jnp.where(jnp.eye(m, dtype=bool), jnp.where(jnp.diagonal(G) > 0, 1.0, 0.0), Ge)
     Ve, converged, iterations = solver.solve(flat * d[None, :], Ge)
     V = Ve / d[None, :]
     res = kkt_residual(G, flat, V)
+    V = jnp.where(valid, V, jnp.nan)
     ok = converged & jnp.all(jnp.isfinite(V), axis=-1) & (res <= solver.acceptance(G.dtype, m))
     info = ProjectionInfo(ok, jnp.asarray(iterations, jnp.int32), res)
     info = ProjectionInfo(*(jnp.reshape(x, batch) for x in info))

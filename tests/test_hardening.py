@@ -1,0 +1,98 @@
+"""Regressions of issue #13 (hardening): each test names what it protects."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxjd as jd
+
+
+def _J(m=4, n=6, seed=0):
+    return np.random.default_rng(seed).standard_normal((m, n))
+
+
+@pytest.mark.parametrize("scale", [1e-13, 1e-6, 1e6, 1e13, 1e100])
+def test_imtl_g_weights_do_not_depend_on_the_scale_of_the_gradients(scale, x64):
+    J = jnp.asarray(_J())
+    ref = np.asarray(jd.imtl_g().weights(J))
+    assert np.all(ref > 0.1)  # a matrix whose weights are far from the zero fallback
+    np.testing.assert_allclose(jd.imtl_g().weights(J * scale), ref, rtol=1e-9)
+
+
+def test_imtl_g_float32_scale_invariance():
+    J = jnp.asarray(_J(), jnp.float32)
+    ref = np.asarray(jd.imtl_g().weights(J))
+    for scale in (1e-15, 1e15, 1e18):
+        np.testing.assert_allclose(jd.imtl_g().weights(J * scale), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+def test_graddrop_keeps_a_non_finite_coordinate_nan_under_jit(bad, x64):
+    key = jax.random.key(0)
+    J = jnp.asarray(_J()).at[1, 2].set(bad)
+    eager = np.asarray(jd.graddrop()(J, key=key))
+    jitted = np.asarray(jax.jit(lambda J: jd.graddrop()(J, key=key))(J))
+    for out in (eager, jitted):
+        assert np.isnan(out[2])
+        assert np.all(np.isfinite(np.delete(out, 2)))
+    np.testing.assert_allclose(np.delete(jitted, 2), np.delete(eager, 2), rtol=1e-12)
+
+
+def test_a_python_list_as_jacobian_is_named():
+    with pytest.raises(TypeError, match=r"Python number.*jnp.asarray"):
+        jd.upgrad()([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match="1-D vector"):
+        jd.upgrad(jnp.array([1.0, 2.0, -1.0]))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: jd.cagrad(c=0.5, tol=-1),
+        lambda: jd.cagrad(c=0.5, tol=0.0),
+        lambda: jd.cagrad(c=0.5, max_iter=0),
+        lambda: jd.cagrad(c=0.5, max_iter=-3),
+        lambda: jd.fairgrad(alpha=1.0, tol=-1),
+        lambda: jd.fairgrad(alpha=1.0, tol=float("nan")),
+        lambda: jd.fairgrad(alpha=1.0, max_iters=0),
+    ],
+)
+def test_invalid_stopping_parameters_are_refused(build):
+    with pytest.raises(ValueError, match="must be"):
+        build()
+
+
+def test_numpy_jacobians_work_like_jax_arrays(x64):
+    J = _J(5, 7)
+    for method in (jd.trimmed_mean(trim_number=1), jd.krum(n_byzantine=1), jd.upgrad()):
+        np.testing.assert_allclose(method(J), method(jnp.asarray(J)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("factory", [jd.upgrad_weighting, jd.dualproj_weighting])
+def test_matrices_that_are_no_gramian_give_nan_and_not_converged(factory, x64):
+    G = jnp.asarray(_J() @ _J().T)
+    w = factory()
+    for bad in (
+        -G,  # negative diagonal
+        jnp.array([[1.0, 2.0], [2.0, 1.0]]),  # symmetric, indefinite (|G_12| > sqrt(G_11 G_22))
+        jnp.array([[1.0, 0.5], [-0.5, 1.0]]),  # not symmetric
+        G.at[0, 1].add(1.0),  # not symmetric
+    ):
+        weights, info = w.solve(bad)
+        assert np.all(np.isnan(weights)) and not np.any(info.converged)
+        assert np.all(np.isnan(w(bad)))
+    # Edge cases that are Gramians stay solved: duplicated rows, a zero row, all zeros.
+    for good in (
+        jnp.ones((2, 2)),
+        jnp.array([[1.0, 0.0], [0.0, 0.0]]),
+        jnp.zeros((3, 3)),
+        G,
+    ):
+        weights, info = w.solve(good)
+        assert np.all(np.isfinite(weights)) and np.all(info.converged)
+
+
+def test_project_onto_dual_cone_refuses_a_non_gramian(x64):
+    V, info = jd.project_onto_dual_cone(jnp.eye(2), jnp.array([[1.0, 2.0], [2.0, 1.0]]))
+    assert np.all(np.isnan(V)) and not np.any(info.converged)
