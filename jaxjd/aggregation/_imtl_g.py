@@ -11,7 +11,8 @@ from ._fields import spelling
 
 class IMTLGWeighting(AbstractWeighting):
     r"""Weights of IMTL-G: ``v = G^+ sqrt(diag G)``, ``w = v / sum(v)`` (zeros when
-    ``|sum v| < 1e-12`` once G is divided by its largest diagonal entry), so the update has equal projections on every unit gradient.
+    ``|sum v| < 1e-12`` once G is divided by its largest diagonal entry), so the update has
+    equal projections on every unit gradient.
 
     Reference: Liu et al., "Towards impartial multi-task learning", ICLR 2021.
 

@@ -158,11 +158,7 @@ def _looks_like_a_gramian(G, Ge):
     diag = jnp.diagonal(G)
     root = jnp.sqrt(jnp.maximum(diag, 0.0))
     bound = (1.0 + tol) * root[:, None] * root[None, :]
-    return (
-        jnp.all(diag >= 0)
-        & jnp.all(jnp.abs(Ge - Ge.T) <= tol)
-        & jnp.all(jnp.abs(G) <= bound)
-    )
+    return jnp.all(diag >= 0) & jnp.all(jnp.abs(Ge - Ge.T) <= tol) & jnp.all(jnp.abs(G) <= bound)
 
 
 def _project(U, G, solver):
