@@ -34,6 +34,27 @@ class JDAggregateState(NamedTuple):
     stats: ConflictStats | None = None
 
 
+def _check_jacobian_of(updates, params) -> None:
+    """Trace-time check that ``updates`` is a Jacobian of ``params``: the same structure, every
+    leaf shaped ``(m, *param.shape)``. A plain gradient (or ``jd_aggregate`` placed after a
+    transformation that already reduced the Jacobian) would otherwise be read as a Jacobian of
+    smaller parameters and aggregated into a wrong update."""
+    u_leaves, u_def = jax.tree_util.tree_flatten(updates)
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    hint = (
+        "jd_aggregate takes the Jacobian (the params' structure with a leading axis m on every "
+        "leaf, e.g. from jaxjd.value_and_jacobian) and must come first in an optax chain"
+    )
+    if u_def != p_def:
+        raise ValueError(f"{hint}; got updates with structure {u_def} for params {p_def}.")
+    for u, p in zip(u_leaves, p_leaves):
+        if jnp.shape(u)[1:] != jnp.shape(p) or jnp.ndim(u) != jnp.ndim(p) + 1:
+            raise ValueError(
+                f"{hint}; got a leaf of shape {jnp.shape(u)} for a parameter of shape "
+                f"{jnp.shape(p)} (a plain gradient is shaped like the params)."
+            )
+
+
 def jd_aggregate(
     aggregator: AbstractAggregator,
     *,
@@ -109,7 +130,9 @@ def jd_aggregate(
         return JDAggregateState(key, weights, inner, stats)
 
     def update(updates, state, params=None, *, key=None, losses=None, **extra_args):
-        del params, losses, extra_args
+        del losses, extra_args
+        if params is not None:
+            _check_jacobian_of(updates, params)
         m = _num_rows(updates)
         if num_objectives is not None and m != num_objectives:
             raise ValueError(

@@ -96,3 +96,50 @@ def test_matrices_that_are_no_gramian_give_nan_and_not_converged(factory, x64):
 def test_project_onto_dual_cone_refuses_a_non_gramian(x64):
     V, info = jd.project_onto_dual_cone(jnp.eye(2), jnp.array([[1.0, 2.0], [2.0, 1.0]]))
     assert np.all(np.isnan(V)) and not np.any(info.converged)
+
+
+def test_jd_aggregate_refuses_a_plain_gradient():
+    import optax
+
+    params = {"w": jnp.ones(3)}
+    tx = jd.jd_aggregate(jd.upgrad())
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="plain gradient is shaped like the params"):
+        tx.update({"w": jnp.array([1.0, 2.0, 3.0])}, state, params)
+    # Behind a transformation that already reduced the Jacobian (not first in the chain).
+    chain = optax.chain(jd.jd_aggregate(jd.mean()), jd.jd_aggregate(jd.upgrad()))
+    J = {"w": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match="must come first"):
+        chain.update(J, chain.init(params), params)
+    with pytest.raises(ValueError, match="structure"):
+        tx.update({"v": jnp.ones((2, 3))}, state, params)
+    updates, _ = tx.update(J, state, params)  # a Jacobian of params is accepted
+    assert updates["w"].shape == (3,)
+
+
+def test_mean_over_microbatches_splits_every_batched_argument():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((4, 8, 3)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((4, 8, 2)), jnp.float32)
+    p = jnp.asarray(rng.standard_normal((3, 2)), jnp.float32)
+
+    def f(p, x, y):
+        return jnp.mean((x @ p - y) ** 2, axis=0)  # 2 losses, means over the micro-batch
+
+    values, J = jd.mean_over_microbatches(jd.value_and_jacobian(f))(p, x, y)
+    whole_values, whole_J = jd.value_and_jacobian(f)(p, x.reshape(32, 3), y.reshape(32, 2))
+    assert values.shape == (2,) and J.shape == (2, 3, 2)
+    np.testing.assert_allclose(values, whole_values, rtol=1e-5)
+    np.testing.assert_allclose(J, whole_J, rtol=1e-5, atol=1e-6)
+
+    # batch_argnums names the batched ones; the others go whole to every micro-batch.
+    def g(p, x, y, scale):
+        return scale * f(p, x, y)
+
+    step = jd.mean_over_microbatches(jd.value_and_jacobian(g), batch_argnums=(1, 2))
+    values2, _ = step(p, x, y, jnp.array([1.0, 2.0]))
+    np.testing.assert_allclose(values2, whole_values * jnp.array([1.0, 2.0]), rtol=1e-5)
+    with pytest.raises(ValueError, match="same leading axis"):
+        jd.mean_over_microbatches(jd.value_and_jacobian(g))(p, x, y, jnp.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="batch_argnums"):
+        jd.mean_over_microbatches(jd.value_and_jacobian(g), batch_argnums=0)

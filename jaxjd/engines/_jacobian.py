@@ -3,7 +3,7 @@ micro-batches."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,15 +60,23 @@ def value_and_jacobian(
     return wrapped
 
 
-def mean_over_microbatches(fun: Callable) -> Callable:
-    """Accumulates ``fun(params, batch, *rest) -> (losses, J)`` over micro-batches.
+def mean_over_microbatches(
+    fun: Callable, *, batch_argnums: int | Sequence[int] | None = None
+) -> Callable:
+    """Accumulates ``fun(params, *args) -> (losses, J)`` over micro-batches.
 
-    Returns ``g(params, batches, *rest)`` where every leaf of ``batches`` has a leading axis of
-    micro-batches: a ``lax.scan`` that keeps one running sum of the outputs (one Jacobian in
-    memory) and returns their mean. When each loss is a mean over its micro-batch (of equal
-    sizes), that is the losses and the Jacobian of the whole batch, which then go to one
-    aggregation: JD's answer for the whole batch, unlike aggregating per micro-batch (use this
-    instead of wrapping ``jd_aggregate`` in ``optax.MultiSteps``).
+    Returns ``g(params, *args)`` where every leaf of the batched arguments has a leading axis of
+    micro-batches (the same count for all): a ``lax.scan`` that keeps one running sum of the
+    outputs (one Jacobian in memory) and returns their mean. When each loss is a mean over its
+    micro-batch (of equal sizes), that is the losses and the Jacobian of the whole batch, which
+    then go to one aggregation: JD's answer for the whole batch, unlike aggregating per
+    micro-batch (use this instead of wrapping ``jd_aggregate`` in ``optax.MultiSteps``).
+
+    Args:
+        fun: ``fun(params, *args) -> (losses, J)``, e.g. ``jaxjd.value_and_jacobian(f)``.
+        batch_argnums: positions in ``(params, *args)`` of the micro-batched arguments; by
+            default every argument after ``params`` (inputs and targets alike). The others are
+            passed whole to every micro-batch.
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> def losses(p, batch):  # two losses, each a mean over the micro-batch
@@ -79,25 +87,45 @@ def mean_over_microbatches(fun: Callable) -> Callable:
     >>> J.shape, J[0].tolist()
     ((2, 2), [5.0, 6.0])
     """
+    if batch_argnums is not None:
+        argnums = (batch_argnums,) if isinstance(batch_argnums, int) else tuple(batch_argnums)
+        if not argnums or any(not isinstance(i, int) or i < 1 for i in argnums):
+            raise ValueError(
+                "batch_argnums are positions >= 1 in (params, *args) (0 is params, never split); "
+                f"got {batch_argnums}."
+            )
 
-    def wrapped(params, batches, *rest):
+    def wrapped(params, *args):
+        if not args:
+            raise ValueError("mean_over_microbatches needs at least one micro-batched argument.")
+        chosen = range(1, len(args) + 1) if batch_argnums is None else argnums
+        if max(chosen) > len(args):
+            raise ValueError(f"batch_argnums {tuple(chosen)} but only {len(args)} arguments.")
+        batched = {i - 1 for i in chosen}
+        batches = tuple(args[i] for i in sorted(batched))
         leaves = jax.tree_util.tree_leaves(batches)
         if not leaves:
-            raise ValueError("batches has no array leaves.")
+            raise ValueError("The micro-batched arguments have no array leaves.")
         counts = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
         if len(counts) != 1 or None in counts:
             raise ValueError(
-                "Every leaf of batches needs the same leading axis (the micro-batches); got "
-                f"{sorted(c for c in counts if c is not None)}."
+                "Every leaf of the micro-batched arguments needs the same leading axis (the "
+                f"micro-batches); got {sorted(c for c in counts if c is not None)} (scalars "
+                "have none). Pass batch_argnums= to name the batched arguments."
             )
         (count,) = counts
+
+        def call(batch):
+            it = iter(batch)
+            full = [next(it) if i in batched else a for i, a in enumerate(args)]
+            return fun(params, *full)
+
         first = jax.tree_util.tree_map(lambda b: b[0], batches)
-        shapes = jax.eval_shape(lambda b: fun(params, b, *rest), first)
+        shapes = jax.eval_shape(call, first)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         def body(total, batch):
-            out = fun(params, batch, *rest)
-            return jax.tree_util.tree_map(jnp.add, total, out), None
+            return jax.tree_util.tree_map(jnp.add, total, call(batch)), None
 
         total, _ = jax.lax.scan(body, zeros, batches)
         return jax.tree_util.tree_map(lambda t: t / count, total)
