@@ -197,8 +197,30 @@ def _weigh_jit(weighting, gramian, state, key):
     # hyper-parameters are traced. Inside a user's jit this inlines. Matrix products at full
     # precision: on GPUs the default float32 product is TF32 (a 10-bit mantissa), which breaks
     # exact solvers and the parity with TorchJD.
+    G = _prepared(gramian)
     with jax.default_matmul_precision("highest"):
-        return weighting._weigh(_prepared(gramian), state, key)
+        w, new_state = weighting._weigh(G, state, key)
+    if isinstance(G, jax.ShapeDtypeStruct):  # weights from m alone
+        return w, new_state
+    # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
+    # weights (never finite weights of garbage) and leaves the state as it was, so that one bad
+    # step does not poison the next ones.
+    finite = jnp.all(jnp.isfinite(G))
+    return jnp.where(finite, w, jnp.nan), _keep_unless(finite, new_state, state)
+
+
+def _keep_unless(ok, new_state, old_state):
+    """``new_state`` where ``ok``, else ``old_state`` (array leaves; PRNG keys included)."""
+
+    def pick(new, old):
+        if not isinstance(new, jax.Array | np.ndarray):
+            return new
+        if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+            data = jnp.where(ok, jax.random.key_data(new), jax.random.key_data(old))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
+        return jnp.where(ok, new, old)
+
+    return jax.tree_util.tree_map(pick, new_state, old_state)
 
 
 def _as_jax(leaf):
@@ -244,7 +266,14 @@ class AbstractAggregator(_Method):
         # so that Jacobians of every width share one compiled solver; inside a user's jit it
         # all fuses anyway.
         with jax.default_matmul_precision("highest"):
-            return self._aggregate(jacobian, state, key)
+            out = self._aggregate(jacobian, state, key)
+        if self.stateful and not isinstance(self, GramianWeightedAggregator):
+            # (A Gramian-weighted one already keeps its weighting's state on a non-finite G.)
+            finite = jnp.all(
+                jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(jacobian)])
+            )
+            out = out._replace(state=_keep_unless(finite, out.state, state))
+        return out
 
     def update(
         self, jacobian: PyTree, state: Any, /, *, key: PRNGKeyArray | None = None
