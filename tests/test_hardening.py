@@ -184,3 +184,21 @@ def test_nan_or_inf_in_gives_nan_out_and_keeps_the_state(spec, x64):
                 jax.tree_util.tree_leaves(out.state), jax.tree_util.tree_leaves(state)
             ):
                 np.testing.assert_array_equal(np.asarray(new)[i], np.asarray(old)[i])
+
+
+@pytest.mark.parametrize("factory", [jd.upgrad, jd.dualproj])
+def test_norm_eps_keeps_torchjds_mean_fallback_and_zero_turns_it_off(factory, x64):
+    """Issue #13 item 11, decided: TorchJD's absolute rule stays the default (parity), and it is
+    documented: gradients of norm 2e-3 (trace of G 1.6e-5 <= norm_eps = 1e-4) get the plain
+    mean, which conflicts here; ``norm_eps=0`` gives the projection, which does not."""
+    rng = np.random.default_rng(4)
+    J = rng.standard_normal((4, 6))
+    J[1] = -J[0] + 0.1 * rng.standard_normal(6)  # two nearly opposite objectives
+    J = jnp.asarray(J / np.linalg.norm(J, axis=1, keepdims=True) * 2e-3)
+    assert float(jnp.trace(J @ J.T)) < 1e-4
+    np.testing.assert_allclose(factory().weights(J), np.full(4, 0.25), rtol=1e-12)
+    assert float(jnp.min(J @ factory()(J))) < 0  # the mean conflicts with one objective
+    exact = factory(norm_eps=0.0, reg_eps=0.0)  # the exact projection
+    assert float(jnp.min(J @ exact(J))) >= -1e-15
+    np.testing.assert_allclose(exact(J * 1e4) * 1e-4, exact(J), rtol=1e-6, atol=1e-15)
+    np.testing.assert_array_equal(exact(jnp.zeros((3, 5))), np.zeros(5))  # all-zero J still 0
