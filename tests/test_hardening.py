@@ -202,3 +202,19 @@ def test_norm_eps_keeps_torchjds_mean_fallback_and_zero_turns_it_off(factory, x6
     assert float(jnp.min(J @ exact(J))) >= -1e-15
     np.testing.assert_allclose(exact(J * 1e4) * 1e-4, exact(J), rtol=1e-6, atol=1e-15)
     np.testing.assert_array_equal(exact(jnp.zeros((3, 5))), np.zeros(5))  # all-zero J still 0
+
+
+def _nash_two_steps(J):
+    agg = jd.nash_mtl()
+    state = agg.init(J)
+    _, state = agg.update(J, state)
+    return agg.update(J * 1.1, state)[0]
+
+
+def test_nash_mtl_vmap_equals_each_lane_in_float64(x64):
+    rng = np.random.default_rng(1880596630)
+    J = jnp.asarray(rng.standard_normal((4, 4, 6)) * np.logspace(-2, 2, 4)[None, :, None])
+    batched = jax.jit(jax.vmap(_nash_two_steps))(J)
+    step = jax.jit(_nash_two_steps)
+    for i in range(4):
+        np.testing.assert_allclose(batched[i], step(J[i]), rtol=1e-3, atol=1e-3)

@@ -90,17 +90,22 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
         step0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))
         norm0 = jnp.linalg.norm(jnp.concatenate([D * r_dual, r_cent]))
 
-        def shrink(step):
-            return step * 0.5
+        def shrink(carry):
+            step, k = carry
+            return step * 0.5, k + 1
 
-        def bad(step):
+        def bad(carry):
+            step, k = carry
             a1, lam1 = a + step * da, lam + step * dlam
             feasible = parts(a1)[0]
             rd, rc = residual(a1, lam1, t)
             small = jnp.linalg.norm(jnp.concatenate([D * rd, rc])) <= (1.0 - 0.01 * step) * norm0
-            return (~(feasible & small)) & (step > 1e-12)
+            # At most 60 halvings (from <= 1 to 1e-12 takes 40), whatever the lanes of a batched
+            # (vmapped) loop do: on four ill-scaled float32 lanes it ran ~10^5 iterations
+            # (issue #13 item 5; the batched interior-point loop can still run long there).
+            return (~(feasible & small)) & (step > 1e-12) & (k < 60)
 
-        step = jax.lax.while_loop(bad, shrink, step0)
+        step, _ = jax.lax.while_loop(bad, shrink, (step0, jnp.asarray(0)))
         # A line search that bottoms out takes no step (the iterate stays strictly feasible).
         step = jnp.where(step > 1e-12, step, 0.0)
         a, lam = a + step * da, lam + step * dlam
