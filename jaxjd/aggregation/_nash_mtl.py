@@ -100,9 +100,8 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
             feasible = parts(a1)[0]
             rd, rc = residual(a1, lam1, t)
             small = jnp.linalg.norm(jnp.concatenate([D * rd, rc])) <= (1.0 - 0.01 * step) * norm0
-            # At most 60 halvings (from <= 1 to 1e-12 takes 40), whatever the lanes of a batched
-            # (vmapped) loop do: on four ill-scaled float32 lanes it ran ~10^5 iterations
-            # (issue #13 item 5; the batched interior-point loop can still run long there).
+            # At most 60 halvings (from <= 1 to 1e-12 takes 40): a hard bound whatever the
+            # rounding does.
             return (~(feasible & small)) & (step > 1e-12) & (k < 60)
 
         step, _ = jax.lax.while_loop(bad, shrink, (step0, jnp.asarray(0)))
@@ -169,13 +168,34 @@ class NashMTLWeighting(AbstractWeighting):
         GTG = G.astype(dtype)
         refresh = state.count % self.update_weights_every == 0
         alpha = jax.lax.cond(
-            refresh, lambda G, a: self._solve(G, a), lambda G, a: a, GTG, state.alpha
+            refresh, lambda G, a: self._solve_lanewise(G, a), lambda G, a: a, GTG, state.alpha
         )
         max_norm = as_dtype(self.max_norm, dtype)
         norm = jnp.sqrt(jnp.maximum(alpha @ GTG @ alpha, 0.0))
         clip = (max_norm > 0) & (norm > max_norm)
         alpha_out = jnp.where(clip, alpha / jnp.where(clip, norm, 1.0) * max_norm, alpha)
         return alpha_out, NashMTLState(alpha, state.count + 1)
+
+    def _solve_lanewise(self, GTG, alpha):
+        """:meth:`_solve`, mapped lane by lane under ``jax.vmap`` (``lax.map``). Batching its
+        nested data-dependent loops made every lane wait for the slowest at every level: on four
+        ill-scaled float32 lanes the batched loops ran for minutes where each lane alone takes
+        milliseconds (issue #13 item 5). Mapped, a batch costs the sum of its lanes and each
+        lane's answer is the one it gets alone."""
+
+        @jax.custom_batching.custom_vmap
+        def solve(GTG, alpha):
+            return self._solve(GTG, alpha)
+
+        @solve.def_vmap
+        def _rule(axis_size, in_batched, GTG, alpha):
+            GTG, alpha = (
+                x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                for x, batched in zip((GTG, alpha), in_batched)
+            )
+            return jax.lax.map(lambda ga: solve(*ga), (GTG, alpha)), True
+
+        return solve(GTG, alpha)
 
     def _solve(self, GTG, alpha):
         dtype = GTG.dtype
