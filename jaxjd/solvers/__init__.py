@@ -149,16 +149,15 @@ def _project_jit(U, G, solver):
 
 
 def _looks_like_a_gramian(G, Ge):
-    """Cheap necessary conditions for ``G = J J^T`` (O(m^2), no factorisation): a nonnegative
-    diagonal, symmetry and Cauchy-Schwarz ``|G_ij| <= sqrt(G_ii G_jj)``, each within
-    ``sqrt(eps)`` of the equilibrated entries. A matrix that fails (``-G``, an indefinite
+    """Cheap necessary conditions for ``G = J J^T`` (O(m^2), no factorisation): symmetry and
+    Cauchy-Schwarz ``|G_ij| <= sqrt(G_ii G_jj)`` within ``sqrt(eps)`` (on the diagonal it
+    refuses a negative entry: its bound is 0). A matrix that fails (``-G``, an indefinite
     ``[[1, 2], [2, 1]]``, a transposed half) gives NaN weights and ``converged=False``, never an
     answer to another problem. An indefinite matrix that passes them is not caught."""
     tol = float(jnp.finfo(G.dtype).eps) ** 0.5
-    diag = jnp.diagonal(G)
-    root = jnp.sqrt(jnp.maximum(diag, 0.0))
+    root = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
     bound = (1.0 + tol) * root[:, None] * root[None, :]
-    return jnp.all(diag >= 0) & jnp.all(jnp.abs(Ge - Ge.T) <= tol) & jnp.all(jnp.abs(G) <= bound)
+    return jnp.all(jnp.abs(Ge - Ge.T) <= tol) & jnp.all(jnp.abs(G) <= bound)
 
 
 def _project(U, G, solver):
