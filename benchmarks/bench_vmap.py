@@ -6,7 +6,12 @@ Each batch holds B Gramians of size m x m built from the matrix families of ``ja
 reads). Runs unchanged on any JAX backend (one thread on the CPU).
 
     python benchmarks/bench_vmap.py [--batches 1024x16,256x32,64x64,16x128]
-        [--dtypes float32] [--out benchmarks/results/vmap.md]
+        [--dtypes float32] [--unroll-max 16] [--out benchmarks/results/vmap.md]
+
+``--unroll-max`` (a list) times the solver with each value of the order up to which BPP
+solves its small systems by unrolled elimination instead of library Cholesky calls (private
+constants, ``jaxjd.solvers._bpp._UNROLL_MAX``, and on the CPU ``_UNROLL_ON_CPU``): the
+measurement that chose the defaults.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 from _common import device_name, emit, median_times, write_table
 
 import jaxjd as jd
+import jaxjd.solvers._bpp as bpp_module
 from jaxjd._families import FAMILIES
 
 
@@ -40,28 +46,38 @@ def main():
     parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n", type=int, default=200, help="columns of each Jacobian")
+    parser.add_argument("--unroll-max", default=None, help="comma-separated list, see above")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    unroll = [None] if args.unroll_max is None else [int(x) for x in args.unroll_max.split(",")]
     lines = [
         f"jax {jax.__version__}, {device_name()}. jit(vmap(upgrad_weighting())) on B Gramians "
         f"of m x m (families cycling over the batch, J with n = {args.n}); medians per batch, "
         f"median and worst over {args.seeds} batches. floor = one batched G @ w.",
         "",
-        "| dtype | B | m | floor ms | ms median / worst | worst / median | all converged |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype | B | m | unroll max | floor ms | ms median / worst | worst / median "
+        "| all converged | most iterations |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for dtype in args.dtypes.split(","):
         with jax.enable_x64(dtype == "float64"):
-            for spec in args.batches.split(","):
+            for spec, u in [(s, u) for s in args.batches.split(",") for u in unroll]:
                 B, m = (int(x) for x in spec.split("x"))
+                if u is not None:
+                    jax.clear_caches()  # the constant is read when a solve is traced
+                    bpp_module._UNROLL_MAX = u
+                    bpp_module._UNROLL_ON_CPU = True
+                u_txt = bpp_module._UNROLL_MAX
                 weigh = jax.jit(jax.vmap(jd.upgrad_weighting()))
                 solve = jax.jit(jax.vmap(jd.upgrad_weighting().solve))
                 floor = jax.jit(lambda G: jnp.einsum("bij,bj->bi", G, G[:, 0]))
-                times, floors, ok = [], [], True
+                times, floors, ok, its = [], [], True, 0
                 for seed in range(args.seeds):
                     G = jnp.asarray(batch_of_gramians(B, m, args.n, seed).astype(dtype))
-                    ok &= bool(solve(G)[1].converged.all())
+                    info = solve(G)[1]
+                    ok &= bool(info.converged.all())
+                    its = max(its, int(info.iterations.max()))
                     t = median_times(
                         {
                             "floor": lambda: floor(G).block_until_ready(),
@@ -75,8 +91,8 @@ def main():
                 med, worst = statistics.median(times), max(times)
                 emit(
                     lines,
-                    f"| {dtype} | {B} | {m} | {statistics.median(floors) * 1e3:.3f} | "
-                    f"{med * 1e3:.3f} / {worst * 1e3:.3f} | {worst / med:.2f} | {ok} |",
+                    f"| {dtype} | {B} | {m} | {u_txt} | {statistics.median(floors) * 1e3:.3f} | "
+                    f"{med * 1e3:.3f} / {worst * 1e3:.3f} | {worst / med:.2f} | {ok} | {its} |",
                 )
     write_table(lines, args.out)
 

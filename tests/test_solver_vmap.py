@@ -167,3 +167,52 @@ def test_wide_matvec_under_nested_vmaps(axes):
     exact = np.einsum("abij,abj->abi", full[0], full[1] + full[2])
     assert out.shape == (A, B, m) and out.dtype == jnp.float32
     np.testing.assert_allclose(out, exact.astype(np.float32), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("K", [1, 2, 7, 16])
+def test_unrolled_spd_solve_matches_lapack(K, dtype, monkeypatch):
+    """The accelerators' small-system solve (Gaussian elimination unrolled, no pivoting) on SPD
+    matrices up to cond 1e3: the solution to a few eps cond, the pivots' product is det M, and
+    a matrix that is not positive definite shows a pivot <= 0 (BPP's plan reads it as such)."""
+    from jaxjd.solvers import _bpp
+
+    monkeypatch.setattr(_bpp, "_UNROLL_ON_CPU", True)
+    rng = np.random.default_rng(K)
+    Q, _ = np.linalg.qr(rng.standard_normal((K, K)))
+    M = (Q * np.logspace(0, -3, K)) @ Q.T
+    M = 0.5 * (M + M.T)
+    b, B = rng.standard_normal(K), rng.standard_normal((K, 3))
+    eps = float(np.finfo(dtype).eps)
+    with jax.enable_x64(dtype == "float64"):
+        solve = jax.jit(lambda M, b: _bpp._spd_solve(M, b, with_pivots=True))
+        for rhs in (b, B):
+            x, piv = solve(jnp.asarray(M, dtype), jnp.asarray(rhs, dtype))
+            ref = np.linalg.solve(M, rhs)
+            err = np.abs(np.asarray(x, np.float64) - ref).max() / np.abs(ref).max()
+            assert err <= 100 * K * eps * 1e3, err
+            np.testing.assert_allclose(
+                np.prod(np.asarray(piv, np.float64)), np.linalg.det(M), rtol=1e3 * K * eps
+            )
+        if K > 1:
+            indefinite = M - 2e-3 * np.eye(K)  # smallest eigenvalue -1e-3
+            _, piv = solve(jnp.asarray(indefinite, dtype), jnp.asarray(b, dtype))
+            assert not bool(jnp.all(piv > 0))
+
+
+@pytest.mark.parametrize("m", [6, 16, 20])
+def test_bpp_with_unrolled_solves_equals_lapack(m, monkeypatch, x64):
+    """BPP with the accelerators' unrolled small systems (forced on the CPU) under vmap, on the
+    full-size path (m < 16) and the half-size one, gives the LAPACK path's answer."""
+    from jaxjd.solvers._bpp import bpp
+    from jaxjd.solvers import _bpp
+
+    Gs = jnp.asarray(gramians(6, m, seed=m, ill=(3,)))
+    Gs = Gs / jnp.max(jnp.diagonal(Gs, axis1=1, axis2=2), axis=1)[:, None, None]
+    U = jnp.eye(m)
+    run = jax.vmap(lambda G: bpp(U, G, gather=False, refine=0))
+    V_ref, ok_ref, _ = jax.jit(run)(Gs)
+    monkeypatch.setattr(_bpp, "_UNROLL_ON_CPU", True)
+    V, ok, _ = jax.jit(lambda Gs: run(Gs))(Gs)  # a new function: traced again
+    assert bool(ok.all()) and bool(ok_ref.all())
+    np.testing.assert_allclose(np.asarray(V @ Gs), np.asarray(V_ref @ Gs), rtol=0, atol=1e-9)
