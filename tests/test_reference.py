@@ -46,6 +46,21 @@ TOL = {
 # differ by that much (both equally exact).
 CASE_TOL = {"badscale_3x10__AlignedMTL_scale_mode=rmse": 3e-4}
 
+# The methods whose weights go through an eigendecomposition (or a pseudo-inverse) of G. On
+# accelerators it is cuSOLVER's (Jacobi below 33 x 33), not LAPACK's as in TorchJD and on our CPU,
+# so both are exact only to what the conditioning allows: a relative error of about eps times
+# cond(G) restricted to the eigenvalues kept by the pseudo-inverse cut-off (m eps max eig).
+# Measured on an H100: 2.9e-7 on badscale_3x10 (bound 9e-4) and 1.3e-8 on badscale_mild_4x9
+# (bound 1e-7), against 1e-9 for the other matrices, which keep their tolerance.
+EIGEN_CLASSES = {"AlignedMTL", "IMTLG", "ConFIG"}
+
+
+def _accelerator_tol(G):
+    eps = np.finfo(np.float64).eps
+    lam = np.linalg.eigvalsh(np.asarray(G, np.float64))
+    kept = lam[lam > len(lam) * eps * lam[-1]]
+    return 4 * eps * lam[-1] / kept[0] if kept.size else 0.0
+
 
 def build(case):
     params = dict(case["params"])
@@ -115,6 +130,8 @@ def test_matches_torchjd(case, x64):
     G = jnp.asarray(arrays[mat["G_key"]])
     agg, weighting = build(case)
     tol = CASE_TOL.get(case["key"], TOL[case["class"]])
+    if jax.default_backend() != "cpu" and case["class"] in EIGEN_CLASSES:
+        tol = max(tol, _accelerator_tol(G))
     out = case["outputs"]
 
     update = np.asarray(agg(J, key=jax.random.key(0)))  # only random methods read the key

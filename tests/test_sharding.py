@@ -47,6 +47,7 @@ SCRIPT = textwrap.dedent(
 def test_sharded_upgrad_all_reduces_only_the_gramian():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"  # the 8 simulated devices are CPU devices, also on a GPU machine
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
     )
