@@ -238,3 +238,24 @@ def test_nash_mtl_vmap_equals_each_lane_in_float64(x64):
     step = jax.jit(_nash_two_steps)
     for i in range(4):
         np.testing.assert_allclose(batched[i], step(J[i]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_config_undefined_direction_gives_zero(dtype):
+    """ConFIG on rows +-q in equal numbers with p = ones: pinv(U) p = 0, so the direction is
+    0 / 0. It was rounding noise divided by rounding noise (found on a GPU, where the helpers'
+    strongly stationary 20 x 100 rank-1 matrix came out with balanced signs: outputs of 1e-10
+    that changed with every permutation of the rows); the update is 0 now, and stays defined
+    as soon as the signs are unbalanced."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(30)
+    c = np.abs(rng.standard_normal(20)) + 0.1
+    c[:10] *= -1
+    J = c[:, None] * q[None, :]
+    with jax.enable_x64(dtype == "float64"):
+        for perm in (np.arange(20), rng.permutation(20)):
+            out = np.asarray(jd.config(jnp.asarray(J[perm], dtype)))
+            np.testing.assert_array_equal(out, np.zeros(30))
+        c[0] = -c[0]  # 9 negative, 11 positive: u = q / |q|, update (sum_i c_i) q
+        out = np.asarray(jd.config(jnp.asarray(c[:, None] * q[None, :], dtype)))
+        np.testing.assert_allclose(out, c.sum() * q, rtol=1e-4 if dtype == "float32" else 1e-10)

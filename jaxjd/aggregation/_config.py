@@ -19,6 +19,10 @@ class ConFIG(AbstractAggregator):
     Gramian alone (the pseudo-inverse cut-off follows ``torch.linalg.pinv``: singular values below
     ``max(m, n) eps`` times the largest are dropped, or eigenvalues below ``m eps`` times the
     largest, whichever is larger). TorchJD needs the matrix; here a pytree Jacobian is fine.
+    When ``p`` is orthogonal to the rows of ``U`` to rounding (``|pinv(U) p|^2 max eig(U U^T)``
+    at most that cut-off times ``|p|^2``, e.g. rows ``+-q`` in equal numbers and ``p`` = ones),
+    the direction is undefined (0 / 0) and the update is 0; TorchJD returns NaN or rounding
+    noise divided by rounding noise there.
 
     Args:
         pref_vector: the preference ``p`` (default ones).
@@ -56,9 +60,11 @@ class ConFIG(AbstractAggregator):
         keep = lam > rtol * jnp.max(lam)
         inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
         alpha = (V * inv[None, :]) @ (V.T @ p)
-        norm_d = jnp.sqrt(jnp.maximum(alpha @ Gu @ alpha, 0.0))
-        denom = jnp.maximum(norm_d, 1e-12)
-        beta = inv_norm * alpha  # J^T beta = U^T alpha
+        norm_d2 = jnp.maximum(alpha @ Gu @ alpha, 0.0)
+        # the share of p in the row space of U is at least |U^T alpha|^2 max(lam) / |p|^2
+        defined = norm_d2 * jnp.max(lam) > rtol * (p @ p)
+        denom = jnp.maximum(jnp.sqrt(norm_d2), 1e-12)
+        beta = jnp.where(defined, inv_norm * alpha, 0.0)  # J^T beta = U^T alpha
         length = jnp.sum(G @ beta) / denom
         return length / denom * beta
 
