@@ -259,3 +259,54 @@ def test_config_undefined_direction_gives_zero(dtype):
         c[0] = -c[0]  # 9 negative, 11 positive: u = q / |q|, update (sum_i c_i) q
         out = np.asarray(jd.config(jnp.asarray(c[:, None] * q[None, :], dtype)))
         np.testing.assert_allclose(out, c.sum() * q, rtol=1e-4 if dtype == "float32" else 1e-10)
+
+
+SCALE_INVARIANT = [s for s in REGISTRY if s.weighting and s.weighting().scale_invariant]
+
+
+def test_the_scale_invariant_methods_are_the_expected_ones():
+    names = {s.name for s in SCALE_INVARIANT}
+    assert names == {"mgda", "imtl_g", "aligned_mtl", "pcgrad", "krum"}
+
+
+@pytest.mark.parametrize("spec", SCALE_INVARIANT, ids=lambda s: s.name)
+def test_scale_invariant_claim_holds(spec, x64):
+    """``scale_invariant = True`` lets the aggregator rescale J: the claim w(c G) = w(G)."""
+    J = _J(5, 8, seed=3)
+    G = J @ J.T
+    weighting = spec.weighting()
+    for c in (1e-6, 1e6):
+        key = jax.random.key(0)  # PCGrad's random order: the same for both
+        np.testing.assert_allclose(
+            weighting(c * G, key=key), weighting(G, key=key), rtol=1e-12, atol=1e-14
+        )
+
+
+@pytest.mark.parametrize("spec", SCALE_INVARIANT, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scale_invariant_methods_survive_gramian_overflow_and_underflow(spec, dtype):
+    """Issue #13 items 8/9: J finite but J J^T overflowing (float32 J x 1e20) gave NaN, and
+    underflowing (|g| ~ 1e-20) gave MGDA the conflicting weights [1, 0, 0, 0] and IMTL-G a zero
+    update. A scale-invariant method's aggregator now forms G from J scaled by a power of two:
+    the update is c times the update of J, plain, under jit and under vmap (a batch whose other
+    members are well scaled: only the lanes that need it are rescaled)."""
+    big, small = (1e20, 1e-20) if dtype == "float32" else (1e160, 1e-160)
+    J = _J(5, 8, seed=3)
+    with jax.enable_x64(dtype == "float64"):
+        key = jax.random.key(0)  # PCGrad's random order: the same in every call
+        built = spec.build()
+
+        def agg(J):
+            return built(J, key=key)
+
+        ref = np.asarray(agg(jnp.asarray(J, dtype)), np.float64)
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        batch = jnp.asarray(np.stack([J, J * big, J * small]), dtype)
+        vmapped = np.asarray(jax.vmap(agg)(batch), np.float64)
+        for i, c in enumerate((1.0, big, small)):
+            for run in (agg, jax.jit(agg)):
+                out = np.asarray(run(jnp.asarray(J * c, dtype)), np.float64)
+                np.testing.assert_allclose(out / c, ref, rtol=tol, atol=tol * np.abs(ref).max())
+            np.testing.assert_allclose(vmapped[i] / c, ref, rtol=tol, atol=tol * np.abs(ref).max())
+        bad = jnp.asarray(J * big, dtype).at[0, 0].set(jnp.nan)
+        assert np.isnan(np.asarray(agg(bad))).any()

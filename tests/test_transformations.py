@@ -147,7 +147,9 @@ def test_weighting_vmapped_over_gramians(dtype):
         )
 
 
-@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "mean"])
+@pytest.mark.parametrize(
+    "name", ["upgrad", "dualproj", "mgda", "mean", "imtl_g", "aligned_mtl", "krum"]
+)
 def test_grad_treats_weights_as_constants(name, x64):
     """Differentiating through an aggregator: weights are constants, J^T w is linear in J."""
     agg = BY_NAME[name].build()

@@ -141,6 +141,9 @@ class AbstractWeighting(_Method):
     """
 
     reads_gramian: ClassVar[bool] = True
+    # True when w(c G) = w(G) for every c > 0: an aggregator on it then forms G from J scaled by
+    # a power of two when J J^T overflows or underflows (see _gramian_in_range).
+    scale_invariant: ClassVar[bool] = False
 
     def init(self, num_objectives: int, dtype: Any = jnp.float32) -> Any:
         """The initial state for ``num_objectives`` objectives (``EmptyState()`` when
@@ -306,6 +309,54 @@ class AbstractAggregator(_Method):
         """The update, weights and new state (traced once per configuration and shape)."""
 
 
+def _out_of_range(G, n):
+    """True when ``G`` overflowed (its largest diagonal entry is not finite) or lost precision
+    to underflow (below ``n tiny / eps``: the products of entries of J are then subnormal)."""
+    info = jnp.finfo(G.dtype)
+    top = jnp.max(jnp.diagonal(G, axis1=-2, axis2=-1), axis=-1)
+    return ~(top <= info.max) | (top < float(info.tiny) / float(info.eps) * max(n, 1))
+
+
+def _scaled_gramian(jacobian):
+    """``gramian(2^-e J)`` with ``2^e`` about ``max |J|``: exact scaling, no overflow or
+    underflow in ``G`` (a non-finite J stays non-finite)."""
+    leaves = jax.tree_util.tree_leaves(jacobian)
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(leaves[0].dtype) for x in leaves]))
+    usable = (top > 0) & (top <= jnp.finfo(top.dtype).max)
+    _, e = jnp.frexp(jnp.where(usable, top, 1.0))
+    factor = jnp.ldexp(jnp.ones((), top.dtype), -e)
+    return gramian(jax.tree_util.tree_map(lambda x: x * factor.astype(x.dtype), jacobian))
+
+
+@jax.custom_batching.custom_vmap
+def _gramian_in_range(jacobian, G):
+    """``G = gramian(J)``, or where it overflowed or underflowed, the Gramian of J scaled by a
+    power of two: the weights of a scale-invariant weighting are those of ``J J^T`` itself, and
+    the update ``J^T w`` uses J unscaled. The rescaled Gramian is formed only when needed (a
+    ``cond``; under vmap once for the whole batch if any member needs it: its batching rule)."""
+    n = sum(int(np.prod(x.shape[1:])) for x in jax.tree_util.tree_leaves(jacobian))
+    return jax.lax.cond(_out_of_range(G, n), _scaled_gramian, lambda _: G, jacobian)
+
+
+@_gramian_in_range.def_vmap
+def _gramian_in_range_batched(axis_size, in_batched, jacobian, G):
+    J_batched, G_batched = in_batched
+    if not any(jax.tree_util.tree_leaves(J_batched)) and not G_batched:
+        return _gramian_in_range(jacobian, G), False
+    jacobian = jax.tree_util.tree_map(
+        lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *x.shape)), jacobian, J_batched
+    )
+    G = G if G_batched else jnp.broadcast_to(G, (axis_size, *G.shape))
+    n = sum(int(np.prod(x.shape[2:])) for x in jax.tree_util.tree_leaves(jacobian))
+    bad = _out_of_range(G, n)
+
+    def fix(G):
+        new = jax.vmap(_scaled_gramian)(jacobian)
+        return jnp.where(bad[:, None, None], new, G)
+
+    return jax.lax.cond(jnp.any(bad), fix, lambda G: G, G), True
+
+
 def _shape_struct(leaf):
     return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
 
@@ -354,6 +405,8 @@ class GramianWeightedAggregator(AbstractAggregator):
         m, dtype = _abstract_rows(jacobian)
         if self.weighting.reads_gramian:
             G = gramian(jacobian)
+            if self.weighting.scale_invariant:  # weights are constants: no derivative here
+                G = _gramian_in_range(*jax.lax.stop_gradient((jacobian, G)))
         else:
             G = jax.ShapeDtypeStruct((m, m), dtype)
         # The state was checked by aggregate() (init delegates to the weighting): go straight

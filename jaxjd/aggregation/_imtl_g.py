@@ -23,6 +23,8 @@ class IMTLGWeighting(AbstractWeighting):
     array([0.5923, 0.4077])
     """
 
+    scale_invariant = True
+
     def _weigh(self, G, state, key):
         # The weights do not depend on the scale of G, but v does (as 1 / |g|): G is divided by
         # its largest diagonal entry first, so that the 1e-12 test is relative (a fixed

@@ -32,6 +32,8 @@ class MGDAWeighting(AbstractWeighting):
     array([0.6, 0.4])
     """
 
+    scale_invariant = True
+
     epsilon: Scalar = number("epsilon", 1e-3, check="positive")
     max_iters: int = static_int("max_iters", 100)
 

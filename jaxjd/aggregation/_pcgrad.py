@@ -26,6 +26,8 @@ class PCGradWeighting(AbstractWeighting):
     array([2.2222, 1.5789])
     """
 
+    scale_invariant = True
+
     draws_key = True
 
     def _weigh(self, G, state, key):
