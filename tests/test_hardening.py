@@ -146,7 +146,7 @@ def test_mean_over_microbatches_splits_every_batched_argument():
 
 
 # ----------------------------------------------------------------- the value policy, registry-wide
-from methods import REGISTRY  # noqa: E402
+from methods import BY_NAME, REGISTRY  # noqa: E402
 
 
 def _policy_run(method, J, J_bad, key):
@@ -282,7 +282,7 @@ def test_scale_invariant_claim_holds(spec, x64):
         )
 
 
-@pytest.mark.parametrize("spec", SCALE_INVARIANT, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [*SCALE_INVARIANT, BY_NAME["config"]], ids=lambda s: s.name)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_scale_invariant_methods_survive_gramian_overflow_and_underflow(spec, dtype):
     """Issue #13 items 8/9: J finite but J J^T overflowing (float32 J x 1e20) gave NaN, and

@@ -148,7 +148,7 @@ def test_weighting_vmapped_over_gramians(dtype):
 
 
 @pytest.mark.parametrize(
-    "name", ["upgrad", "dualproj", "mgda", "mean", "imtl_g", "aligned_mtl", "krum"]
+    "name", ["upgrad", "dualproj", "mgda", "mean", "imtl_g", "aligned_mtl", "krum", "config"]
 )
 def test_grad_treats_weights_as_constants(name, x64):
     """Differentiating through an aggregator: weights are constants, J^T w is linear in J."""
