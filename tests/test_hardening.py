@@ -266,7 +266,7 @@ SCALE_INVARIANT = [s for s in REGISTRY if s.weighting and s.weighting().scale_in
 
 def test_the_scale_invariant_methods_are_the_expected_ones():
     names = {s.name for s in SCALE_INVARIANT}
-    assert names == {"mgda", "imtl_g", "aligned_mtl", "pcgrad", "krum"}
+    assert names == {"mgda", "mgda_exact", "imtl_g", "aligned_mtl", "pcgrad", "krum"}
 
 
 @pytest.mark.parametrize("spec", SCALE_INVARIANT, ids=lambda s: s.name)
@@ -310,3 +310,52 @@ def test_scale_invariant_methods_survive_gramian_overflow_and_underflow(spec, dt
             np.testing.assert_allclose(vmapped[i] / c, ref, rtol=tol, atol=tol * np.abs(ref).max())
         bad = jnp.asarray(J * big, dtype).at[0, 0].set(jnp.nan)
         assert np.isnan(np.asarray(agg(bad))).any()
+
+
+def _min_cos(J, d):
+    return float(((J @ d) / (np.linalg.norm(J, axis=1) * np.linalg.norm(d))).min())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mgda_exact_does_not_conflict_on_ill_conditioned_rows(seed, x64):
+    """Issue #13 item 3: Frank-Wolfe (TorchJD's MGDA, our default for parity) conflicts on rows
+    scaled 1e-8 and 1e8 and is far from the minimum-norm point at m = 64; method="exact" (the
+    QP layer's pivoting on G s >= 1) gives the minimum-norm point: no row conflicts with it
+    (cosines >= 0 to rounding) and it is much shorter than Frank-Wolfe's."""
+    rng = np.random.default_rng(seed)
+    J4 = rng.standard_normal((4, 10)) * np.array([1e-8, 1e8, 1e-8, 1e8])[:, None]
+    J64 = rng.standard_normal((64, 200)) * np.logspace(-8, 8, 64)[:, None]
+    for J in (J4, J64):
+        d = np.asarray(jd.mgda(jnp.asarray(J), method="exact"))
+        assert np.all(np.isfinite(d)) and _min_cos(J, d) >= -1e-12
+    d_fw = np.asarray(jd.mgda(jnp.asarray(J64)))
+    d_exact = np.asarray(jd.mgda(jnp.asarray(J64), method="exact"))
+    assert _min_cos(J64, d_fw) < -0.05  # the documented parity behaviour
+    assert np.linalg.norm(d_exact) < 1e-3 * np.linalg.norm(d_fw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mgda_exact_is_the_minimum_norm_point(dtype):
+    """KKT of min_{a in simplex} |J^T a|^2: a >= 0, sum a = 1, (G a)_i >= a^T G a for every i,
+    with equality where a_i > 0; Frank-Wolfe run to a tiny epsilon agrees."""
+    rng = np.random.default_rng(5)
+    J = rng.standard_normal((10, 30)) * np.logspace(-2, 2, 10)[:, None]
+    J[0] = -2 * J[1]
+    tol = 1e-4 if dtype == "float32" else 1e-11
+    with jax.enable_x64(dtype == "float64"):
+        G = jnp.asarray(J @ J.T, dtype)
+        a = np.asarray(jax.jit(jd.mgda_weighting(method="exact"))(G), np.float64)
+    G = J @ J.T
+    Ga, aGa = G @ a, a @ G @ a
+    assert a.min() >= 0 and abs(a.sum() - 1) <= tol
+    assert Ga.min() >= aGa - tol * np.abs(G).max()
+    np.testing.assert_allclose(Ga[a > 1e-3], aGa, rtol=0, atol=tol * np.abs(G).max())
+
+
+def test_mgda_exact_when_zero_is_in_the_hull(x64):
+    """Opposite rows put 0 in the hull: the update vanishes; a zero row takes all the weight."""
+    q = np.random.default_rng(0).standard_normal(5)
+    d = np.asarray(jd.mgda(jnp.asarray(np.stack([q, -q, 2 * q])), method="exact"))
+    assert np.linalg.norm(d) <= 1e-12 * np.linalg.norm(q)
+    G = jnp.asarray(np.diag([4.0, 0.0, 1.0]))
+    np.testing.assert_array_equal(jd.mgda_weighting(G, method="exact"), [0.0, 1.0, 0.0])

@@ -329,10 +329,12 @@ def _warm_free(G, U, iterations):
     return jnp.where(usable, T > 0, C < 0)
 
 
-def _lane_ops(G, compact, refine):
+def _lane_ops(G, compact, refine, lcp=False):
     """``start(u, free)`` (the first solve from a guessed free set), ``step(u, lane)`` and
     ``finish(u, lane)`` (``refine`` steps of iterative refinement on the final free set, then
-    the weights) for one right-hand side."""
+    the weights) for one right-hand side. ``lcp=True``: each lane's vector is ``c`` itself
+    (the complementarity problem ``s >= 0, G s + c >= 0, s^T (G s + c) = 0``, full-size path
+    only) and ``finish`` returns ``s``."""
     m = G.shape[0]
     eps = jnp.finfo(G.dtype).eps
     gmax = jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(G.dtype).tiny)
@@ -346,7 +348,7 @@ def _lane_ops(G, compact, refine):
         # With c given: the correction for the residual c = G s + c_0 of a current s (its u
         # for the dual system is G^{-1} c).
         if c is None:
-            c = G @ u
+            c = u if lcp else G @ u
         elif compact is not None:
             u = H @ c
         if compact is None:
@@ -385,8 +387,8 @@ def _lane_ops(G, compact, refine):
         # is about cond(G) eps: one step squares that factor). In float32 the residual is
         # computed to about twice the precision, so the forward error of s becomes ~eps.
         if refine:
-            wide = G.dtype == jnp.float32
-            c = None if wide else G @ u
+            wide = G.dtype == jnp.float32 and not lcp
+            c = None if wide else (u if lcp else G @ u)
 
             def natural(s):  # complementarity residual, kept per lane: a refinement step on a
                 # numerically singular system (cond ~ 1 / (m eps)) can make things worse
@@ -410,7 +412,7 @@ def _lane_ops(G, compact, refine):
         # NaN/Inf anywhere (G, u or the solves) gives NaN weights and converged = False; the
         # test is explicit because XLA's fast max(NaN, 0) may return 0.
         finite = jnp.all(jnp.isfinite(lane.s) & jnp.isfinite(lane.lam) & jnp.isfinite(u))
-        v = jnp.where(finite, u + jnp.maximum(lane.s, 0.0), jnp.nan)
+        v = jnp.where(finite, (0.0 if lcp else u) + jnp.maximum(lane.s, 0.0), jnp.nan)
         return v, ~jnp.any(lane.bad) & finite, lane.it
 
     return start, step, finish
@@ -422,13 +424,13 @@ def _first_free(U, G):
     return _warm_free(G, U, _warm_iterations(m)) if m >= _WARM_MIN_M else U @ G < 0
 
 
-def _pivot_all(U, G, max_iter, compact=None, free=None, gather=True, refine=1):
+def _pivot_all(U, G, max_iter, compact=None, free=None, gather=True, refine=1, lcp=False):
     """Every right-hand side to its solution, from the guessed free sets ``free`` (computed
     here when not given). After the first solve, each loop iteration advances at most
     ``Q ~ k / 8`` pending lanes, gathered by a cumulative count: a lane that has converged costs
     nothing more (a plain vmapped loop would keep solving every lane until the slowest is done,
     and each solve is a Cholesky factorisation)."""
-    start, step, finish = _lane_ops(G, compact, refine)
+    start, step, finish = _lane_ops(G, compact, refine, lcp)
     k = U.shape[0]
     lanes = jax.vmap(start)(U, _first_free(U, G) if free is None else free)
 
@@ -461,6 +463,18 @@ def _pivot_all(U, G, max_iter, compact=None, free=None, gather=True, refine=1):
 
         lanes = jax.lax.while_loop(lambda lanes: jnp.any(pending(lanes)), body, lanes)
     return jax.vmap(finish)(U, lanes)
+
+
+def lcp(c, G, *, max_iter=None, refine=1):
+    """``s >= 0`` with ``G s + c >= 0`` and ``s^T (G s + c) = 0`` for a PSD ``G`` (one right-hand
+    side, full-size pivoting from the free set ``c < 0``; a singular G gets pivoting's ridge):
+    ``(s, converged, iterations)``. MGDA's exact minimum-norm point is one such problem."""
+    m = G.shape[0]
+    max_iter = default_max_iter(m) if max_iter is None else max_iter
+    s, ok, it = _pivot_all(
+        c[None, :], G, max_iter, free=(c < 0)[None, :], gather=False, refine=refine, lcp=True
+    )
+    return s[0], ok[0], it[0]
 
 
 class BPP(AbstractSolver):
