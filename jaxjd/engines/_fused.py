@@ -18,6 +18,7 @@ from ..aggregation import (
     EmptyState,
     GramianWeightedAggregator,
 )
+from ._filter import filter_positions
 from ._gramian import _check_method, value_and_gramian
 from ._layerwise import layerwise_parts, task_gramian_vjp, task_weighted_grad
 from ._mtl import _heads_pullback, mtl_value_and_jacobian
@@ -51,6 +52,7 @@ def value_and_weighted_grad(
     gramian_filter: Any = None,
     has_aux: bool = False,
     chunk_size: int | None = None,
+    wrt: Any = None,
 ) -> Callable:
     r"""One call from losses to an aggregated gradient: ``G`` of the losses, ``w = weighting(G)``,
     then ``grad_params (w . losses)`` (``= J^T w`` by linearity: a second backward pass instead of
@@ -69,6 +71,9 @@ def value_and_weighted_grad(
     the last layers); the update still covers every parameter. With ``method="per_sample"`` or
     ``"layerwise"`` (and no filter) the update is formed from the factors the Gramian captured
     (``X^T diag(w) D`` or ``X^T sum_t w_t D_t`` for dense layers): no second backward pass.
+    ``wrt`` differentiates only the leaves of ``params`` it selects (see
+    :func:`value_and_jacobian`; the gradient is ``None`` elsewhere, which ``eqx.apply_updates``
+    skips); ``gramian_filter`` then applies to those.
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> def losses(p, x):
@@ -83,6 +88,21 @@ def value_and_weighted_grad(
         raise TypeError(
             "value_and_weighted_grad needs a jaxjd weighting (e.g. jd.upgrad_weighting()); got "
             f"{type(weighting).__name__}."
+        )
+
+    if wrt is not None:
+        return filter_positions(
+            lambda f: value_and_weighted_grad(
+                f,
+                weighting,
+                method=method,
+                gramian_filter=gramian_filter,
+                has_aux=has_aux,
+                chunk_size=chunk_size,
+            ),
+            (fun,),
+            wrt,
+            "value_and_weighted_grad",
         )
 
     def wrapped(params, *args, key=None, state=None):
@@ -142,6 +162,7 @@ def mtl_value_and_grad(
     aggregator: AbstractAggregator,
     *,
     method: str | None = None,
+    wrt: Any = None,
 ) -> Callable:
     """One call for a multi-task train step: the trunk's Jacobian (or Gramian) aggregated by
     ``aggregator``, the heads' ordinary gradients.
@@ -158,7 +179,16 @@ def mtl_value_and_grad(
     D_t`` for a dense use): the trunk Jacobian is never materialised and the per-task weight
     gradients of wide dense layers are never formed. ``"jacobian"`` (the default, and the only
     choice, for the other aggregators) materialises it with :func:`mtl_value_and_jacobian`.
+    ``wrt``: the leaves of both parameter pytrees to differentiate (see
+    :func:`value_and_jacobian`).
     """
+    if wrt is not None:
+        return filter_positions(
+            lambda t, h: mtl_value_and_grad(t, h, aggregator, method=method),
+            (trunk, heads),
+            wrt,
+            "mtl_value_and_grad",
+        )
     if not isinstance(aggregator, AbstractAggregator):
         raise TypeError(
             f"mtl_value_and_grad needs a jaxjd aggregator; got {type(aggregator).__name__}."

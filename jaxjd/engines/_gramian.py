@@ -4,11 +4,13 @@ holding J), per sample (the ghost Gramian) or layer by layer."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from .._tree import gramian
+from ._filter import filter_argnum
 from ._jacobian import value_and_jacobian
 from ._layerwise import layerwise_parts
 from ._per_sample import per_sample_gramian_parts
@@ -27,6 +29,7 @@ def value_and_gramian(
     has_aux: bool = False,
     method: str = "jacobian",
     chunk_size: int | None = None,
+    wrt: Any = None,
 ) -> Callable:
     r"""Like :func:`value_and_jacobian`, but returns the Gramian ``G = J J^T`` (m x m) of the
     losses with respect to ``args[argnums]``.
@@ -56,7 +59,8 @@ def value_and_gramian(
       O(m * params); for few objectives on wide layers. No ``has_aux``/``chunk_size``.
 
     Losses of any shape are flattened to m (so ``(B, T)`` instance-wise multi-task losses give a
-    ``B*T x B*T`` Gramian) by every method.
+    ``B*T x B*T`` Gramian) by every method. ``wrt``: the leaves of ``args[argnums]`` to
+    differentiate (see :func:`value_and_jacobian`).
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
@@ -70,6 +74,14 @@ def value_and_gramian(
         raise TypeError("value_and_gramian differentiates one argument: argnums must be an int.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+    if wrt is not None:
+        return filter_argnum(
+            lambda f: value_and_gramian(f, argnums, has_aux, method, chunk_size),
+            fun,
+            argnums,
+            wrt,
+            "value_and_gramian",
+        )
     if method in ("per_sample", "layerwise"):
         if has_aux or chunk_size is not None:
             raise ValueError(f"method={method!r} supports neither has_aux nor chunk_size.")

@@ -4,13 +4,20 @@ micro-batches."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ._filter import filter_argnum
+
 
 def value_and_jacobian(
-    fun: Callable, argnums: int = 0, has_aux: bool = False, chunk_size: int | None = None
+    fun: Callable,
+    argnums: int = 0,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    wrt: Any = None,
 ) -> Callable:
     """Like ``jax.value_and_grad`` for a function returning a vector of m losses.
 
@@ -19,13 +26,14 @@ def value_and_jacobian(
     forward pass and m vmapped VJPs. ``chunk_size`` bounds memory by running the VJPs in chunks
     (``lax.map``); the result does not depend on it. Losses of any shape are flattened to m.
 
-    Any pytree of parameters works (dicts, flax ``params``). For an equinox module, split the
-    arrays from the rest and differentiate the arrays::
+    Any pytree of parameters works (dicts, flax ``params``). ``wrt`` (every engine takes it)
+    differentiates only the leaves it selects, an equinox filter spec (a callable on leaves or
+    a pytree prefix of booleans), as ``eqx.filter_grad`` and ``nnx.grad`` do: for a model that
+    also holds integer counters, PRNG keys or other objects (an equinox module, the state of a
+    Flax NNX module from ``nnx.split``) pass ``wrt=eqx.is_inexact_array``; ``J`` then mirrors
+    the model with ``None`` where nothing was differentiated::
 
-        params, static = eqx.partition(model, eqx.is_inexact_array)
-        losses, J = jd.value_and_jacobian(
-            lambda p, x, y: losses_fn(eqx.combine(p, static), x, y)
-        )(params, x, y)  # J mirrors params: None where the model has no array
+        losses, J = jd.value_and_jacobian(losses_fn, wrt=eqx.is_inexact_array)(model, x, y)
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
@@ -38,6 +46,14 @@ def value_and_jacobian(
         raise TypeError("value_and_jacobian differentiates one argument: argnums must be an int.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+    if wrt is not None:
+        return filter_argnum(
+            lambda f: value_and_jacobian(f, argnums, has_aux, chunk_size),
+            fun,
+            argnums,
+            wrt,
+            "value_and_jacobian",
+        )
 
     def wrapped(*args, **kwargs):
         def f(x):

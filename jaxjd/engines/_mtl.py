@@ -4,10 +4,12 @@ one pass."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ._filter import filter_positions
 from ._layerwise import task_gramian_vjp
 
 
@@ -25,7 +27,7 @@ def _heads_pullback(heads, head_params, features, args):
     return losses, feature_cotangents, head_grads
 
 
-def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
+def mtl_value_and_jacobian(trunk: Callable, heads: Callable, *, wrt: Any = None) -> Callable:
     """The multi-task split (TorchJD's ``mtl_backward``): a shared trunk and task-specific heads.
 
     ``trunk(trunk_params, *args) -> features`` (any pytree) and
@@ -33,7 +35,8 @@ def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
     ``f(trunk_params, head_params, *args) -> (losses, trunk_jacobian, head_grads)``: the trunk's
     m-row Jacobian from **one** vmapped VJP of the stacked feature cotangents (never m full
     backward passes), and the heads' ordinary gradient of the sum of the losses (each head only
-    sees its own loss).
+    sees its own loss). ``wrt``: the leaves of both parameter pytrees to differentiate (see
+    :func:`value_and_jacobian`).
 
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> trunk = lambda w, x: jnp.tanh(x @ w)
@@ -44,6 +47,11 @@ def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
     ((2,), (2, 3, 4), (2, 4))
     """
 
+    if wrt is not None:
+        return filter_positions(
+            lambda t, h: mtl_value_and_jacobian(t, h), (trunk, heads), wrt, "mtl_value_and_jacobian"
+        )
+
     def wrapped(trunk_params, head_params, *args):
         features, trunk_vjp = jax.vjp(lambda p: trunk(p, *args), trunk_params)
         losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
@@ -53,7 +61,7 @@ def mtl_value_and_jacobian(trunk: Callable, heads: Callable) -> Callable:
     return wrapped
 
 
-def mtl_value_and_gramian(trunk: Callable, heads: Callable) -> Callable:
+def mtl_value_and_gramian(trunk: Callable, heads: Callable, *, wrt: Any = None) -> Callable:
     r"""Like :func:`mtl_value_and_jacobian` but returns the trunk's m x m Gramian ``J J^T``
     instead of J, formed layer by layer from the m task cotangents at each layer (for a dense
     use ``y = x @ W``: ``sum(D_t * (X X^T) D_u)``), never materialising the trunk Jacobian.
@@ -67,6 +75,11 @@ def mtl_value_and_gramian(trunk: Callable, heads: Callable) -> Callable:
     >>> bool(jnp.allclose(G, jd.gramian(J)))
     True
     """
+
+    if wrt is not None:
+        return filter_positions(
+            lambda t, h: mtl_value_and_gramian(t, h), (trunk, heads), wrt, "mtl_value_and_gramian"
+        )
 
     def wrapped(trunk_params, head_params, *args):
         features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
