@@ -14,7 +14,7 @@ array([0.2929, 1.9004, 1.9004])
 
 import warnings as _warnings
 
-from . import aggregation, engines, monitoring, solvers
+from . import aggregation, engines, monitoring, scalarization, solvers
 from ._optax import JDAggregateState, jd_aggregate
 from ._tree import (
     combine,
@@ -119,6 +119,7 @@ __all__ = [
     "mgda_weighting",
     "modo_weighting",
     "monitoring",
+    "scalarization",
     "mtl_value_and_grad",
     "mtl_value_and_gramian",
     "mtl_value_and_jacobian",

@@ -1,0 +1,80 @@
+"""Writes tests/data/scalarization.npz and scalarization.json: TorchJD 0.18.0's scalarizers on
+fixed losses (float64), their values and their gradients with respect to the losses.
+
+Run by hand, where torchjd 0.18.0 is installed (the tests only read the files):
+
+    python tests/data/make_scalarization_goldens.py
+"""
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchjd import scalarization as sc
+
+TORCHJD = version("torchjd")
+assert TORCHJD == "0.18.0", TORCHJD
+HERE = Path(__file__).parent
+rng = np.random.default_rng(20261127)
+
+INPUTS = {
+    "pos4": rng.uniform(0.1, 3.0, 4),
+    "pos2x3": rng.uniform(0.1, 3.0, (2, 3)),
+    "mixed5": rng.standard_normal(5) * np.array([1e-3, 1.0, 10.0, 0.5, 2.0]),
+    "one": np.array([1.7]),
+}
+
+
+def configs(shape):
+    w = rng.dirichlet(np.ones(int(np.prod(shape)))).reshape(shape)
+    z = rng.uniform(-0.5, 0.1, shape)
+    return [
+        ("Mean", {}, sc.Mean()),
+        ("Sum", {}, sc.Sum()),
+        ("Constant", {"weights": w}, sc.Constant(torch.tensor(w))),
+        ("STCH", {"mu": 0.1}, sc.STCH(0.1)),
+        (
+            "STCH",
+            {"mu": 1e-3, "weights": w, "reference": z},
+            sc.STCH(1e-3, torch.tensor(w), torch.tensor(z)),
+        ),
+        ("COSMOS", {"lambda_": 2.0, "weights": w}, sc.COSMOS(2.0, torch.tensor(w))),
+        ("COSMOS", {"lambda_": 0.0, "weights": w}, sc.COSMOS(0.0, torch.tensor(w))),
+        ("PBI", {"theta": 5.0, "weights": w}, sc.PBI(5.0, torch.tensor(w))),
+        (
+            "PBI",
+            {"theta": 0.5, "weights": w, "reference": z},
+            sc.PBI(0.5, torch.tensor(w), torch.tensor(z)),
+        ),
+    ]
+
+
+arrays, cases = {}, []
+for name, x in INPUTS.items():
+    arrays[f"in/{name}"] = x
+    todo = configs(x.shape)
+    if x.min() > 0:
+        todo.append(("GeometricMean", {}, sc.GeometricMean()))
+    for i, (cls, params, scalarizer) in enumerate(todo):
+        t = torch.tensor(x, requires_grad=True)
+        value = scalarizer(t)
+        (grad,) = torch.autograd.grad(value, t)
+        key = f"{name}/{cls}/{i}"
+        stored = {}
+        for p, v in params.items():
+            if isinstance(v, np.ndarray):
+                arrays[f"param/{key}/{p}"] = v
+                stored[p] = f"param/{key}/{p}"
+            else:
+                stored[p] = v
+        arrays[f"value/{key}"] = np.asarray(value.detach().numpy())
+        arrays[f"grad/{key}"] = grad.numpy()
+        cases.append({"key": key, "class": cls, "input": f"in/{name}", "params": stored})
+
+np.savez_compressed(HERE / "scalarization.npz", **arrays)
+(HERE / "scalarization.json").write_text(
+    json.dumps({"torchjd": TORCHJD, "cases": cases}, indent=1) + "\n"
+)
+print(len(cases), "cases")

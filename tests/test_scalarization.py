@@ -1,0 +1,115 @@
+"""Scalarizers (issue #14, first part): TorchJD 0.18.0's goldens (values and gradients, from
+tests/data/make_scalarization_goldens.py), the protocol, jit/vmap, and the errors."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxjd import scalarization as sc
+from jaxjd.aggregation import EmptyState
+
+DATA = Path(__file__).parent / "data"
+INDEX = json.loads((DATA / "scalarization.json").read_text())
+ARRAYS = dict(np.load(DATA / "scalarization.npz"))
+
+
+def build(case, arrays):
+    params = {k: arrays[v] if isinstance(v, str) else v for k, v in case["params"].items()}
+    return getattr(sc, case["class"])(**params)
+
+
+@pytest.mark.parametrize("case", INDEX["cases"], ids=lambda c: c["key"])
+def test_matches_torchjd_value_and_gradient(case, x64):
+    scalarizer = build(case, ARRAYS)
+    x = jnp.asarray(ARRAYS[case["input"]])
+    value, grad = jax.jit(jax.value_and_grad(scalarizer))(x)
+    ref_v, ref_g = ARRAYS["value/" + case["key"]], ARRAYS["grad/" + case["key"]]
+    np.testing.assert_allclose(value, ref_v, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grad, ref_g, rtol=1e-11, atol=1e-13 * np.abs(ref_g).max())
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in INDEX["cases"] if c["input"] == "in/pos4"], ids=lambda c: c["key"]
+)
+def test_matches_torchjd_in_float32(case):
+    scalarizer = build(case, ARRAYS)
+    x = jnp.asarray(ARRAYS[case["input"]], jnp.float32)
+    value, grad = jax.value_and_grad(scalarizer)(x)
+    assert value.dtype == jnp.float32 and grad.dtype == jnp.float32
+    np.testing.assert_allclose(value, ARRAYS["value/" + case["key"]], rtol=2e-5, atol=1e-6)
+    ref_g = ARRAYS["grad/" + case["key"]]
+    np.testing.assert_allclose(grad, ref_g, rtol=2e-4, atol=2e-5 * np.abs(ref_g).max())
+
+
+def test_random_weights_are_a_softmax_of_a_normal_draw(x64):
+    """RLW: positive weights summing to 1, drawn from the key (TorchJD draws from torch's
+    global generator, so no golden): the gradient is the weights."""
+    losses = jnp.asarray([0.3, 2.0, 1.1, 0.7])
+    rlw = sc.Random()
+    key = jax.random.key(3)
+    w = jax.grad(lambda x: rlw(x, key=key))(losses)
+    expected = jax.nn.softmax(jax.random.normal(key, (4,), jnp.float64))
+    np.testing.assert_allclose(w, expected, rtol=1e-12)
+    assert float(rlw(jnp.full((2, 3), 1.5), key=key)) == pytest.approx(1.5, rel=1e-12)
+    other = jax.grad(lambda x: rlw(x, key=jax.random.key(4)))(losses)
+    assert not np.allclose(w, other)
+
+
+def test_protocol_and_transformations(x64):
+    pbi = sc.PBI(theta=5.0, weights=[0.2, 0.3, 0.5])
+    losses = jnp.asarray([[1.0, 2.0, 0.5], [0.1, 0.2, 3.0]])
+    assert not pbi.stateful and not pbi.needs_key and sc.Random().needs_key
+    assert pbi.init(losses[0]) == EmptyState()
+    value, state = pbi.update(losses[0], EmptyState())
+    assert state == EmptyState() and float(value) == float(pbi(losses[0]))
+    batched = jax.vmap(jax.value_and_grad(pbi))(losses)
+    for i in range(2):
+        v, g = jax.value_and_grad(pbi)(losses[i])
+        np.testing.assert_allclose(batched[0][i], v, rtol=1e-14)
+        np.testing.assert_allclose(batched[1][i], g, rtol=1e-14)
+    # hyper-parameters are leaves: one compiled program for every theta
+    run = jax.jit(lambda s, x: s(x))
+    run(sc.PBI(theta=1.0, weights=[0.2, 0.3, 0.5]), losses[0])
+    run(sc.PBI(theta=2.0, weights=[0.2, 0.3, 0.5]), losses[0])
+    assert run._cache_size() == 1
+
+
+def test_geometric_mean_values_policy(x64):
+    """Zero gives 0; a negative loss gives NaN (TorchJD raises; a jitted function cannot)."""
+    gm = jax.jit(sc.GeometricMean())
+    assert float(gm(jnp.asarray([0.0, 2.0]))) == 0.0
+    assert np.isnan(float(gm(jnp.asarray([-1.0, 2.0]))))
+    np.testing.assert_allclose(gm(jnp.asarray([2.0, 8.0])), 4.0, rtol=1e-15)
+
+
+def test_stch_with_a_tiny_mu_does_not_overflow(x64):
+    """Centered on the largest term: mu = 1e-6 on losses of 1e3 is their weighted max."""
+    losses = jnp.asarray([1e3, 2.0, 999.0])
+    value = sc.STCH(mu=1e-6, weights=[1.0, 1.0, 1.0])(losses)
+    np.testing.assert_allclose(value, 1e3, rtol=1e-12)
+    assert np.all(np.isfinite(jax.grad(sc.STCH(mu=1e-6))(losses)))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="mu"):
+        sc.STCH(mu=0.0)
+    with pytest.raises(ValueError, match="theta"):
+        sc.PBI(theta=-1.0, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="lambda_"):
+        sc.COSMOS(lambda_=-0.1, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="weights"):
+        sc.Constant(weights=[1.0, np.nan])
+    with pytest.raises(ValueError, match="shape of the losses"):
+        sc.Constant(weights=[1.0, 2.0])(jnp.ones(3))
+    with pytest.raises(ValueError, match="shape of the losses"):
+        sc.STCH(mu=1.0, reference=[0.0, 0.0])(jnp.ones((2, 2)))
+    with pytest.raises(TypeError, match="floating"):
+        sc.Mean()(jnp.arange(3))
+    with pytest.raises(ValueError, match="at least one loss"):
+        sc.Sum()(jnp.zeros((0,)))
+    with pytest.raises(ValueError, match="key"):
+        sc.Random()(jnp.ones(3))
