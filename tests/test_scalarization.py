@@ -113,3 +113,75 @@ def test_errors():
         sc.Sum()(jnp.zeros((0,)))
     with pytest.raises(ValueError, match="key"):
         sc.Random()(jnp.ones(3))
+
+
+@pytest.mark.parametrize("case", INDEX["learned"], ids=lambda c: c["key"])
+def test_trainable_scalarizers_match_torchjd(case, x64):
+    """UW and IMTL-L at given parameters: the value and both gradients (losses, parameters)."""
+    scalarizer = getattr(sc, case["class"])()
+    x = jnp.asarray(ARRAYS[case["input"]])
+    theta = jnp.asarray(ARRAYS[case["key"] + "/params"])
+    assert scalarizer.trainable and scalarizer.init_params(x).shape == x.shape
+
+    def f(x, theta):
+        return scalarizer(x, params=theta)
+
+    value, (g_x, g_theta) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, theta)
+    np.testing.assert_allclose(value, ARRAYS[case["key"] + "/value"], rtol=1e-13)
+    np.testing.assert_allclose(g_x, ARRAYS[case["key"] + "/grad_values"], rtol=1e-13)
+    np.testing.assert_allclose(g_theta, ARRAYS[case["key"] + "/grad_params"], rtol=1e-13)
+
+
+@pytest.mark.parametrize("case", INDEX["sequences"], ids=lambda c: c["key"])
+def test_dwa_sequence_matches_torchjd(case, x64):
+    """Four epochs of three batches: every call's value and gradient, the history carried in
+    the explicit state (end_epoch after each epoch), under jit."""
+    dwa = sc.DWA(temperature=case["temperature"])
+    batches = jnp.asarray(ARRAYS[case["key"] + "/losses"])
+    state = dwa.init(batches[0, 0])
+    step = jax.jit(jax.value_and_grad(lambda x, s: dwa.update(x, s), has_aux=True))
+    end = jax.jit(dwa.end_epoch)
+    values, grads = [], []
+    for epoch in batches:
+        for losses in epoch:
+            (value, state), grad = step(losses, state)
+            values.append(value)
+            grads.append(grad)
+        state = end(state)
+    np.testing.assert_allclose(values, ARRAYS[case["key"] + "/values"], rtol=1e-13)
+    np.testing.assert_allclose(np.stack(grads), ARRAYS[case["key"] + "/grads"], rtol=1e-12)
+    assert int(state.epochs) == 4
+
+
+def test_learned_and_stateful_protocol_errors():
+    losses = jnp.ones(3)
+    with pytest.raises(ValueError, match=r"params="):
+        sc.UW()(losses)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        sc.Mean()(losses, params=jnp.zeros(3))
+    with pytest.raises(ValueError, match="shape of the losses"):
+        sc.IMTLL()(losses, params=jnp.zeros(2))
+    with pytest.raises(TypeError, match="stateful"):
+        sc.DWA()(losses)
+    with pytest.raises(ValueError, match="temperature"):
+        sc.DWA(temperature=0.0)
+    with pytest.raises(ValueError, match=r"dwa\.init"):
+        sc.DWA().update(jnp.ones(4), sc.DWA().init(losses))
+
+
+def test_uw_trains_inside_a_params_pytree(x64):
+    """UW's log-variances in the params pytree: one jax.grad trains them with the model, and
+    at the optimum of s for fixed losses exp(s_i) = L_i."""
+    uw = sc.UW()
+    params = {"w": jnp.asarray([2.0, 0.5]), "uw": uw.init_params(jnp.ones(2))}
+
+    def loss(p):
+        losses = jnp.asarray([1.0, 4.0]) * p["w"] ** 2  # two "task losses" of the model
+        return uw(losses, params=p["uw"])
+
+    g = jax.grad(loss)(params)
+    assert set(g) == {"w", "uw"} and g["uw"].shape == (2,)
+    s = params["uw"]
+    for _ in range(500):  # gradient descent on s alone: exp(s) -> the losses [4, 1]
+        s = s - 0.1 * jax.grad(lambda s: loss({"w": params["w"], "uw": s}))(s)
+    np.testing.assert_allclose(jnp.exp(s), [4.0, 1.0], rtol=1e-6)

@@ -12,15 +12,20 @@ Array([0.25, 0.75], dtype=float32)
 """
 
 from ._abstract import AbstractScalarizer
+from ._learned import DWA, IMTLL, UW, DWAState
 from ._nonlinear import COSMOS, PBI, STCH, GeometricMean
 from ._simple import Constant, Mean, Random, Sum
 
 __all__ = [
     "COSMOS",
+    "DWA",
+    "IMTLL",
     "PBI",
+    "UW",
     "STCH",
     "AbstractScalarizer",
     "Constant",
+    "DWAState",
     "GeometricMean",
     "Mean",
     "Random",

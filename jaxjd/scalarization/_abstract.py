@@ -4,7 +4,7 @@ and keys as for the aggregators."""
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -21,10 +21,27 @@ class AbstractScalarizer(_Method):
     an aggregator (TorchJD's ``torchjd.scalarization``). ``jax.grad`` of the scalar is the
     update direction; nothing else is needed from the model.
 
-    Subclasses implement ``_scalarize(values, state, key) -> (scalar, state)``; stateful ones set
-    ``has_state = True`` and implement ``_init(values_like)``; random ones set
-    ``draws_key = True``. Stateless ones can be called: ``scalarizer(losses, key=key)``.
+    Subclasses implement ``_scalarize(values, state, key, params) -> (scalar, state)``; stateful
+    ones set ``has_state = True`` and implement ``_init(values_like)``; random ones set
+    ``draws_key = True``; trainable ones (UW, IMTL-L) set ``trainable = True`` and implement
+    ``_init_params(values_like)``. Stateless ones can be called: ``scalarizer(losses, key=key)``.
+
+    Trainable parameters live in the caller's params pytree, not in the scalarizer or the
+    optimizer state: ``params = {"model": ..., "uw": uw.init_params(losses)}`` and
+    ``uw(losses, params=params["uw"])`` inside the loss, so that ``jax.grad``, the optimizer and
+    checkpointing treat them like any other weight (in an optax state ``jax.grad`` would not
+    see them).
     """
+
+    trainable: ClassVar[bool] = False
+
+    def init_params(self, values_like: Any) -> Any:
+        """The initial trainable parameters for losses shaped like ``values_like`` (``None``
+        when the scalarizer learns nothing)."""
+        return self._init_params(values_like) if self.trainable else None
+
+    def _init_params(self, values_like: Any) -> Any:
+        return None
 
     def init(self, values_like: Any) -> Any:
         """The initial state for losses shaped like ``values_like`` (an array or a
@@ -41,22 +58,37 @@ class AbstractScalarizer(_Method):
         /,
         *,
         key: PRNGKeyArray | None = None,
+        params: Any = None,
     ) -> tuple[Scalar, Any]:
-        """``(scalar, new_state)`` for this step's losses."""
-        values = _checked_values(values, type(self).__name__)
+        """``(scalar, new_state)`` for this step's losses (``params``: a trainable
+        scalarizer's parameters)."""
+        name = type(self).__name__
+        values = _checked_values(values, name)
         if self.draws_key and key is None:
-            raise ValueError(f"{type(self).__name__} draws random weights: pass key=.")
-        return self._scalarize(values, state, key)
+            raise ValueError(f"{name} draws random weights: pass key=.")
+        if self.trainable and params is None:
+            raise ValueError(
+                f"{name} learns parameters: pass params= (made by {name.lower()}.init_params("
+                "losses) and kept in your params pytree, so that jax.grad trains them)."
+            )
+        if not self.trainable and params is not None:
+            raise ValueError(f"{name} has no trainable parameters; got params=.")
+        return self._scalarize(values, state, key, params)
 
     def __call__(
-        self, values: Float[Array, "..."], /, *, key: PRNGKeyArray | None = None
+        self,
+        values: Float[Array, "..."],
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+        params: Any = None,
     ) -> Scalar:
         """The scalar of a stateless scalarizer."""
         self._refuse_stateful("scalar")
-        return self.update(values, EmptyState(), key=key)[0]
+        return self.update(values, EmptyState(), key=key, params=params)[0]
 
     @abc.abstractmethod
-    def _scalarize(self, values, state, key) -> tuple[Scalar, Any]:
+    def _scalarize(self, values, state, key, params) -> tuple[Scalar, Any]:
         """``(scalar, new_state)`` from checked floating ``values``."""
 
 

@@ -17,7 +17,7 @@ class GeometricMean(AbstractScalarizer):
     negative loss gives NaN (TorchJD raises, which a jitted function cannot do on a value).
     """
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         return jnp.exp(jnp.mean(jnp.log(values))), state
 
 
@@ -37,7 +37,7 @@ class STCH(AbstractScalarizer):
     weights: ArrayLike | None = array("weights")
     reference: ArrayLike | None = array("reference")
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         mu = as_dtype(self.mu, values.dtype)
         w = same_shape(self.weights, values, "weights", "STCH")
         w = jnp.full_like(values, 1.0 / values.size) if w is None else w
@@ -63,7 +63,7 @@ class COSMOS(AbstractScalarizer):
     lambda_: Scalar = number("lambda_", check="nonnegative")
     weights: ArrayLike = array("weights", optional=False)
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         r = required_shape(self.weights, values, "weights", "COSMOS")
         lam = as_dtype(self.lambda_, values.dtype)
         dot = jnp.sum(r * values)
@@ -87,7 +87,7 @@ class PBI(AbstractScalarizer):
     weights: ArrayLike = array("weights", optional=False)
     reference: ArrayLike | None = array("reference")
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         w = required_shape(self.weights, values, "weights", "PBI").ravel()
         z = same_shape(self.reference, values, "reference", "PBI")
         f = (values if z is None else values - z).ravel()

@@ -18,14 +18,14 @@ class Mean(AbstractScalarizer):
     Array(3., dtype=float32)
     """
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         return jnp.mean(values), state
 
 
 class Sum(AbstractScalarizer):
     """The sum of the losses (TorchJD's ``Sum``)."""
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         return jnp.sum(values), state
 
 
@@ -38,7 +38,7 @@ class Constant(AbstractScalarizer):
 
     weights: ArrayLike = array("weights", optional=False)
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         w = required_shape(self.weights, values, "weights", "Constant")
         return jnp.sum(w * values), state
 
@@ -53,7 +53,7 @@ class Random(AbstractScalarizer):
 
     draws_key = True
 
-    def _scalarize(self, values, state, key):
+    def _scalarize(self, values, state, key, params):
         z = jax.random.normal(key, (values.size,), values.dtype)
         w = jax.nn.softmax(z).reshape(values.shape)
         return jnp.sum(w * values), state

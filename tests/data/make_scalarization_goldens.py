@@ -73,8 +73,52 @@ for name, x in INPUTS.items():
         arrays[f"grad/{key}"] = grad.numpy()
         cases.append({"key": key, "class": cls, "input": f"in/{name}", "params": stored})
 
+# Trainable scalarizers: values and gradients (losses and parameters) at given parameters.
+learned = []
+for cls in ("UW", "IMTLL"):
+    for name in ("pos4", "pos2x3"):
+        x = INPUTS[name]
+        theta = rng.uniform(-1.0, 1.0, x.shape)
+        scalarizer = getattr(sc, cls)(x.shape).double()  # float64 parameters
+        param = next(iter(scalarizer.parameters()))
+        with torch.no_grad():
+            param.copy_(torch.tensor(theta))
+        t = torch.tensor(x, requires_grad=True)
+        value = scalarizer(t)
+        g_values, g_params = torch.autograd.grad(value, [t, param])
+        key = f"learned/{cls}/{name}"
+        arrays[f"{key}/params"] = theta
+        arrays[f"{key}/value"] = np.asarray(value.detach().numpy())
+        arrays[f"{key}/grad_values"] = g_values.numpy()
+        arrays[f"{key}/grad_params"] = g_params.numpy()
+        learned.append({"key": key, "class": cls, "input": f"in/{name}"})
+
+# DWA: epochs of batches, the value and gradient of every call (step() after each epoch).
+sequences = []
+for temperature in (2.0, 0.5):
+    dwa = sc.DWA(temperature)
+    key = f"dwa/T={temperature}"
+    batches = rng.uniform(0.2, 3.0, (4, 3, 3))  # 4 epochs, 3 batches, 3 losses
+    arrays[f"{key}/losses"] = batches
+    values, grads = [], []
+    for epoch in batches:
+        for losses in epoch:
+            t = torch.tensor(losses, requires_grad=True)
+            value = dwa(t)
+            (grad,) = torch.autograd.grad(value, t)
+            values.append(value.item())
+            grads.append(grad.numpy())
+        dwa.step()
+    arrays[f"{key}/values"] = np.asarray(values)
+    arrays[f"{key}/grads"] = np.stack(grads)
+    sequences.append({"key": key, "class": "DWA", "temperature": temperature})
+
 np.savez_compressed(HERE / "scalarization.npz", **arrays)
 (HERE / "scalarization.json").write_text(
-    json.dumps({"torchjd": TORCHJD, "cases": cases}, indent=1) + "\n"
+    json.dumps(
+        {"torchjd": TORCHJD, "cases": cases, "learned": learned, "sequences": sequences},
+        indent=1,
+    )
+    + "\n"
 )
 print(len(cases), "cases")
