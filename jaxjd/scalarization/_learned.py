@@ -11,7 +11,7 @@ from jaxtyping import Array
 
 from .._typing import Scalar
 from ..aggregation._fields import as_dtype, number
-from ._abstract import AbstractScalarizer, same_shape
+from ._abstract import AbstractScalarizer, required_shape
 
 
 def _zeros_like(values_like):
@@ -37,7 +37,7 @@ class UW(AbstractScalarizer):
         return _zeros_like(values_like)
 
     def _scalarize(self, values, state, key, params):
-        s = same_shape(params, values, "params (the log-variances)", "UW")
+        s = required_shape(params, values, "params (the log-variances)", "UW")
         return jnp.sum(0.5 * jnp.exp(-s) * values + 0.5 * s), state
 
 
@@ -52,7 +52,7 @@ class IMTLL(AbstractScalarizer):
         return _zeros_like(values_like)
 
     def _scalarize(self, values, state, key, params):
-        s = same_shape(params, values, "params (the log-scales)", "IMTLL")
+        s = required_shape(params, values, "params (the log-scales)", "IMTLL")
         return jnp.sum(jnp.exp(s) * values - s), state
 
 
