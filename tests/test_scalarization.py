@@ -185,3 +185,83 @@ def test_uw_trains_inside_a_params_pytree(x64):
     for _ in range(500):  # gradient descent on s alone: exp(s) -> the losses [4, 1]
         s = s - 0.1 * jax.grad(lambda s: loss({"w": params["w"], "uw": s}))(s)
     np.testing.assert_allclose(jnp.exp(s), [4.0, 1.0], rtol=1e-6)
+
+
+# Every public scalarizer, configured for losses of shape (3,): the transformation tests run
+# over all of them (as tests/methods.py does for the aggregators).
+W3 = [0.2, 0.3, 0.5]
+SCALARIZERS = {
+    "Mean": sc.Mean,
+    "Sum": sc.Sum,
+    "Constant": lambda: sc.Constant(weights=W3),
+    "Random": sc.Random,
+    "GeometricMean": sc.GeometricMean,
+    "STCH": lambda: sc.STCH(mu=0.3, weights=W3, reference=[0.0, 0.1, -0.2]),
+    "COSMOS": lambda: sc.COSMOS(lambda_=1.5, weights=W3),
+    "PBI": lambda: sc.PBI(theta=5.0, weights=W3),
+    "UW": sc.UW,
+    "IMTLL": sc.IMTLL,
+    "DWA": lambda: sc.DWA(temperature=0.7),
+}
+
+
+def test_every_public_scalarizer_is_covered():
+    public = {
+        name
+        for name in sc.__all__
+        if isinstance(getattr(sc, name), type)
+        and issubclass(getattr(sc, name), sc.AbstractScalarizer)
+        and name != "AbstractScalarizer"
+    }
+    assert public == set(SCALARIZERS)
+
+
+def _run(s, losses, state, key):
+    params = s.init_params(losses)
+    if params is not None:
+        params = params + 0.1 * jnp.arange(losses.size, dtype=params.dtype).reshape(losses.shape)
+    return jax.value_and_grad(lambda x: s.update(x, state, key=key, params=params)[0])(losses)
+
+
+def _state_after_two_epochs(s, losses):
+    state = s.init(losses)
+    if s.stateful:
+        for scale in (1.0, 0.8):
+            state = s.update(losses * scale, state)[1]
+            state = s.end_epoch(state)
+    return state
+
+
+@pytest.mark.parametrize("name", list(SCALARIZERS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scalarizer_transformations(name, dtype):
+    """jit equals eager, vmap equals a loop, the dtype is kept, NaN in gives NaN out."""
+    s = SCALARIZERS[name]()
+    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(dtype == "float64"):
+        batch = jnp.asarray(rng.uniform(0.2, 2.0, (4, 3)), dtype)
+        state = _state_after_two_epochs(s, batch[0])
+        value, grad = _run(s, batch[0], state, key)
+        assert value.dtype == dtype and grad.dtype == dtype
+        jv, jg = jax.jit(_run, static_argnums=0)(s, batch[0], state, key)
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        np.testing.assert_allclose(jv, value, rtol=tol)
+        np.testing.assert_allclose(jg, grad, rtol=tol, atol=tol)
+        bv, bg = jax.vmap(_run, in_axes=(None, 0, None, None))(s, batch, state, key)
+        for i in range(4):
+            v, g = _run(s, batch[i], state, key)
+            np.testing.assert_allclose(bv[i], v, rtol=tol)
+            np.testing.assert_allclose(bg[i], g, rtol=tol, atol=tol)
+        nan_value, _ = _run(s, batch[0].at[1].set(jnp.nan), state, key)
+        assert np.isnan(float(nan_value))
+
+
+def test_dwa_keeps_its_history_on_a_non_finite_batch(x64):
+    dwa = sc.DWA()
+    state = dwa.init(jnp.ones(3))
+    state = dwa.update(jnp.asarray([1.0, 2.0, 3.0]), state)[1]
+    value, after = dwa.update(jnp.asarray([1.0, jnp.inf, 3.0]), state)
+    assert not np.isfinite(float(value))
+    for a, b in zip(after, state):
+        np.testing.assert_array_equal(a, b)

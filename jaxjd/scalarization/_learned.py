@@ -75,7 +75,8 @@ class DWA(AbstractScalarizer):
 
     TorchJD keeps the history inside the object and rolls it with ``step()``; here it is the
     explicit state: ``state = dwa.init(losses)``, ``loss, state = dwa.update(losses, state)`` on
-    every batch, ``state = dwa.end_epoch(state)`` after the last batch of each epoch.
+    every batch, ``state = dwa.end_epoch(state)`` after the last batch of each epoch. A batch
+    with a NaN or Inf loss gives a non-finite scalar and leaves the state unchanged.
 
     Args:
         temperature: ``T > 0`` (the paper's 2).
@@ -102,6 +103,10 @@ class DWA(AbstractScalarizer):
         weights = jax.lax.stop_gradient(weights)
         detached = jax.lax.stop_gradient(values).astype(state.loss_sum.dtype)
         new = state._replace(loss_sum=state.loss_sum + detached, batches=state.batches + 1)
+        # the value policy of the stateful methods: a batch with a NaN or Inf loss gives a
+        # non-finite scalar and leaves the history as it was
+        finite = jnp.all(jnp.isfinite(detached))
+        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
         return jnp.sum(weights * values), new
 
     def end_epoch(self, state: DWAState) -> DWAState:
