@@ -200,14 +200,14 @@ def test_unrolled_spd_solve_matches_lapack(K, dtype, monkeypatch):
             assert not bool(jnp.all(piv > 0))
 
 
-@pytest.mark.parametrize("m", [6, 16, 20])
+@pytest.mark.parametrize("m", [6, 16])
 def test_bpp_with_unrolled_solves_equals_lapack(m, monkeypatch, x64):
     """BPP with the accelerators' unrolled small systems (forced on the CPU) under vmap, on the
     full-size path (m < 16) and the half-size one, gives the LAPACK path's answer."""
     from jaxjd.solvers import _bpp
     from jaxjd.solvers._bpp import bpp
 
-    Gs = jnp.asarray(gramians(6, m, seed=m, ill=(3,)))
+    Gs = jnp.asarray(gramians(4, m, seed=m, ill=(2,)))
     Gs = Gs / jnp.max(jnp.diagonal(Gs, axis1=1, axis2=2), axis=1)[:, None, None]
     U = jnp.eye(m)
     run = jax.vmap(lambda G: bpp(U, G, gather=False, refine=0))
