@@ -55,7 +55,7 @@ def test_bpp_kkt_float64(J, reg):
             assert (J @ d.T).min() >= -bound
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(J=jacobians())
 def test_pgd_agrees_with_bpp(J):
     with jax.enable_x64(True):
