@@ -52,7 +52,7 @@ REGISTRY = [
     Spec("mgda", jd.mgda, jd.mgda_weighting,
          (agg.MGDA, agg.MGDAWeighting, "mgda", "mgda_weighting")),
     Spec("mgda_exact", lambda: jd.mgda(method="exact"),
-         lambda: jd.mgda_weighting(method="exact")),
+         lambda: jd.mgda_weighting(method="exact"), slow_eager=True),
     Spec("mean", jd.mean, jd.mean_weighting,
          (agg.Mean, agg.MeanWeighting, "mean", "mean_weighting")),
     Spec("sum", jd.sum_rows, jd.sum_weighting,

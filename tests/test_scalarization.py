@@ -233,7 +233,7 @@ def _state_after_two_epochs(s, losses):
 
 
 @pytest.mark.parametrize("name", list(SCALARIZERS))
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_scalarizer_transformations(name, dtype):
     """jit equals eager, vmap equals a loop, the dtype is kept, NaN in gives NaN out."""
     s = SCALARIZERS[name]()
