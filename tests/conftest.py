@@ -10,6 +10,9 @@ os.environ["XLA_FLAGS"] = (
 import jax
 import pytest
 
+# Scripts that write the test data (they need torch and torchjd, which the tests never do).
+collect_ignore = ["data/make_scalarization_goldens.py"]
+
 # The xdist workers of one run share XLA's persistent compilation cache (a temporary directory
 # made by the controlling process, see pytest_configure): a program that took over half a second
 # to compile on one worker is read back by the other instead of compiled again. It changes when a
