@@ -64,18 +64,21 @@ def number(name: str, default: Any = None, *, check: str = "any") -> Any:
     return eqx.field(converter=_number(name, test, what), **kwargs)
 
 
-def _vector(name: str, optional: bool):
+def _vector(name: str, optional: bool, any_shape: bool = False):
     def convert(value):
         if value is None:
             if optional:
                 return None
-            raise ValueError(f"{name} is required: a 1-D vector of length m.")
+            what = (
+                "an array with the shape of the losses" if any_shape else "a 1-D vector of length m"
+            )
+            raise ValueError(f"{name} is required: {what}.")
         if _is_traced(value):
             return value
         if isinstance(value, jax.Array):
             value = np.asarray(value)
         arr = np.asarray(value, dtype=np.float64)
-        if arr.ndim != 1:
+        if not any_shape and arr.ndim != 1:
             raise ValueError(f"{name} must be a 1-D vector; got shape {arr.shape}.")
         if arr.size == 0:
             raise ValueError(f"{name} must not be empty.")
@@ -86,12 +89,14 @@ def _vector(name: str, optional: bool):
     return convert
 
 
-def vector(name: str, *, optional: bool = True) -> Any:
+def vector(name: str, *, optional: bool = True, any_shape: bool = False) -> Any:
     """A 1-D float vector hyper-parameter (preference, fixed weights, leaks), stored as an
-    array leaf; its length is checked against m at trace time."""
+    array leaf; its length is checked against m at trace time. ``any_shape``: an array of any
+    shape instead (the scalarizers' weights, shaped like the losses)."""
+    convert = _vector(name, optional, any_shape)
     if optional:
-        return eqx.field(converter=_vector(name, optional), default=None)
-    return eqx.field(converter=_vector(name, optional))
+        return eqx.field(converter=convert, default=None)
+    return eqx.field(converter=convert)
 
 
 def _int(name: str, minimum: int, allow_none: bool):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._typing import Scalar
 from ..aggregation._abstract import EmptyState, _Method
-from ..aggregation._fields import _is_traced
+from ..aggregation._fields import vector
 
 
 class AbstractScalarizer(_Method):
@@ -122,29 +121,7 @@ def required_shape(param, values, name: str, method: str) -> Array:
     return out
 
 
-def _array(name: str, optional: bool):
-    def convert(value):
-        if value is None:
-            if optional:
-                return None
-            raise ValueError(f"{name} is required: an array with the shape of the losses.")
-        if _is_traced(value):
-            return value
-        arr = np.asarray(value, dtype=np.float64)
-        if arr.size == 0 or not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} must be a non-empty array of finite numbers; got {arr}.")
-        return arr
-
-    return convert
-
-
 def array(name: str, *, optional: bool = True) -> Any:
     """A float array hyper-parameter with the shape of the losses (weights, reference point),
     stored as an array leaf; its shape is checked against the losses at trace time."""
-    if optional:
-        return eqx.field(converter=_array(name, optional), default=None)
-    return eqx.field(converter=_array(name, optional))
-
-
-def weighted_sum(weights, values):
-    return jnp.sum(weights * values)
+    return vector(name, optional=optional, any_shape=True)
