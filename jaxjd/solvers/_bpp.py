@@ -84,6 +84,25 @@ def _unrolled(K):
     return K <= _UNROLL_MAX and (_UNROLL_ON_CPU or jax.default_backend() != "cpu")
 
 
+def _eliminate(M, y):
+    """Gaussian elimination of ``M`` (no pivoting), unrolled: the upper triangle and ``y``
+    carried along (rows above each pivot stay as they are)."""
+    rows = jnp.arange(M.shape[-1])
+    A = M
+    for j in range(M.shape[-1] - 1):
+        f = jnp.where(rows > j, A[:, j] / A[j, j], 0.0)
+        A = A - f[:, None] * A[j][None, :]
+        y = y - f[:, None] * y[j][None, :]
+    return A, y
+
+
+def _spd_pivots(M):
+    """The pivots of :func:`_spd_solve` alone (no solve): ``sum log`` of them is ``log det M``."""
+    if not _unrolled(M.shape[-1]):
+        return jnp.diagonal(jnp.linalg.cholesky(M)) ** 2
+    return jnp.diagonal(_eliminate(M, jnp.zeros((M.shape[-1], 0), M.dtype))[0])
+
+
 def _spd_solve(M, b, with_pivots=False):
     """``M^{-1} b`` for a symmetric positive definite ``M`` (K x K; ``b`` of shape (K,) or
     (K, r)). Up to ``_UNROLL_MAX`` it is Gaussian elimination without pivoting (backward stable
@@ -91,22 +110,16 @@ def _spd_solve(M, b, with_pivots=False):
     under vmap a batch of small systems becomes a few fused element-wise kernels, where a
     batched Cholesky factorisation and two triangular solves are library calls that cost far
     more than their flops on small matrices (on accelerators; see ``_UNROLL_MAX``). Otherwise
-    Cholesky. ``with_pivots``: also
-    the pivots (the D of ``M = L D L^T``; NaN or <= 0 where M is not numerically positive
-    definite), whose product is ``det M``."""
+    Cholesky. ``with_pivots``: also the pivots (the D of ``M = L D L^T``; NaN or <= 0 where M is
+    not numerically positive definite), whose product is ``det M``."""
     K = M.shape[-1]
     if not _unrolled(K):
         chol = jnp.linalg.cholesky(M)
         x = jax.scipy.linalg.cho_solve((chol, True), b)
         return (x, jnp.diagonal(chol) ** 2) if with_pivots else x
     vector = b.ndim == 1
-    y = b[:, None] if vector else b
+    A, y = _eliminate(M, b[:, None] if vector else b)
     rows = jnp.arange(K)
-    A = M
-    for j in range(K - 1):  # eliminate column j below the diagonal (rows above stay as they are)
-        f = jnp.where(rows > j, A[:, j] / A[j, j], 0.0)
-        A = A - f[:, None] * A[j][None, :]
-        y = y - f[:, None] * y[j][None, :]
     x = jnp.zeros_like(y)
     for j in reversed(range(K)):  # back substitution, column by column
         xj = y[j] / A[j, j]
@@ -311,7 +324,7 @@ def _warm_free(G, U, iterations):
     Us = (U / jnp.maximum(jnp.max(jnp.abs(U), axis=1, keepdims=True), tiny)).astype(work)
     eye = jnp.eye(m, dtype=work)
     mean = jnp.trace(Gs) / m
-    _, pivots = _spd_solve(Gs + 1e-4 * mean * eye, eye[:, :1], with_pivots=True)
+    pivots = _spd_pivots(Gs + 1e-4 * mean * eye)
     rho = jnp.exp(jnp.sum(jnp.log(pivots)) / m)
     rho = jnp.where(jnp.isfinite(rho) & (rho > 0), rho, jnp.maximum(mean, 1.0))
     Minv = _spd_solve(Gs + rho * eye, eye)
