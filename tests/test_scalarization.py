@@ -132,7 +132,9 @@ def test_trainable_scalarizers_match_torchjd(case, x64):
     np.testing.assert_allclose(g_theta, ARRAYS[case["key"] + "/grad_params"], rtol=1e-13)
 
 
-@pytest.mark.parametrize("case", INDEX["sequences"], ids=lambda c: c["key"])
+@pytest.mark.parametrize(
+    "case", [c for c in INDEX["sequences"] if c["class"] == "DWA"], ids=lambda c: c["key"]
+)
 def test_dwa_sequence_matches_torchjd(case, x64):
     """Four epochs of three batches: every call's value and gradient, the history carried in
     the explicit state (end_epoch after each epoch), under jit."""
@@ -151,6 +153,59 @@ def test_dwa_sequence_matches_torchjd(case, x64):
     np.testing.assert_allclose(values, ARRAYS[case["key"] + "/values"], rtol=1e-13)
     np.testing.assert_allclose(np.stack(grads), ARRAYS[case["key"] + "/grads"], rtol=1e-12)
     assert int(state.epochs) == 4
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in INDEX["sequences"] if c["class"] == "FAMO"], ids=lambda c: c["key"]
+)
+def test_famo_sequence_matches_torchjd(case, x64):
+    """Six steps of a call and an after_step with the losses after the step: every call's
+    value and gradient and the weights after every after_step, under jit (TorchJD's Adam on
+    float64 logits)."""
+    key = case["key"]
+    b = ARRAYS[key + "/min_losses"] if case["min_losses"] else None
+    famo = sc.FAMO(min_losses=b, lr=case["lr"], weight_decay=case["weight_decay"])
+    steps = jnp.asarray(ARRAYS[key + "/losses"])
+    state = famo.init(steps[0, 0])
+    step = jax.jit(jax.value_and_grad(lambda x, s: famo.update(x, s), has_aux=True))
+    after = jax.jit(famo.after_step)
+    values, grads, weights = [], [], []
+    for before, later in steps:
+        (value, state), grad = step(before, state)
+        state = after(later, state)
+        values.append(value)
+        grads.append(grad)
+        weights.append(famo.weights(state))
+    np.testing.assert_allclose(values, ARRAYS[key + "/values"], rtol=1e-13)
+    np.testing.assert_allclose(np.stack(grads), ARRAYS[key + "/grads"], rtol=1e-12)
+    np.testing.assert_allclose(np.stack(weights), ARRAYS[key + "/weights"], rtol=1e-12)
+    assert float(jnp.max(jnp.abs(np.stack(weights)[-1] - 1 / before.size))) > 1e-3  # it learned
+
+
+def test_famo_state_policy(x64):
+    """after_step without a call first, or with a non-finite loss, leaves the state as it was;
+    a non-finite call leaves it too (and gives a non-finite scalar)."""
+    famo = sc.FAMO()
+    losses = jnp.array([1.0, 2.0, 0.5])
+    state = famo.init(losses)
+    same = famo.after_step(losses * 0.5, state)  # nothing pending
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, same, state))
+    _, state = famo.update(losses, state)
+    assert bool(state.pending)
+    for bad in (losses.at[1].set(jnp.nan), losses.at[0].set(jnp.inf)):
+        kept = famo.after_step(bad, state)
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, kept, state))
+        value, kept = famo.update(bad, state)
+        assert not np.isfinite(float(value))
+        np.testing.assert_array_equal(kept.last_losses, state.last_losses)
+    new = famo.after_step(jnp.array([0.5, 2.0, 0.5]), state)  # loss 0 fell: its weight falls
+    z = famo.weights(new)
+    assert not bool(new.pending) and float(z[0]) < float(z[1])
+    np.testing.assert_allclose(float(jnp.sum(z)), 1.0, rtol=1e-14)
+    with pytest.raises(ValueError, match="state was made for losses of shape"):
+        famo.after_step(jnp.ones(2), state)
+    with pytest.raises(ValueError, match="min_losses must have the shape"):
+        sc.FAMO(min_losses=jnp.zeros(2)).update(losses, state)
 
 
 def test_learned_and_stateful_protocol_errors():
@@ -202,6 +257,7 @@ SCALARIZERS = {
     "UW": sc.UW,
     "IMTLL": sc.IMTLL,
     "DWA": lambda: sc.DWA(temperature=0.7),
+    "FAMO": lambda: sc.FAMO(min_losses=[0.0, 0.1, 0.05], lr=0.2),
 }
 
 
@@ -224,11 +280,15 @@ def _run(s, losses, state, key):
 
 
 def _state_after_two_epochs(s, losses):
+    """Two epochs of DWA, two steps of FAMO: a state that changes the weights."""
     state = s.init(losses)
     if s.stateful:
         for scale in (1.0, 0.8):
             state = s.update(losses * scale, state)[1]
-            state = s.end_epoch(state)
+            if isinstance(s, sc.FAMO):
+                state = s.after_step(losses * scale * jnp.asarray([0.5, 0.9, 1.0]), state)
+            else:
+                state = s.end_epoch(state)
     return state
 
 

@@ -12,6 +12,7 @@ Array([0.25, 0.75], dtype=float32)
 """
 
 from ._abstract import AbstractScalarizer
+from ._famo import FAMO, FAMOState
 from ._learned import DWA, IMTLL, UW, DWAState
 from ._nonlinear import COSMOS, PBI, STCH, GeometricMean
 from ._simple import Constant, Mean, Random, Sum
@@ -19,6 +20,7 @@ from ._simple import Constant, Mean, Random, Sum
 __all__ = [
     "COSMOS",
     "DWA",
+    "FAMO",
     "IMTLL",
     "PBI",
     "UW",
@@ -26,6 +28,7 @@ __all__ = [
     "AbstractScalarizer",
     "Constant",
     "DWAState",
+    "FAMOState",
     "GeometricMean",
     "Mean",
     "Random",

@@ -113,6 +113,33 @@ for temperature in (2.0, 0.5):
     arrays[f"{key}/grads"] = np.stack(grads)
     sequences.append({"key": key, "class": "DWA", "temperature": temperature})
 
+# FAMO: calls and updates with the losses after a (simulated) step; the value, the gradient and
+# the weights after every update (float64 logits and Adam).
+for lr, wd, with_min in ((0.025, 1e-3, False), (0.3, 0.05, True)):
+    shape = (3,) if not with_min else (2, 2)
+    b = rng.uniform(0.0, 0.1, shape) if with_min else None
+    famo = sc.FAMO(shape, None if b is None else torch.tensor(b), lr=lr, weight_decay=wd).double()
+    key = f"famo/lr={lr}/min={with_min}"
+    steps = rng.uniform(0.2, 3.0, (6, 2, *shape))  # 6 steps: losses before and after
+    arrays[f"{key}/losses"] = steps
+    if b is not None:
+        arrays[f"{key}/min_losses"] = b
+    values, grads, weights = [], [], []
+    for before, after in steps:
+        t = torch.tensor(before, requires_grad=True)
+        value = famo(t)
+        (grad,) = torch.autograd.grad(value, t)
+        famo.update(torch.tensor(after))
+        values.append(value.item())
+        grads.append(grad.numpy())
+        weights.append(torch.softmax(famo._w.detach().flatten(), 0).reshape(shape).numpy())
+    arrays[f"{key}/values"] = np.asarray(values)
+    arrays[f"{key}/grads"] = np.stack(grads)
+    arrays[f"{key}/weights"] = np.stack(weights)
+    sequences.append(
+        {"key": key, "class": "FAMO", "lr": lr, "weight_decay": wd, "min_losses": with_min}
+    )
+
 np.savez_compressed(HERE / "scalarization.npz", **arrays)
 (HERE / "scalarization.json").write_text(
     json.dumps(
