@@ -223,8 +223,12 @@ def test_columns_engine_never_holds_the_jacobian():
 
     jac, cols = temp_bytes("jacobian"), temp_bytes("columns")
     ghost, layer = temp_bytes("per_sample"), temp_bytes("layerwise")
-    assert jac >= 64 * 512 * 512 * 4  # the Jacobian is there
-    assert cols * 4 < jac
+    jacobian_bytes = 64 * 512 * 512 * 4
+    assert jac >= jacobian_bytes  # the Jacobian is there
+    # The column engine saves (nearly) all of it. Measured the difference rather than a ratio:
+    # XLA's GPU buffers add about 30 MB to both programs (on an H200: 104.9 and 38.6 MB; on
+    # the CPU 72.2 and 8.8 MB).
+    assert jac - cols > 0.9 * jacobian_bytes
     # The ghost engine keeps activations and cotangents (64 x 512 each), not 64 gradients; the
     # layerwise one keeps the 64 objectives' cotangents at the layer (64 x 64 x 512, a few
     # copies: here m = B, its worst case).
