@@ -130,7 +130,7 @@ def jd_aggregate(
         return JDAggregateState(key, weights, inner, stats)
 
     def update(updates, state, params=None, *, key=None, losses=None, **extra_args):
-        del losses, extra_args
+        del extra_args
         if params is not None:
             _check_jacobian_of(updates, params)
         m = _num_rows(updates)
@@ -143,7 +143,7 @@ def jd_aggregate(
         step_key = key
         if needs_key and key is None:
             new_key, step_key = jax.random.split(state.key)
-        out, w, inner = aggregator.aggregate(updates, state.inner, key=step_key)
+        out, w, inner = aggregator.aggregate(updates, state.inner, key=step_key, losses=losses)
         weights = state.weights
         if weights is not None and w is not None:
             weights = w.astype(weights.dtype)

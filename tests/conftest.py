@@ -11,7 +11,7 @@ import jax
 import pytest
 
 # Scripts that write the test data (they need torch and torchjd, which the tests never do).
-collect_ignore = ["data/make_scalarization_goldens.py"]
+collect_ignore = ["data/make_scalarization_goldens.py", "data/make_libmtl_goldens.py"]
 
 # The xdist workers of one run share XLA's persistent compilation cache (a temporary directory
 # made by the controlling process, see pytest_configure): a program that took over half a second

@@ -7,6 +7,7 @@ one row. Both have explicit state, empty for the stateless methods::
     state = method.init(m)                     # weighting: init(m, dtype); aggregator: init(J)
     w, state = weighting.update(G, state, key=key)
     update, state = aggregator.update(J, state, key=key)
+    update, state = aggregator.update(J, state, losses=losses)  # methods that read the losses
     w = weighting(G)                           # the plain call: stateless methods only
     update = aggregator(J)
 
@@ -88,6 +89,9 @@ class _Method(eqx.Module):
     """Whether the method itself draws random numbers from ``key=``."""
     has_state: ClassVar[bool] = False
     """Whether the method itself keeps state between steps (its ``_init`` builds it)."""
+    reads_losses: ClassVar[bool] = False
+    """Whether the method itself reads the loss values (``losses=``, shape (m,)): its hook then
+    receives them as a last argument (a property where a hyper-parameter decides)."""
 
     def __hash__(self) -> int:
         # Number-valued hyper-parameters are numpy leaves (traced when the method is passed
@@ -104,6 +108,13 @@ class _Method(eqx.Module):
         return self.draws_key or any(part.needs_key for part in _parts(self))
 
     @property
+    def needs_losses(self) -> bool:
+        """Whether ``losses=`` is required: the method or a part of it reads the loss values
+        (LibMTL's loss-based normalisers, MoCo, DB-MTL). Methods that read none accept
+        ``losses=`` and ignore it, so that one loop can pass the losses to every method."""
+        return self.reads_losses or any(part.needs_losses for part in _parts(self))
+
+    @property
     def stateful(self) -> bool:
         """Whether the state is not empty: use ``init`` and ``update`` instead of calling."""
         return self.has_state or any(part.stateful for part in _parts(self))
@@ -114,6 +125,31 @@ class _Method(eqx.Module):
                 f"{type(self).__name__} is stateful: use state = method.init(...) and "
                 f"{what}, state = method.update(..., state) instead of calling it."
             )
+
+
+def _checked_losses(method: _Method, losses, m: int):
+    """The losses a method reads, checked at trace time (``None`` when it reads none: then
+    whatever was passed is ignored)."""
+    if not method.needs_losses:
+        return None
+    name = type(method).__name__
+    if losses is None:
+        raise ValueError(
+            f"{name} reads the loss values: pass losses= (the m = {m} losses of this step, "
+            "e.g. from value_and_jacobian)."
+        )
+    losses = jnp.asarray(losses)
+    if not jnp.issubdtype(losses.dtype, jnp.floating) or losses.shape != (m,):
+        raise ValueError(
+            f"{name}: losses= must be a floating vector of the m = {m} losses; got "
+            f"{losses.dtype}{list(losses.shape)}."
+        )
+    return jax.lax.stop_gradient(losses)
+
+
+def _hook_args(method: _Method, losses) -> tuple:
+    """The hook's trailing arguments: the losses, for a method that reads them."""
+    return (losses,) if method.needs_losses else ()
 
 
 def _check_state(expected, state, method: str, how: str) -> None:
@@ -134,7 +170,8 @@ class AbstractWeighting(_Method):
 
     Subclasses implement ``_weigh(G, state, key) -> (w, state)``, where ``G`` is already a
     float32/float64 constant (``stop_gradient``) and ``state`` fits the input; stateful ones
-    set ``has_state = True`` and implement ``_init(m, dtype)``. ``reads_gramian = False``
+    set ``has_state = True`` and implement ``_init(m, dtype)``; ones that read the loss values
+    set ``reads_losses`` and implement ``_weigh(G, state, key, losses)``. ``reads_gramian = False``
     marks a weighting that only reads m (an aggregator built on it never forms ``G``; ``_weigh``
     then receives a ``jax.ShapeDtypeStruct``). Number-valued hyper-parameters are array
     leaves, so a new value does not retrace a jitted step.
@@ -159,9 +196,12 @@ class AbstractWeighting(_Method):
         /,
         *,
         key: PRNGKeyArray | None = None,
+        losses: Float[Array, " m"] | None = None,
     ) -> tuple[Float[Array, " m"], Any]:
-        """``(weights, new_state)`` for this step's Gramian."""
+        """``(weights, new_state)`` for this step's Gramian (``losses``: the m loss values, for
+        the methods that read them)."""
         m = check_gramian(gramian)
+        losses = _checked_losses(self, losses, m)
         dtype = accumulation_dtype(gramian.dtype)
         if self.stateful or not isinstance(state, EmptyState):
             expected = jax.eval_shape(lambda: self._init(m, dtype))
@@ -169,14 +209,19 @@ class AbstractWeighting(_Method):
         # The same precision context as an aggregator's call: it is part of jit's cache key,
         # so weighting(G) and aggregator(J) share one compiled program.
         with jax.default_matmul_precision("highest"):
-            return _weigh_jit(self, gramian, state, key)
+            return _weigh_jit(self, gramian, state, key, losses)
 
     def __call__(
-        self, gramian: Float[Array, "m m"], /, *, key: PRNGKeyArray | None = None
+        self,
+        gramian: Float[Array, "m m"],
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+        losses: Float[Array, " m"] | None = None,
     ) -> Float[Array, " m"]:
         """The weights of a stateless weighting."""
         self._refuse_stateful("weights")
-        return self.update(gramian, EmptyState(), key=key)[0]
+        return self.update(gramian, EmptyState(), key=key, losses=losses)[0]
 
     def _init(self, m: int, dtype: Any) -> Any:
         return EmptyState()
@@ -195,20 +240,23 @@ def _prepared(gramian):
 
 
 @eqx.filter_jit
-def _weigh_jit(weighting, gramian, state, key):
+def _weigh_jit(weighting, gramian, state, key, losses=None):
     # Eager calls compile once per (structure, m, dtype) and then run fast; number-valued
     # hyper-parameters are traced. Inside a user's jit this inlines. Matrix products at full
     # precision: on GPUs the default float32 product is TF32 (a 10-bit mantissa), which breaks
     # exact solvers and the parity with TorchJD.
     G = _prepared(gramian)
     with jax.default_matmul_precision("highest"):
-        w, new_state = weighting._weigh(G, state, key)
+        w, new_state = weighting._weigh(G, state, key, *_hook_args(weighting, losses))
+    finite = jnp.all(jnp.isfinite(losses)) if losses is not None else True
     if isinstance(G, jax.ShapeDtypeStruct):  # weights from m alone
-        return w, new_state
+        if losses is None:
+            return w, new_state
+        return jnp.where(finite, w, jnp.nan), _keep_unless(finite, new_state, state)
     # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
     # weights (never finite weights of garbage) and leaves the state as it was, so that one bad
-    # step does not poison the next ones.
-    finite = jnp.all(jnp.isfinite(G))
+    # step does not poison the next ones; so do non-finite losses, for a method that reads them.
+    finite = finite & jnp.all(jnp.isfinite(G))
     return jnp.where(finite, w, jnp.nan), _keep_unless(finite, new_state, state)
 
 
@@ -242,7 +290,8 @@ class AbstractAggregator(_Method):
 
     Subclasses implement ``_aggregate(J, state, key) -> Aggregation``; stateful ones set
     ``has_state = True`` and implement ``_init(J)`` (``J`` may hold ``jax.ShapeDtypeStruct``
-    leaves).
+    leaves); ones that read the loss values set ``reads_losses`` and implement
+    ``_aggregate(J, state, key, losses)``.
     """
 
     def init(self, jacobian: PyTree, /) -> Any:
@@ -252,11 +301,18 @@ class AbstractAggregator(_Method):
         return self._init(jacobian)
 
     def aggregate(
-        self, jacobian: PyTree, state: Any, /, *, key: PRNGKeyArray | None = None
+        self,
+        jacobian: PyTree,
+        state: Any,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+        losses: Float[Array, " m"] | None = None,
     ) -> Aggregation:
         """The update, the weights (``None`` if the method is not a weighting) and the new
-        state: everything a step can report."""
-        num_objectives(jacobian)
+        state: everything a step can report (``losses``: the m loss values, for the methods
+        that read them)."""
+        losses = _checked_losses(self, losses, num_objectives(jacobian))
         jacobian = jax.tree_util.tree_map(_as_jax, jacobian)  # NumPy leaves work like arrays
         if self.stateful or not isinstance(state, EmptyState):
             _check_state(
@@ -269,34 +325,51 @@ class AbstractAggregator(_Method):
         # so that Jacobians of every width share one compiled solver; inside a user's jit it
         # all fuses anyway.
         with jax.default_matmul_precision("highest"):
-            out = self._aggregate(jacobian, state, key)
+            out = self._aggregate(jacobian, state, key, *_hook_args(self, losses))
         if self.stateful and not isinstance(self, GramianWeightedAggregator):
             # (A Gramian-weighted one already keeps its weighting's state on a non-finite G.)
-            finite = jnp.all(
-                jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(jacobian)])
-            )
+            leaves = jax.tree_util.tree_leaves(jacobian) + ([] if losses is None else [losses])
+            finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
             out = out._replace(state=_keep_unless(finite, out.state, state))
         return out
 
     def update(
-        self, jacobian: PyTree, state: Any, /, *, key: PRNGKeyArray | None = None
+        self,
+        jacobian: PyTree,
+        state: Any,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+        losses: Float[Array, " m"] | None = None,
     ) -> tuple[PyTree, Any]:
         """``(update, new_state)``, optax style."""
-        out = self.aggregate(jacobian, state, key=key)
+        out = self.aggregate(jacobian, state, key=key, losses=losses)
         return out.update, out.state
 
-    def __call__(self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None) -> PyTree:
+    def __call__(
+        self,
+        jacobian: PyTree,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+        losses: Float[Array, " m"] | None = None,
+    ) -> PyTree:
         """The update of a stateless aggregator."""
         self._refuse_stateful("update")
-        return self.aggregate(jacobian, EmptyState(), key=key).update
+        return self.aggregate(jacobian, EmptyState(), key=key, losses=losses).update
 
     def weights(
-        self, jacobian: PyTree, /, *, key: PRNGKeyArray | None = None
+        self,
+        jacobian: PyTree,
+        /,
+        *,
+        key: PRNGKeyArray | None = None,
+        losses: Float[Array, " m"] | None = None,
     ) -> Float[Array, " m"]:
         """The weights ``w`` with ``self(J) == combine(w, J)``, for a stateless method that
         weighs the rows (for a stateful one read ``aggregate(J, state).weights``)."""
         self._refuse_stateful("aggregate(J, state).weights")
-        w = self.aggregate(jacobian, EmptyState(), key=key).weights
+        w = self.aggregate(jacobian, EmptyState(), key=key, losses=losses).weights
         if w is None:
             raise TypeError(f"{type(self).__name__} does not weigh the rows of J.")
         return w
@@ -357,6 +430,12 @@ def _gramian_in_range_batched(axis_size, in_batched, jacobian, G):
     return jax.lax.cond(jnp.any(bad), fix, lambda G: G, G), True
 
 
+# Jitted so that eager calls hit a compile cache: an eager ``cond`` under ``custom_vmap``
+# retraces both branches on every call (0.1 s a call measured for ConFIG at 20 x 100); inside a
+# user's jit this inlines.
+gramian_in_range = jax.jit(_gramian_in_range)
+
+
 def _shape_struct(leaf):
     return jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.result_type(leaf))
 
@@ -401,15 +480,15 @@ class GramianWeightedAggregator(AbstractAggregator):
         m, dtype = _abstract_rows(jacobian)
         return self.weighting.init(m, dtype)
 
-    def _aggregate(self, jacobian, state, key):
+    def _aggregate(self, jacobian, state, key, losses=None):
         m, dtype = _abstract_rows(jacobian)
         if self.weighting.reads_gramian:
             G = gramian(jacobian)
             if self.weighting.scale_invariant:  # weights are constants: no derivative here
-                G = _gramian_in_range(*jax.lax.stop_gradient((jacobian, G)))
+                G = gramian_in_range(*jax.lax.stop_gradient((jacobian, G)))
         else:
             G = jax.ShapeDtypeStruct((m, m), dtype)
         # The state was checked by aggregate() (init delegates to the weighting): go straight
         # to the weighting's jitted step rather than through its update(), which checks again.
-        w, state = _weigh_jit(self.weighting, G, state, key)
+        w, state = _weigh_jit(self.weighting, G, state, key, losses)
         return Aggregation(combine(w, jacobian), w, state)

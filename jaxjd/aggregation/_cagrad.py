@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -10,6 +11,12 @@ from .._typing import Scalar
 from ..solvers import normalize_regularize
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling, static_int, static_tol
+
+
+def _rescale(value):
+    if value not in (0, 1, 2) or isinstance(value, bool):
+        raise ValueError(f"Invalid rescale={value!r}; expected 0, 1 or 2 (LibMTL's options).")
+    return int(value)
 
 
 class CAGradWeighting(AbstractWeighting):
@@ -28,6 +35,9 @@ class CAGradWeighting(AbstractWeighting):
         norm_eps: the Gramian is divided by its trace, or zeroed when the trace is below this.
         tol: stopping tolerance of the inner solve (default by dtype).
         max_iter: iteration cap of the inner solve.
+        rescale: LibMTL's option: ``0`` (default, TorchJD's) keeps the weights, ``1`` divides
+            them by ``1 + c^2`` and ``2`` by ``1 + c`` (LibMTL's default is 1), so that the
+            update's scale does not grow with ``c``.
 
     Reference: Liu et al., "Conflict-averse gradient descent for multi-task learning",
     NeurIPS 2021.
@@ -43,6 +53,7 @@ class CAGradWeighting(AbstractWeighting):
     norm_eps: Scalar = number("norm_eps", 1e-4, check="nonnegative")
     tol: float | None = static_tol("tol")
     max_iter: int = static_int("max_iter", 20_000)
+    rescale: int = eqx.field(static=True, default=0, converter=_rescale)
 
     def _weigh(self, G, state, key):
         m = G.shape[0]
@@ -93,7 +104,10 @@ class CAGradWeighting(AbstractWeighting):
         w, *_ = jax.lax.while_loop(cond, body, init)
         q = jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
         ok = q >= norm_eps
-        return jnp.where(ok, ones + (phi / jnp.where(ok, q, 1.0)) * w, 0.0), state
+        w = jnp.where(ok, ones + (phi / jnp.where(ok, q, 1.0)) * w, 0.0)
+        c = as_dtype(self.c, G.dtype)
+        divisor = (1.0, 1.0 + c * c, 1.0 + c)[self.rescale]
+        return w / divisor, state
 
 
 class CAGrad(GramianWeightedAggregator):

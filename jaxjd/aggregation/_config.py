@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from .._tree import combine, gramian, num_objectives
 from .._typing import VectorLike
-from ._abstract import AbstractAggregator, Aggregation, _gramian_in_range
+from ._abstract import AbstractAggregator, Aggregation, gramian_in_range
 from ._fields import sized, spelling, vector
 
 
@@ -48,7 +48,7 @@ class ConFIG(AbstractAggregator):
         n = sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(jacobian))
         # ConFIG's weights are scale-invariant: G from J scaled by a power of two if J J^T
         # overflowed or underflowed
-        G = _gramian_in_range(*jax.lax.stop_gradient((jacobian, gramian(jacobian))))
+        G = gramian_in_range(*jax.lax.stop_gradient((jacobian, gramian(jacobian))))
         if self.pref_vector is None:
             p = jnp.ones((m,), G.dtype)
         else:

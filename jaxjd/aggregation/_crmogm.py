@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from .._typing import Scalar, VectorLike
-from ._abstract import AbstractWeighting, GramianWeightedAggregator
+from ._abstract import AbstractWeighting, GramianWeightedAggregator, _hook_args
 from ._fields import as_dtype, number, sized, spelling, vector
 
 
@@ -67,9 +67,9 @@ class CRMOGMWeighting(AbstractWeighting):
         weights = sized(self.initial_weights, m, dtype, "initial_weights")
         return CRMOGMState(weights, jnp.asarray(True), inner)
 
-    def _weigh(self, G, state, key):
+    def _weigh(self, G, state, key, losses=None):
         dtype = state.weights.dtype
-        hat, inner = self.weighting._weigh(G, state.inner, key)
+        hat, inner = self.weighting._weigh(G, state.inner, key, *_hook_args(self.weighting, losses))
         hat = hat.astype(dtype)
         alpha = as_dtype(self.alpha, dtype)
         prev = jnp.where(state.started, state.weights, hat)

@@ -27,10 +27,18 @@ class MGDAWeighting(AbstractWeighting):
     scaled 1e-8 and 1e8) its answer conflicts (cos(g_i, d) = -0.30) where the exact one does
     not. A weighting that is not finite (NaN) means the solve failed.
 
+    ``normalizer`` (LibMTL's ``mgda_gn``) runs MGDA on the rows ``g_i / n_i`` and returns
+    ``w_i = a_i / n_i``, so that ``J^T w`` is LibMTL's update: ``"l2"`` ``n_i = |g_i|`` (a zero
+    row keeps ``n_i = 1``: the update is then 0, as without normalising); ``"loss"``
+    ``n_i = L_i``; ``"loss+"`` ``n_i = L_i |g_i|``. The two loss normalisers read the losses
+    (``losses=``; they must be positive, else the weights are NaN). ``"none"`` (default) is
+    TorchJD's MGDA.
+
     Args:
         epsilon: stop when the Frank–Wolfe step falls below it.
         max_iters: iteration cap.
         method: ``"frank_wolfe"`` (default, TorchJD's) or ``"exact"``.
+        normalizer: ``"none"`` (default), ``"l2"``, ``"loss"`` or ``"loss+"`` (LibMTL's).
 
     Reference: Désidéri, "Multiple-gradient descent algorithm (MGDA) for multiobjective
     optimization", C. R. Math. 2012; Sener & Koltun, NeurIPS 2018.
@@ -42,16 +50,34 @@ class MGDAWeighting(AbstractWeighting):
     array([0.6, 0.4])
     """
 
-    scale_invariant = True
-
     epsilon: Scalar = number("epsilon", 1e-3, check="positive")
     max_iters: int = static_int("max_iters", 100)
     method: str = choice("method", "frank_wolfe", ("frank_wolfe", "exact"))
+    normalizer: str = choice("normalizer", "none", ("none", "l2", "loss", "loss+"))
 
-    def _weigh(self, G, state, key):
-        if self.method == "exact":
-            return _exact_minimum_norm(G), state
-        return self.minimum_norm(G), state
+    @property
+    def reads_losses(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        return self.normalizer in ("loss", "loss+")
+
+    @property
+    def scale_invariant(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
+        # w(c G) = w(G) unless the weights are divided by the rows' norms
+        return self.normalizer in ("none", "loss")
+
+    def _weigh(self, G, state, key, losses=None):
+        n = None
+        if self.normalizer in ("l2", "loss+"):
+            norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
+            n = jnp.where(norms > 0, norms, 1.0)
+        if self.normalizer in ("loss", "loss+"):
+            assert losses is not None  # update() refuses a call without them
+            L = losses.astype(G.dtype)
+            L = jnp.where(L > 0, L, jnp.nan)  # a non-positive loss cannot normalise
+            n = L if n is None else n * L
+        if n is not None:
+            G = G / (n[:, None] * n[None, :])
+        a = _exact_minimum_norm(G) if self.method == "exact" else self.minimum_norm(G)
+        return (a if n is None else a / n), state
 
     def minimum_norm(self, G: Float[Array, "m m"]) -> Float[Array, " m"]:
         """The Frank–Wolfe loop on a prepared Gramian (also Nash-MTL's start certificate)."""

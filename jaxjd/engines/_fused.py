@@ -37,10 +37,11 @@ def _given_state(method, state):
     return EmptyState()
 
 
-def _weigh(weighting, G, state, key):
+def _weigh(weighting, G, state, key, losses):
     """``(w, new_state)``: the weights, constants under differentiation (``state`` from
-    :func:`_given_state`, called before any work so that a missing state fails at once)."""
-    w, new_state = weighting.update(G, state, key=key)
+    :func:`_given_state`, called before any work so that a missing state fails at once; the
+    losses, flattened, go to the weightings that read them)."""
+    w, new_state = weighting.update(G, state, key=key, losses=jnp.ravel(losses))
     return jax.lax.stop_gradient(w), new_state
 
 
@@ -110,13 +111,13 @@ def value_and_weighted_grad(
         if method == "per_sample" and gramian_filter is None and not has_aux:
             # The captured factors give J^T w directly: no second backward pass.
             losses, G, factors = per_sample_gramian_parts(fun, params, *args)
-            w, new_state = _weigh(weighting, G, given, key)
+            w, new_state = _weigh(weighting, G, given, key, losses)
             grad = weighted_grad_from_factors(w, factors)
             out = (losses, jnp.reshape(w, losses.shape), grad)
             return out if state is None else (*out, new_state)
         if method == "layerwise" and gramian_filter is None and not has_aux:
             losses, G, factors = layerwise_parts(fun, params, *args)
-            w, new_state = _weigh(weighting, G, given, key)
+            w, new_state = _weigh(weighting, G, given, key, losses)
             out = (losses, jnp.reshape(w, losses.shape), task_weighted_grad(w, factors))
             return out if state is None else (*out, new_state)
         if gramian_filter is None:
@@ -139,7 +140,7 @@ def value_and_weighted_grad(
                 losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
             )(chosen)
         losses = value[0] if has_aux else value
-        w, new_state = _weigh(weighting, G, given, key)
+        w, new_state = _weigh(weighting, G, given, key, losses)
 
         def weighted(p):
             out = fun(p, *args)
@@ -216,14 +217,14 @@ def mtl_value_and_grad(
         else:  # weights from m alone: no Gramian
             _, factors = pullback(cotangents, gramian=False)
             G = jax.ShapeDtypeStruct((m, m), accumulation_dtype(losses.dtype))
-        weights, new_state = _weigh(weighting, G, given, key)
+        weights, new_state = _weigh(weighting, G, given, key, losses)
         out = (losses, (task_weighted_grad(weights, factors), head_grads), weights)
         return out if state is None else (*out, new_state)
 
     def by_jacobian(trunk_params, head_params, *args, key=None, state=None):
         inner = _given_state(aggregator, state)
         losses, J, head_grads = vj(trunk_params, head_params, *args)
-        trunk_grad, weights, new_state = aggregator.aggregate(J, inner, key=key)
+        trunk_grad, weights, new_state = aggregator.aggregate(J, inner, key=key, losses=losses)
         out = (losses, (trunk_grad, head_grads), weights)
         return out if state is None else (*out, new_state)
 

@@ -22,7 +22,7 @@ class FAMOState(NamedTuple):
     (what :meth:`FAMO.after_step` compares with) and whether such a call is pending."""
 
     logits: Array
-    adam: optax.ScaleByAdamState
+    adam: optax.OptState  # the state of Adam with L2 weight decay on the logits
     last_losses: Array
     pending: Array  # bool
 
@@ -63,11 +63,11 @@ class FAMO(AbstractScalarizer):
     def _init(self, values_like):
         dtype = jnp.result_type(values_like.dtype, jnp.float32)
         w = jnp.zeros(values_like.shape, dtype)
-        return FAMOState(w, self._adam().init(w), jnp.zeros_like(w), jnp.zeros((), bool))
+        return FAMOState(w, self._adam(dtype).init(w), jnp.zeros_like(w), jnp.zeros((), bool))
 
-    def _adam(self) -> optax.GradientTransformation:
+    def _adam(self, dtype) -> optax.GradientTransformation:
         return optax.chain(
-            optax.add_decayed_weights(self.weight_decay),
+            optax.add_decayed_weights(as_dtype(self.weight_decay, dtype)),
             optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
         )
 
@@ -108,8 +108,8 @@ class FAMO(AbstractScalarizer):
         _, vjp = jax.vjp(lambda w: jax.nn.softmax(w.ravel()), state.logits)
         (grad,) = vjp(delta.ravel())
         lr = as_dtype(self.lr, dtype)
-        direction, adam = self._adam().update(grad, state.adam, state.logits)
-        logits = state.logits - lr * direction
+        direction, adam = self._adam(dtype).update(grad, state.adam, state.logits)
+        logits = state.logits - lr * jnp.asarray(direction)
         new = FAMOState(logits, adam, state.last_losses, jnp.zeros((), bool))
         ok = state.pending & jnp.all(jnp.isfinite(delta))
         return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)

@@ -1,0 +1,100 @@
+"""Writes tests/data/libmtl.npz and libmtl.json: LibMTL's own weighting code (commit 4336804,
+2025-05-14) run on fixed Jacobians and losses (float64), for the options jaxjd takes from it.
+
+LibMTL's weightings are mixins of its trainer; this script runs their ``backward`` unchanged,
+giving them the few trainer attributes they read (one shared parameter vector ``p`` and losses
+``L_i(p) = c_i + g_i . p`` at ``p = 0``, so that the rows of J are the given ``g_i`` and the loss
+values the given ``c_i``), and stores the gradient they write into ``p.grad`` (the update) and
+the weights they return. Run by hand with a LibMTL checkout (only torch, numpy and scipy are
+imported from it; its package ``__init__`` files are skipped):
+
+    git clone https://github.com/median-research-group/LibMTL /tmp/LibMTL
+    git -C /tmp/LibMTL checkout 4336804
+    python tests/data/make_libmtl_goldens.py /tmp/LibMTL
+"""
+
+import importlib
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+torch.set_default_dtype(torch.float64)
+ROOT = Path(sys.argv[1])
+COMMIT = subprocess.run(
+    ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+).stdout.strip()
+assert COMMIT.startswith("4336804"), COMMIT
+for name, sub in (("LibMTL", ""), ("LibMTL.weighting", "weighting")):
+    package = types.ModuleType(name)
+    package.__path__ = [str(ROOT / "LibMTL" / sub)]
+    sys.modules[name] = package
+HERE = Path(__file__).parent
+rng = np.random.default_rng(20261127)
+
+
+def run(cls_name, J, losses, **kwargs):
+    """LibMTL's ``cls_name.backward`` on rows ``J`` and loss values ``losses``: (update,
+    returned weights)."""
+    module = importlib.import_module(f"LibMTL.weighting.{cls_name}")
+    base = getattr(module, cls_name)
+    p = torch.nn.Parameter(torch.zeros(J.shape[1]))
+
+    class Harness(base):
+        def __init__(self):
+            super().__init__()
+            self.task_num, self.device, self.rep_grad, self.epoch = J.shape[0], "cpu", False, 1
+
+        def get_share_params(self):
+            return [p]
+
+        def zero_grad_share_params(self):  # as the trainer's: zeros, kept allocated
+            if p.grad is not None:
+                p.grad.zero_()
+
+    w = Harness()
+    w.init_param()
+    g = torch.tensor(J)
+    values = [torch.tensor(c) + g[i] @ p for i, c in enumerate(losses)]
+    weights = w.backward(values, **kwargs)
+    return p.grad.detach().numpy().copy(), np.asarray(weights, np.float64)
+
+
+def jacobian(m, n, kind):
+    A = rng.standard_normal((m, n))
+    if kind == "scaled":
+        A *= np.logspace(-1, 1, m)[:, None]
+    elif kind == "conflicting":
+        A -= 1.5 * A.mean(0)
+    return A
+
+
+arrays, cases = {}, []
+for m, n, kind in ((2, 5, "gaussian"), (3, 6, "scaled"), (4, 8, "conflicting"), (5, 7, "scaled")):
+    J = jacobian(m, n, kind)
+    losses = rng.uniform(0.2, 3.0, m)
+    tag = f"{kind}_{m}x{n}"
+    arrays[f"J/{tag}"], arrays[f"losses/{tag}"] = J, losses
+    for gn in ("none", "l2", "loss", "loss+"):
+        update, weights = run("MGDA", J, losses, mgda_gn=gn)
+        key = f"MGDA/{tag}/{gn}"
+        arrays[f"update/{key}"], arrays[f"weights/{key}"] = update, weights
+        cases.append({"key": key, "method": "MGDA", "input": tag, "normalizer": gn})
+    for calpha in (0.4, 0.9):
+        for rescale in (0, 1, 2):
+            update, weights = run("CAGrad", J, losses, calpha=calpha, rescale=rescale)
+            key = f"CAGrad/{tag}/c={calpha}/rescale={rescale}"
+            arrays[f"update/{key}"], arrays[f"weights/{key}"] = update, weights
+            cases.append(
+                {"key": key, "method": "CAGrad", "input": tag, "c": calpha, "rescale": rescale}
+            )
+
+np.savez_compressed(HERE / "libmtl.npz", **arrays)
+(HERE / "libmtl.json").write_text(
+    json.dumps({"libmtl_commit": COMMIT, "cases": cases}, indent=1) + "\n"
+)
+print(len(cases), "cases")
