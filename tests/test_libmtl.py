@@ -143,3 +143,55 @@ def test_loss_normalisers_under_vmap_equal_the_loop(dtype):
             tol = 1e-5 if dtype == "float32" else 1e-12
             for i in range(5):
                 np.testing.assert_allclose(batched[i], agg(Js[i], losses=Ls[i]), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", INDEX["sequences"], ids=lambda c: c["key"])
+def test_tracking_aggregators_match_libmtl(case, x64):
+    """Five steps of MoCo / DB-MTL on one state, under jit, against LibMTL's instance: every
+    update (and MoCo's lambda) to 1e-12; a pytree Jacobian gives the same updates."""
+    make = {"MoCo": jd.moco, "DB_MTL": jd.db_mtl}[case["method"]]
+    agg = make(**case["params"])
+    Js = jnp.asarray(ARRAYS["J/" + case["input"]])
+    losses = jnp.asarray(ARRAYS["losses/" + case["input"]])
+    step = jax.jit(lambda J, s, L: agg.update(J, s, losses=L))
+    state = agg.init(Js[0])
+    split = {"a": Js[0][:, :2], "b": Js[0][:, 2:]}
+    tree_state = agg.init(split)
+    for t in range(Js.shape[0]):
+        update, state = step(Js[t], state, losses[t])
+        np.testing.assert_allclose(update, ARRAYS["updates/" + case["key"]][t], rtol=1e-12)
+        if case["method"] == "MoCo":
+            np.testing.assert_allclose(state.weights, ARRAYS["weights/" + case["key"]][t], 1e-12)
+        tree_update, tree_state = agg.update(
+            {"a": Js[t][:, :2], "b": Js[t][:, 2:]}, tree_state, losses=losses[t]
+        )
+        np.testing.assert_allclose(
+            jnp.concatenate([tree_update["a"], tree_update["b"]]), update, rtol=1e-12
+        )
+    assert int(state.count) == Js.shape[0]
+
+
+@pytest.mark.parametrize("make", [jd.moco, jd.db_mtl])
+def test_tracking_aggregators_policy(make):
+    """No weights (the update combines the tracked rows, not this J); a non-finite J or loss
+    gives a non-finite update and keeps the state; float32 stays float32; vmap over runs."""
+    agg = make()
+    rng = np.random.default_rng(0)
+    J = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    L = jnp.asarray([0.5, 1.0, 2.0], jnp.float32)
+    out = agg.aggregate(J, agg.init(J), losses=L)
+    assert out.weights is None and out.update.dtype == jnp.float32
+    _, state = agg.update(J, agg.init(J), losses=L)
+    for bad_J, bad_L in ((J.at[0, 1].set(jnp.nan), L), (J, L.at[2].set(jnp.inf))):
+        update, kept = agg.update(bad_J, state, losses=bad_L)
+        assert not bool(jnp.isfinite(update).all())
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, kept, state))
+    Js = jnp.asarray(rng.standard_normal((4, 3, 5)), jnp.float32)
+    Ls = jnp.asarray(rng.uniform(0.2, 2.0, (4, 3)), jnp.float32)
+    states = jax.vmap(agg.init)(Js)
+    batched, _ = jax.vmap(lambda J, s, L: agg.update(J, s, losses=L))(Js, states, Ls)
+    for i in range(4):
+        alone, _ = agg.update(Js[i], agg.init(Js[i]), losses=Ls[i])
+        np.testing.assert_allclose(batched[i], alone, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reads the loss values"):
+        agg.update(J, state)

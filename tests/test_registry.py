@@ -5,7 +5,7 @@ import inspect
 import warnings
 
 import pytest
-from methods import BY_NAME, PROTOCOL, REGISTRY
+from methods import BY_NAME, PROTOCOL, REGISTRY, unwrapped
 
 import jaxjd as jd
 from jaxjd import aggregation
@@ -69,14 +69,17 @@ def test_every_method_follows_the_protocol(spec):
 def test_every_method_has_a_documented_class(spec):
     """The class that holds the maths documents it: Args (for its hyper-parameters), a reference
     and a doctest; the aggregator that wraps it has a docstring too."""
-    holder = type(spec.weighting() if spec.weighting is not None else spec.build())
+    method = spec.weighting() if spec.weighting is not None else unwrapped(spec.build())
+    if isinstance(method, aggregation.GramianWeightedAggregator):
+        method = method.weighting
+    holder = type(method)
     doc = inspect.getdoc(holder) or ""
     assert ">>>" in doc, holder.__name__
     if dataclasses.fields(holder):
         assert "Args:" in doc, holder.__name__
     if holder.__name__ not in ("MeanWeighting", "SumWeighting", "ConstantWeighting"):
         assert "Reference" in doc, holder.__name__
-    assert inspect.getdoc(type(spec.build()))
+    assert inspect.getdoc(type(unwrapped(spec.build())))
 
 
 def _public_callables():

@@ -39,6 +39,7 @@ from ._random import Random, RandomWeighting, random_weighting, rlw
 from ._sdmgrad import SDMGradWeighting, sdmgrad_weighting
 from ._simplex_state import SimplexWeightsState
 from ._sum import Sum, SumWeighting, sum_rows, sum_weighting
+from ._tracked import DBMTL, DBMTLState, MoCo, MoCoState, db_mtl, moco
 from ._trimmed_mean import TrimmedMean, trimmed_mean
 from ._upgrad import UPGrad, UPGradWeighting, upgrad, upgrad_weighting
 
@@ -65,6 +66,10 @@ __all__ = [
     "EmptyState",
     "ExcessMTL",
     "ExcessMTLState",
+    "DBMTL",
+    "DBMTLState",
+    "MoCo",
+    "MoCoState",
     "FairGrad",
     "FairGradWeighting",
     "GradDrop",
@@ -107,6 +112,8 @@ __all__ = [
     "dualproj",
     "dualproj_weighting",
     "excess_mtl",
+    "db_mtl",
+    "moco",
     "fairgrad",
     "fairgrad_weighting",
     "graddrop",

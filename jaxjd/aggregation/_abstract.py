@@ -326,6 +326,13 @@ class AbstractAggregator(_Method):
         # all fuses anyway.
         with jax.default_matmul_precision("highest"):
             out = self._aggregate(jacobian, state, key, *_hook_args(self, losses))
+        if losses is not None:  # the value policy: a non-finite loss read gives NaN out
+            ok = jnp.all(jnp.isfinite(losses))
+            nan_unless = lambda x: jnp.where(ok, x, jnp.nan).astype(x.dtype)  # noqa: E731
+            out = out._replace(
+                update=jax.tree_util.tree_map(nan_unless, out.update),
+                weights=None if out.weights is None else nan_unless(out.weights),
+            )
         if self.stateful and not isinstance(self, GramianWeightedAggregator):
             # (A Gramian-weighted one already keeps its weighting's state on a non-finite G.)
             leaves = jax.tree_util.tree_leaves(jacobian) + ([] if losses is None else [losses])

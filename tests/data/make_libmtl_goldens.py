@@ -37,17 +37,17 @@ HERE = Path(__file__).parent
 rng = np.random.default_rng(20261127)
 
 
-def run(cls_name, J, losses, **kwargs):
-    """LibMTL's ``cls_name.backward`` on rows ``J`` and loss values ``losses``: (update,
-    returned weights)."""
+def run_sequence(cls_name, Js, losses_seq, **kwargs):
+    """LibMTL's ``cls_name.backward`` on one instance, step after step, on rows ``Js[t]`` and
+    loss values ``losses_seq[t]``: the updates and the returned weights of every step."""
     module = importlib.import_module(f"LibMTL.weighting.{cls_name}")
     base = getattr(module, cls_name)
-    p = torch.nn.Parameter(torch.zeros(J.shape[1]))
+    p = torch.nn.Parameter(torch.zeros(Js[0].shape[1]))
 
     class Harness(base):
         def __init__(self):
             super().__init__()
-            self.task_num, self.device, self.rep_grad, self.epoch = J.shape[0], "cpu", False, 1
+            self.task_num, self.device, self.rep_grad, self.epoch = Js[0].shape[0], "cpu", False, 1
 
         def get_share_params(self):
             return [p]
@@ -58,10 +58,20 @@ def run(cls_name, J, losses, **kwargs):
 
     w = Harness()
     w.init_param()
-    g = torch.tensor(J)
-    values = [torch.tensor(c) + g[i] @ p for i, c in enumerate(losses)]
-    weights = w.backward(values, **kwargs)
-    return p.grad.detach().numpy().copy(), np.asarray(weights, np.float64)
+    updates, weights = [], []
+    for J, losses in zip(Js, losses_seq, strict=True):
+        g = torch.tensor(J)
+        values = torch.stack([torch.tensor(c) + g[i] @ p for i, c in enumerate(losses)])
+        weights.append(np.asarray(w.backward(values, **kwargs), np.float64))
+        updates.append(p.grad.detach().numpy().copy())
+        p.grad = None
+    return np.stack(updates), np.stack(weights)
+
+
+def run(cls_name, J, losses, **kwargs):
+    """One step of :func:`run_sequence`: (update, returned weights)."""
+    updates, weights = run_sequence(cls_name, [J], [losses], **kwargs)
+    return updates[0], weights[0]
 
 
 def jacobian(m, n, kind):
@@ -93,8 +103,47 @@ for m, n, kind in ((2, 5, "gaussian"), (3, 6, "scaled"), (4, 8, "conflicting"), 
                 {"key": key, "method": "CAGrad", "input": tag, "c": calpha, "rescale": rescale}
             )
 
+# MoCo and DB-MTL: five steps on one instance (their state tracks the gradients).
+sequences = []
+for m, n in ((3, 6), (4, 5)):
+    Js = np.stack([jacobian(m, n, "conflicting") for _ in range(5)])
+    losses_seq = rng.uniform(0.2, 3.0, (5, m))
+    tag = f"seq_{m}x{n}"
+    arrays[f"J/{tag}"], arrays[f"losses/{tag}"] = Js, losses_seq
+    configs = [
+        (
+            "MoCo",
+            {},
+            {
+                "MoCo_beta": 0.5,
+                "MoCo_beta_sigma": 0.5,
+                "MoCo_gamma": 0.1,
+                "MoCo_gamma_sigma": 0.5,
+                "MoCo_rho": 0.0,
+            },
+        ),
+        (
+            "MoCo",
+            {"beta": 0.3, "beta_sigma": 0.2, "gamma": 2.0, "gamma_sigma": 0.7, "rho": 0.5},
+            {
+                "MoCo_beta": 0.3,
+                "MoCo_beta_sigma": 0.2,
+                "MoCo_gamma": 2.0,
+                "MoCo_gamma_sigma": 0.7,
+                "MoCo_rho": 0.5,
+            },
+        ),
+        ("DB_MTL", {}, {"DB_beta": 0.9, "DB_beta_sigma": 0.0}),
+        ("DB_MTL", {"beta": 0.6, "beta_sigma": 0.5}, {"DB_beta": 0.6, "DB_beta_sigma": 0.5}),
+    ]
+    for i, (cls, ours, theirs) in enumerate(configs):
+        updates, weights = run_sequence(cls, Js, losses_seq, **theirs)
+        key = f"{cls}/{tag}/{i}"
+        arrays[f"updates/{key}"], arrays[f"weights/{key}"] = updates, weights
+        sequences.append({"key": key, "method": cls, "input": tag, "params": ours})
+
 np.savez_compressed(HERE / "libmtl.npz", **arrays)
 (HERE / "libmtl.json").write_text(
-    json.dumps({"libmtl_commit": COMMIT, "cases": cases}, indent=1) + "\n"
+    json.dumps({"libmtl_commit": COMMIT, "cases": cases, "sequences": sequences}, indent=1) + "\n"
 )
 print(len(cases), "cases")
