@@ -69,6 +69,7 @@ def unwrapped(method):
     """The method under test (the adapter's inner one)."""
     return method.inner if isinstance(method, LossesFromJ) else method
 
+
 REGISTRY = [
     Spec("upgrad", jd.upgrad, jd.upgrad_weighting,
          (agg.UPGrad, agg.UPGradWeighting, "upgrad", "upgrad_weighting"), slow_eager=True),
