@@ -146,41 +146,65 @@ def test_loss_normalisers_under_vmap_equal_the_loop(dtype):
 
 
 @pytest.mark.parametrize("case", INDEX["sequences"], ids=lambda c: c["key"])
-def test_tracking_aggregators_match_libmtl(case, x64):
-    """Five steps of MoCo / DB-MTL on one state, under jit, against LibMTL's instance: every
-    update (and MoCo's lambda) to 1e-12; a pytree Jacobian gives the same updates."""
-    make = {"MoCo": jd.moco, "DB_MTL": jd.db_mtl}[case["method"]]
-    agg = make(**case["params"])
+def test_stateful_libmtl_methods_match_libmtl(case, x64):
+    """Five steps of MoCo / DB-MTL / GradNorm on one state, under jit, against LibMTL's
+    instance (GradNorm's scales stepped by torch's Adam, as LibMTL's trainer does): every
+    update and weight vector to 1e-12; a pytree Jacobian gives the same updates."""
+    params = dict(case["params"])
+    if case["method"] == "GradNorm":
+        params["initial_losses"] = ARRAYS["initial_losses/" + case["input"]]
+    make = {"MoCo": jd.moco, "DB_MTL": jd.db_mtl, "GradNorm": jd.gradnorm}[case["method"]]
+    agg = make(**params)
     Js = jnp.asarray(ARRAYS["J/" + case["input"]])
     losses = jnp.asarray(ARRAYS["losses/" + case["input"]])
-    step = jax.jit(lambda J, s, L: agg.update(J, s, losses=L))
+    step = jax.jit(lambda J, s, L: agg.aggregate(J, s, losses=L))
     state = agg.init(Js[0])
-    split = {"a": Js[0][:, :2], "b": Js[0][:, 2:]}
-    tree_state = agg.init(split)
+    tree_state = agg.init({"a": Js[0][:, :2], "b": Js[0][:, 2:]})
     for t in range(Js.shape[0]):
-        update, state = step(Js[t], state, losses[t])
+        update, weights, state = step(Js[t], state, losses[t])
         np.testing.assert_allclose(update, ARRAYS["updates/" + case["key"]][t], rtol=1e-12)
         if case["method"] == "MoCo":
-            np.testing.assert_allclose(state.weights, ARRAYS["weights/" + case["key"]][t], 1e-12)
+            weights = state.weights  # lambda (the update combines the tracked rows)
+        if case["method"] != "DB_MTL":  # DB-MTL's LibMTL weights are ones
+            np.testing.assert_allclose(weights, ARRAYS["weights/" + case["key"]][t], 1e-12)
         tree_update, tree_state = agg.update(
             {"a": Js[t][:, :2], "b": Js[t][:, 2:]}, tree_state, losses=losses[t]
         )
-        np.testing.assert_allclose(
-            jnp.concatenate([tree_update["a"], tree_update["b"]]), update, rtol=1e-12
-        )
-    assert int(state.count) == Js.shape[0]
+        joined = jnp.concatenate([tree_update["a"], tree_update["b"]])
+        np.testing.assert_allclose(joined, update, rtol=1e-12)
+    if case["method"] != "GradNorm":
+        assert int(state.count) == Js.shape[0]
 
 
-@pytest.mark.parametrize("make", [jd.moco, jd.db_mtl])
+def test_gradnorm_first_call_sets_the_initial_losses(x64):
+    """Without initial_losses, L(0) is the first call's losses: r = 1 there, so the first
+    step only equalises the gradient norms (alpha plays no part)."""
+    G = jnp.array([[4.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.25]])
+    L = jnp.array([1.0, 2.0, 0.5])
+    states = []
+    for alpha in (0.0, 3.0):
+        weighting = jd.gradnorm_weighting(alpha=alpha, lr=0.1)
+        w, state = weighting.update(G, weighting.init(3), losses=L)
+        np.testing.assert_allclose(w, 1.0)
+        np.testing.assert_array_equal(state.initial_losses, L)
+        states.append(state)
+    np.testing.assert_allclose(states[0].logits, states[1].logits, rtol=1e-15)
+    # the largest gradient norm loses weight, the smallest gains
+    assert float(states[0].logits[0]) < 0.0 < float(states[0].logits[2])
+
+
+@pytest.mark.parametrize("make", [jd.moco, jd.db_mtl, jd.gradnorm])
 def test_tracking_aggregators_policy(make):
-    """No weights (the update combines the tracked rows, not this J); a non-finite J or loss
+    """No weights for MoCo and DB-MTL (the update combines the tracked rows, not this J); a
+    non-finite J or loss
     gives a non-finite update and keeps the state; float32 stays float32; vmap over runs."""
     agg = make()
     rng = np.random.default_rng(0)
     J = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
     L = jnp.asarray([0.5, 1.0, 2.0], jnp.float32)
     out = agg.aggregate(J, agg.init(J), losses=L)
-    assert out.weights is None and out.update.dtype == jnp.float32
+    assert (out.weights is None) == (make is not jd.gradnorm)
+    assert out.update.dtype == jnp.float32
     _, state = agg.update(J, agg.init(J), losses=L)
     for bad_J, bad_L in ((J.at[0, 1].set(jnp.nan), L), (J, L.at[2].set(jnp.inf))):
         update, kept = agg.update(bad_J, state, losses=bad_L)

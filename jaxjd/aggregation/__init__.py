@@ -26,6 +26,7 @@ from ._dualproj import DualProj, DualProjWeighting, dualproj, dualproj_weighting
 from ._excess_mtl import ExcessMTL, ExcessMTLState, excess_mtl
 from ._fairgrad import FairGrad, FairGradWeighting, fairgrad, fairgrad_weighting
 from ._graddrop import GradDrop, graddrop
+from ._gradnorm import GradNorm, GradNormState, GradNormWeighting, gradnorm, gradnorm_weighting
 from ._gradvac import GradVac, GradVacState, GradVacWeighting, gradvac, gradvac_weighting
 from ._imtl_g import IMTLG, IMTLGWeighting, imtl_g, imtl_g_weighting
 from ._krum import Krum, KrumWeighting, krum, krum_weighting
@@ -67,6 +68,9 @@ __all__ = [
     "ExcessMTL",
     "ExcessMTLState",
     "DBMTL",
+    "GradNorm",
+    "GradNormState",
+    "GradNormWeighting",
     "DBMTLState",
     "MoCo",
     "MoCoState",
@@ -113,6 +117,8 @@ __all__ = [
     "dualproj_weighting",
     "excess_mtl",
     "db_mtl",
+    "gradnorm",
+    "gradnorm_weighting",
     "moco",
     "fairgrad",
     "fairgrad_weighting",

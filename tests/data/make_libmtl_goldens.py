@@ -37,9 +37,12 @@ HERE = Path(__file__).parent
 rng = np.random.default_rng(20261127)
 
 
-def run_sequence(cls_name, Js, losses_seq, **kwargs):
+def run_sequence(cls_name, Js, losses_seq, own_lr=None, initial_losses=None, **kwargs):
     """LibMTL's ``cls_name.backward`` on one instance, step after step, on rows ``Js[t]`` and
-    loss values ``losses_seq[t]``: the updates and the returned weights of every step."""
+    loss values ``losses_seq[t]``: the updates and the returned weights of every step. With
+    ``own_lr``, the weighting's own parameters (GradNorm's ``loss_scale``) take a step of
+    ``torch.optim.Adam(lr=own_lr)`` after each backward, as LibMTL's trainer's optimizer does;
+    ``initial_losses`` fills the trainer's ``train_loss_buffer[:, 0]`` (GradNorm's L(0))."""
     module = importlib.import_module(f"LibMTL.weighting.{cls_name}")
     base = getattr(module, cls_name)
     p = torch.nn.Parameter(torch.zeros(Js[0].shape[1]))
@@ -58,6 +61,9 @@ def run_sequence(cls_name, Js, losses_seq, **kwargs):
 
     w = Harness()
     w.init_param()
+    if initial_losses is not None:
+        w.train_loss_buffer = np.stack([initial_losses, initial_losses], axis=1)
+    own = torch.optim.Adam(list(w.parameters()), lr=own_lr) if own_lr is not None else None
     updates, weights = [], []
     for J, losses in zip(Js, losses_seq, strict=True):
         g = torch.tensor(J)
@@ -65,6 +71,9 @@ def run_sequence(cls_name, Js, losses_seq, **kwargs):
         weights.append(np.asarray(w.backward(values, **kwargs), np.float64))
         updates.append(p.grad.detach().numpy().copy())
         p.grad = None
+        if own is not None:
+            own.step()
+            own.zero_grad()
     return np.stack(updates), np.stack(weights)
 
 
@@ -141,6 +150,22 @@ for m, n in ((3, 6), (4, 5)):
         key = f"{cls}/{tag}/{i}"
         arrays[f"updates/{key}"], arrays[f"weights/{key}"] = updates, weights
         sequences.append({"key": key, "method": cls, "input": tag, "params": ours})
+
+# GradNorm: five steps, its loss scales trained by Adam (as the trainer's optimizer would).
+for m, n in ((3, 6), (4, 5)):
+    tag = f"seq_{m}x{n}"
+    Js, losses_seq = arrays[f"J/{tag}"], arrays[f"losses/{tag}"]
+    L0 = rng.uniform(1.0, 4.0, m)
+    arrays[f"initial_losses/{tag}"] = L0
+    for i, (alpha, lr) in enumerate(((1.5, 0.05), (0.5, 0.3))):
+        updates, weights = run_sequence(
+            "GradNorm", Js, losses_seq, own_lr=lr, initial_losses=L0, alpha=alpha
+        )
+        key = f"GradNorm/{tag}/{i}"
+        arrays[f"updates/{key}"], arrays[f"weights/{key}"] = updates, weights
+        sequences.append(
+            {"key": key, "method": "GradNorm", "input": tag, "params": {"alpha": alpha, "lr": lr}}
+        )
 
 np.savez_compressed(HERE / "libmtl.npz", **arrays)
 (HERE / "libmtl.json").write_text(
