@@ -16,8 +16,8 @@ sys.path.insert(0, str(NOTEBOOKS))
 import build  # noqa: E402
 
 
-def test_there_are_four_notebooks_each_committed_with_outputs():
-    assert len(SOURCES) == 4
+def test_there_are_five_notebooks_each_committed_with_outputs():
+    assert len(SOURCES) == 5
     for src in SOURCES:
         nb = json.loads((NOTEBOOKS / (src.stem.removeprefix("src_") + ".ipynb")).read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
