@@ -1,13 +1,14 @@
-"""ConFIG (Liu et al. 2024), computed in the Gramian: works on pytrees without concatenating."""
+"""ConFIG (Liu et al. 2024), from a QR factor of J built leaf by leaf: pytrees work without
+concatenating, and float32 keeps J's condition number (not the Gramian's)."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from .._tree import combine, gramian, num_objectives
+from .._tree import accumulation_dtype_of, combine, num_objectives
 from .._typing import VectorLike
-from ._abstract import AbstractAggregator, Aggregation, gramian_in_range
+from ._abstract import AbstractAggregator, Aggregation
 from ._fields import sized, spelling, vector
 
 
@@ -15,14 +16,17 @@ class ConFIG(AbstractAggregator):
     r"""ConFIG: with unit rows ``U = D^{-1} J`` (zero rows stay 0) and preference ``p`` (default
     ones), the direction ``u = pinv(U) p / |pinv(U) p|`` and the update ``(sum_i g_i . u) u``.
 
-    Since ``pinv(U) p = U^T (U U^T)^+ p`` the update is ``J^T w`` with weights computed from the
-    Gramian alone (the pseudo-inverse cut-off follows ``torch.linalg.pinv``: singular values below
-    ``max(m, n) eps`` times the largest are dropped, or eigenvalues below ``m eps`` times the
-    largest, whichever is larger). TorchJD needs the matrix; here a pytree Jacobian is fine.
-    When ``p`` is orthogonal to the rows of ``U`` to rounding (``|pinv(U) p|^2 max eig(U U^T)``
-    at most that cut-off times ``|p|^2``, e.g. rows ``+-q`` in equal numbers and ``p`` = ones),
-    the direction is undefined (0 / 0) and the update is 0; TorchJD returns NaN or rounding
-    noise divided by rounding noise there.
+    Since ``pinv(U) p = U^T (U U^T)^+ p`` the update is ``J^T w``. The weights come from the
+    triangular factor ``R`` of ``J^T = Q R`` (a QR of each leaf's rows, then of the stacked
+    factors: no concatenated matrix, no Gramian) and the SVD of ``R diag(1/|g_i|)``, whose right
+    singular vectors and values are those of ``U`` on the left: the rounding is that of
+    ``cond(U)`` (an eigendecomposition of ``U U^T`` squares it, 4e-4 off TorchJD's float32
+    tolerance of 1e-4). The pseudo-inverse's cut-off is ``torch.linalg.pinv``'s: singular values
+    below ``max(m, n) eps`` times the largest are dropped. TorchJD needs the matrix; here a
+    pytree Jacobian is fine. When ``p`` is orthogonal to the rows of ``U`` to rounding (its
+    share in their span at most ``max(m, n) eps``, e.g. rows ``+-q`` in equal numbers and ``p``
+    = ones), the direction is undefined (0 / 0) and the update is 0; TorchJD returns NaN or
+    rounding noise divided by rounding noise there.
 
     Args:
         pref_vector: the preference ``p`` (default ones).
@@ -45,30 +49,54 @@ class ConFIG(AbstractAggregator):
 
     def _weights(self, jacobian):
         m = num_objectives(jacobian)
-        n = sum(leaf[0].size for leaf in jax.tree_util.tree_leaves(jacobian))
-        # ConFIG's weights are scale-invariant: G from J scaled by a power of two if J J^T
-        # overflowed or underflowed
-        G = gramian_in_range(*jax.lax.stop_gradient((jacobian, gramian(jacobian))))
+        leaves = jax.tree_util.tree_leaves(jax.lax.stop_gradient(jacobian))
+        n = sum(leaf[0].size for leaf in leaves)
+        dtype = accumulation_dtype_of(*leaves)
+        R = _triangular_factor(leaves, dtype)  # J^T = Q R: R^T R = J J^T, without forming it
         if self.pref_vector is None:
-            p = jnp.ones((m,), G.dtype)
+            p = jnp.ones((m,), dtype)
         else:
-            p = sized(self.pref_vector, m, G.dtype, "pref_vector")
-        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
+            p = sized(self.pref_vector, m, dtype, "pref_vector")
+        norms = jnp.sqrt(jnp.sum(R * R, axis=0))  # |g_i| (on J scaled by a power of two)
         inv_norm = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-        Gu = G * inv_norm[:, None] * inv_norm[None, :]
-        lam, V = jnp.linalg.eigh(0.5 * (Gu + Gu.T))
-        eps = jnp.finfo(G.dtype).eps
-        rtol = jnp.maximum((max(m, n) * eps) ** 2, m * eps)
-        keep = lam > rtol * jnp.max(lam)
-        inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
-        alpha = (V * inv[None, :]) @ (V.T @ p)
-        norm_d2 = jnp.maximum(alpha @ Gu @ alpha, 0.0)
-        # the share of p in the row space of U is at least |U^T alpha|^2 max(lam) / |p|^2
-        defined = norm_d2 * jnp.max(lam) > rtol * (p @ p)
-        denom = jnp.maximum(jnp.sqrt(norm_d2), 1e-12)
+        # U^T = Q R diag(1 / |g_i|): U's left singular vectors V and values S are R_U's right
+        # ones; pinv(U) p = U^T alpha with alpha = V S^-2 V^T p
+        _, S, Vt = jnp.linalg.svd(R * inv_norm[None, :], full_matrices=False)
+        V = Vt.T
+        eps = jnp.finfo(dtype).eps
+        keep = S > max(m, n) * eps * jnp.max(S)  # torch.linalg.pinv's cut-off
+        Sk = jnp.where(keep, S, 1.0)
+        c = jnp.where(keep, V.T @ p, 0.0)
+        alpha = V @ (c / (Sk * Sk))
+        norm_d2 = jnp.sum((c / Sk) ** 2)  # |U^T alpha|^2
+        defined = c @ c > max(m, n) * eps * (p @ p)  # p's share in the span of U's rows
+        denom = jnp.sqrt(jnp.where(defined, norm_d2, 1.0))
         beta = jnp.where(defined, inv_norm * alpha, 0.0)  # J^T beta = U^T alpha
-        length = jnp.sum(G @ beta) / denom
+        # sum_i g_i . U^T alpha = sum_i |g_i| (U U^T alpha)_i, and U U^T alpha = V V^T p (kept)
+        length = jnp.sum(norms * (V @ c)) / denom
         return length / denom * beta
+
+
+def _triangular_factor(leaves, dtype):
+    """``R`` (m x m) with ``J^T = Q R``, leaf by leaf (a QR of each leaf's rows, then of the
+    stacked factors), from J scaled by a power of two near ``max |J|``: ``R^T R`` is the
+    Gramian, but the condition number is J's, not its square (TorchJD's ConFIG takes the
+    pseudo-inverse of the matrix; an eigendecomposition of ``J J^T`` loses twice the digits)."""
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    usable = (top > 0) & (top <= jnp.finfo(dtype).max)
+    _, e = jnp.frexp(jnp.where(usable, top, 1.0))
+    factor = jnp.ldexp(jnp.ones((), dtype), -e)
+    m = leaves[0].shape[0]
+    blocks = []
+    for leaf in leaves:
+        rows = jnp.reshape(leaf, (m, -1)).astype(dtype) * factor
+        blocks.append(jnp.linalg.qr(rows.T, mode="r") if rows.shape[1] > m else rows.T)
+    if len(blocks) == 1 and blocks[0].shape[0] == m:
+        return blocks[0]
+    stacked = jnp.concatenate(blocks, axis=0)
+    if stacked.shape[0] < m:  # fewer coordinates than objectives: pad with zero rows
+        stacked = jnp.concatenate([stacked, jnp.zeros((m - stacked.shape[0], m), dtype)])
+    return jnp.linalg.qr(stacked, mode="r")
 
 
 config = spelling(ConFIG, "config", reads="jacobian")
