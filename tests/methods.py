@@ -96,6 +96,7 @@ REGISTRY = [
          lambda: jd.aligned_mtl_weighting(scale_mode="median"),
          (agg.AlignedMTL, agg.AlignedMTLWeighting, "aligned_mtl", "aligned_mtl_weighting")),
     Spec("config", jd.config, None, (agg.ConFIG, "config")),
+    Spec("config_gramian", lambda: jd.config(factor="gramian"), None),
     Spec("krum", lambda: jd.krum(n_byzantine=1, n_selected=2),
          lambda: jd.krum_weighting(n_byzantine=1, n_selected=2),
          (agg.Krum, agg.KrumWeighting, "krum", "krum_weighting")),
