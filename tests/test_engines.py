@@ -123,8 +123,26 @@ def explicit(losses, params, batch):
     return J, jd.gramian(J)
 
 
-@pytest.mark.parametrize("method", ["jacobian", "columns", "per_sample", "layerwise"])
-@pytest.mark.parametrize("model", list(MODELS))
+def _engine_cases():
+    """The two engines that read the program (per_sample, layerwise) on every model by default;
+    the Jacobian and column engines (a jacrev and a loop of VJPs/JVPs) on the first model, and
+    on the others in the slow sweep."""
+    first = next(iter(MODELS))
+    return [
+        pytest.param(
+            model,
+            method,
+            id=f"{model}-{method}",
+            marks=()
+            if method in ("per_sample", "layerwise") or model == first
+            else pytest.mark.slow,
+        )
+        for model in MODELS
+        for method in ("jacobian", "columns", "per_sample", "layerwise")
+    ]
+
+
+@pytest.mark.parametrize("model, method", _engine_cases())
 def test_gramian_engines_equal_jacrev(model, method, x64):
     losses, params, batch = MODELS[model]()
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
@@ -354,6 +372,7 @@ def _mtl_model():
     return trunk, heads, trunk_params, head_params, x
 
 
+@pytest.mark.slow  # 20 s; the layerwise test below checks the same helper by default
 def test_mtl_helper_equals_brute_force(x64):
     trunk, heads, tp, hp, x = _mtl_model()
     tp, hp = (jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), t) for t in (tp, hp))
@@ -399,7 +418,7 @@ def test_mtl_helper_equals_brute_force(x64):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_mtl_layerwise_equals_the_materialised_jacobian(dtype, x64):
     """The default layerwise MTL engine (Gramian and J^T w from the task cotangents at each
     layer) against the brute-force trunk Jacobian: the Gramian, and the aggregated gradient for a

@@ -44,7 +44,14 @@ def as_dtype(a, dtype):
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
 @pytest.mark.parametrize(
-    "case", scaled_matrices() + typical_matrices(), ids=ids(scaled_matrices() + typical_matrices())
+    "case",
+    # the typical matrices go through every other property test below: their finiteness
+    # check runs in the slow sweep
+    [pytest.param(c, id=i) for c, i in zip(scaled_matrices(), ids(scaled_matrices()))]
+    + [
+        pytest.param(c, id=i, marks=pytest.mark.slow)
+        for c, i in zip(typical_matrices(), ids(typical_matrices()))
+    ],
 )
 def test_finite_output_of_right_shape(name, case, dtype):
     _, a = case

@@ -121,7 +121,7 @@ def test_compensated_float32_residual_matches_float64(x64):
     assert np.abs(plain - exact).max() > 10 * np.abs(wide - exact).max()
 
 
-@pytest.mark.parametrize("m", [4, 20])
+@pytest.mark.parametrize("m", [4, pytest.param(20, marks=pytest.mark.slow)])
 def test_float32_vmaps_keep_the_wide_residual(m):
     """The float32 refinement traces a float64 product with x64 enabled locally: every way of
     batching it (vmap of a jitted weighting, vmap of vmap) goes through BPP's rule, so none

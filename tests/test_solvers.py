@@ -196,7 +196,7 @@ def test_bpp_exact_at_large_m(m, x64):
     assert (J @ d.T).min() >= -1e-9 * np.linalg.norm(J) ** 2
 
 
-@pytest.mark.parametrize("m", [16, 17, 40])
+@pytest.mark.parametrize("m", [16, 17, pytest.param(40, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reg", [1e-4, 0.0])
 def test_half_size_primal_dual_path_equals_full_size(m, reg, x64):
     """For m >= 16 bpp solves K = ceil(m/2) systems (primal on F or dual on A); with reg = 0

@@ -74,7 +74,20 @@ def test_vmap_over_jacobians_and_states(spec, dtype):
         close(one, run(method, Js[i], keys[i]), dtype, spec)
 
 
-@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+# One method per code path by default (the dual-cone solver, Frank-Wolfe, the eigen and QR
+# methods, random keys, Jacobian-sized and Gramian state, lane-by-lane Nash-MTL, the loss
+# readers); every method in the slow sweep.
+_VMAP2_DEFAULT = {"upgrad", "mgda", "aligned_mtl", "config", "pcgrad", "graddrop", "gradvac",
+                  "excess_mtl", "nash_mtl", "moco", "gradnorm", "trimmed_mean"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param(s, id=s.name, marks=() if s.name in _VMAP2_DEFAULT else pytest.mark.slow)
+        for s in REGISTRY
+    ],
+)
 def test_vmap_of_vmap(spec, x64):
     method = spec.build()
     Js = jnp.stack(
