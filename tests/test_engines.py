@@ -172,11 +172,12 @@ def test_gramian_engines_float32():
         ("mlp", "per_sample"),
         ("cnn", "per_sample"),
         ("embedding_layernorm", "per_sample"),
-        ("embedding_layernorm", "layerwise"),
         ("shared_weight", "layerwise"),
-        ("multi_output_BxT", "layerwise"),
-        ("multi_output_BxT", "per_sample"),
-        ("cnn", "layerwise"),
+        # the same engines on more models: the slow sweep
+        pytest.param("embedding_layernorm", "layerwise", marks=pytest.mark.slow),
+        pytest.param("multi_output_BxT", "layerwise", marks=pytest.mark.slow),
+        pytest.param("multi_output_BxT", "per_sample", marks=pytest.mark.slow),
+        pytest.param("cnn", "layerwise", marks=pytest.mark.slow),
     ],
 )
 def test_weighted_grad_equals_aggregating_the_jacobian(model, method, x64):

@@ -53,6 +53,9 @@ def as_dtype(a, dtype):
         for c, i in zip(typical_matrices(), ids(typical_matrices()))
     ],
 )
+@pytest.mark.parametrize(
+    "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)], indirect=True
+)
 def test_finite_output_of_right_shape(name, case, dtype):
     _, a = case
     if dtype == "float32" and np.abs(a).max() > 1e15:

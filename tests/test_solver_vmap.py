@@ -200,7 +200,7 @@ def test_unrolled_spd_solve_matches_lapack(K, dtype, monkeypatch):
             assert not bool(jnp.all(piv > 0))
 
 
-@pytest.mark.parametrize("m", [6, 16])
+@pytest.mark.parametrize("m", [6, pytest.param(16, marks=pytest.mark.slow)])
 def test_bpp_with_unrolled_solves_equals_lapack(m, monkeypatch, x64):
     """BPP with the accelerators' unrolled small systems (forced on the CPU) under vmap, on the
     full-size path (m < 16) and the half-size one, gives the LAPACK path's answer."""

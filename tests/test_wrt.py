@@ -70,7 +70,15 @@ def test_value_and_jacobian_with_wrt(argnums):
     assert J.steps is None and J.key is None and J.tag is None
 
 
-@pytest.mark.parametrize("method", ["jacobian", "columns", "per_sample", "layerwise"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "jacobian",
+        "per_sample",
+        pytest.param("columns", marks=pytest.mark.slow),
+        pytest.param("layerwise", marks=pytest.mark.slow),
+    ],
+)
 def test_value_and_gramian_with_wrt(method):
     _, J_ref = _reference()
     _, G = jax.jit(jd.value_and_gramian(losses, method=method, wrt=eqx.is_inexact_array))(
