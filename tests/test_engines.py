@@ -492,10 +492,68 @@ def test_equinox_module_with_the_filter_pattern(x64):
     def per_sample(p, x):
         return jnp.sum(jax.vmap(eqx.combine(p, static))(x) ** 2, axis=1)
 
-    G_ref = jd.gramian(jax.jit(jax.jacrev(per_sample))(params, x))
+    J_ps = jax.jit(jax.jacrev(per_sample))(params, x)
+    G_ref = jd.gramian(J_ps)
     for method in ("per_sample", "layerwise"):
         _, G = jax.jit(jd.value_and_gramian(per_sample, method=method))(params, x)
         np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_per_sample_engine_keeps_equinox_linear_layers_on_the_fast_path(x64):
+    """eqx.nn.Linear under vmap computes W @ x (out-features first: dot_general with the weight
+    on the left, then a transpose) and adds its bias after a broadcast: every weight and bias
+    of an MLP is read structurally (no per-sample-gradient fallback, reported as ``fallback``),
+    and the Gramian and the weighted update equal jacrev's (#13 item 20)."""
+    import equinox as eqx
+
+    from jaxjd.engines import per_sample_gramian_parts, weighted_grad_from_factors
+
+    model = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(0))
+    model = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, model)
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def per_sample(p, x):
+        return jnp.sum(jax.vmap(eqx.combine(p, static))(x) ** 2, axis=1)
+
+    _, G, factors = per_sample_gramian_parts(per_sample, params, x)
+    assert factors.fallback == ()
+    assert len(factors.plan.dense_t) == 3 and len(factors.plan.bias) == 3
+    J = jax.jacrev(per_sample)(params, x)
+    np.testing.assert_allclose(G, jd.gramian(J), rtol=1e-10, atol=1e-14)
+    w = jnp.linspace(0.5, 1.5, 6)
+    update = weighted_grad_from_factors(w, factors)
+    for a, b in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(jd.combine(w, J))):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    # sequences (vmap over samples and positions) and T = 2 losses per sample: the weights stay
+    # structural (rows (B, L, d_in)); the biases, broadcast over two batch axes, fall back
+    xs = jax.random.normal(jax.random.key(2), (6, 4, 3), jnp.float64)
+
+    def per_sequence(p, x):
+        return jnp.sum(jax.vmap(jax.vmap(eqx.combine(p, static)))(x) ** 2, axis=1)  # (B, 2)
+
+    _, G, factors = per_sample_gramian_parts(per_sequence, params, xs)
+    assert len(factors.plan.dense_t) == 3
+    assert factors.fallback == tuple(f".layers[{i}].bias" for i in range(3))
+    J = jax.tree_util.tree_map(
+        lambda a: a.reshape(12, *a.shape[2:]), jax.jacrev(per_sequence)(params, xs)
+    )
+    np.testing.assert_allclose(G, jd.gramian(J), rtol=1e-10, atol=1e-13)
+    w = jnp.linspace(0.5, 1.5, 12)
+    update = weighted_grad_from_factors(w, factors)
+    for a, b in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(jd.combine(w, J))):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    # a layer-norm scale (a product with the normalised input) still falls back, and says so
+    norm = eqx.nn.LayerNorm(3)
+
+    def normed(p, x):
+        return jnp.sum(jax.vmap(lambda r: eqx.combine(p["mlp"], static)(p["norm"](r)))(x) ** 2, 1)
+
+    _, G2, factors2 = per_sample_gramian_parts(normed, {"mlp": params, "norm": norm}, x)
+    assert factors2.fallback == ("['norm'].weight",)  # its bias is a broadcast add
+    np.testing.assert_allclose(
+        G2, jd.gramian(jax.jacrev(normed)({"mlp": params, "norm": norm}, x)), rtol=1e-9
+    )
 
 
 def test_per_sample_with_a_jitted_layer_called_twice(x64):

@@ -15,6 +15,9 @@ from jax.extend import core as jcore
 @dataclass
 class _Plan:
     dense: dict = field(default_factory=dict)  # eqn id -> param index
+    # eqn id -> param index, for y = W @ x^T (W first, out-features first: equinox's Linear
+    # under vmap); per-sample engine only
+    dense_t: dict = field(default_factory=dict)
     bias: dict = field(default_factory=dict)  # add-eqn id -> (param index, broadcast dims)
     local: dict = field(default_factory=dict)  # eqn id -> (param index, eqn, param position)
     structural: set = field(default_factory=set)
@@ -99,6 +102,19 @@ def _analyse(closed, n_params, batch_size):
                         )
                     ):
                         kind = "dense"
+                elif name == "dot_general" and pos == 0 and batch_size is not None:
+                    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+                    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+                    if (
+                        not lb
+                        and not rb
+                        and lhs.ndim == 2
+                        and tuple(lc) == (1,)
+                        and rhs.ndim >= 2
+                        and tuple(rc) == (rhs.ndim - 1,)
+                        and rhs.shape[0] == batch_size
+                    ):
+                        kind = "dense_t"
                 elif _is_local(eqn, pos, batch_size):
                     kind = "local"
                 elif name == "broadcast_in_dim" and batch_size is not None:
@@ -132,6 +148,9 @@ def _analyse(closed, n_params, batch_size):
         kinds = [u[0] for u in us]
         if kinds == ["dense"]:
             plan.dense[us[0][1]] = p
+            plan.structural.add(p)
+        elif kinds == ["dense_t"]:
+            plan.dense_t[us[0][1]] = p
             plan.structural.add(p)
         elif kinds == ["local"]:
             plan.local[us[0][1]] = (p, *us[0][2])
@@ -198,6 +217,8 @@ class _Traced:
             k = id(eqn)
             if k in plan.dense:
                 captured[k] = invals[0]
+            if k in plan.dense_t:
+                captured[k] = invals[1]
             if k in plan.local:
                 captured[k] = tuple(invals)
             if k in perturbations:
@@ -209,7 +230,7 @@ class _Traced:
 
     def perturbation_zeros(self, plan):
         """Zeros shaped like the output of every equation the plan treats structurally."""
-        keys = {*plan.dense, *plan.bias, *plan.local}
+        keys = {*plan.dense, *plan.dense_t, *plan.bias, *plan.local}
         shapes = {}
 
         def hook(eqn, invals, outvals):

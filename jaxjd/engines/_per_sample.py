@@ -38,6 +38,9 @@ class PerSampleFactors(NamedTuple):
         treedef: the parameters' structure.
         leaves: the parameters' leaves.
         shape: ``(B, T)``.
+        fallback: the key paths (``jax.tree_util.keystr``) of the parameters that fell back to
+            per-sample gradients (used twice, a layer-norm scale, ...): read it to see whether a
+            model stays on the fast path.
     """
 
     plan: Any
@@ -48,6 +51,7 @@ class PerSampleFactors(NamedTuple):
     treedef: Any
     leaves: list
     shape: tuple
+    fallback: tuple = ()
 
 
 def per_sample_gramian_parts(
@@ -92,9 +96,9 @@ def per_sample_gramian_parts(
         return jnp.swapaxes(g.reshape(T, B, -1), 0, 1).reshape(m, -1).astype(acc)
 
     G = jnp.zeros((m, m), acc)
-    for k in plan.dense:
-        X = captured[k].reshape(B, -1, captured[k].shape[-1]).astype(acc)
-        D = deltas[k].reshape(T, B, X.shape[1], -1).astype(acc)
+    for k in (*plan.dense, *plan.dense_t):
+        X, D = _dense_factors(plan, captured, deltas, k, B, T)
+        X, D = X.astype(acc), D.astype(acc)
         L = X.shape[1]
         if L * L > X.shape[2] * D.shape[-1]:
             g = rows(jnp.einsum("bld,tble->tbde", X, D))
@@ -128,10 +132,30 @@ def per_sample_gramian_parts(
             g = Ji.reshape(m, -1).astype(acc)
             fb_grads[i] = Ji
             G = G + g @ g.T
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     factors = PerSampleFactors(
-        plan, captured, deltas, row_grads, fb_grads, traced.treedef, leaves, (B, T)
+        plan,
+        captured,
+        deltas,
+        row_grads,
+        fb_grads,
+        traced.treedef,
+        leaves,
+        (B, T),
+        tuple(paths[i] for i in fallback),
     )
     return losses, G, factors
+
+
+def _dense_factors(plan, captured, deltas, k, B, T):
+    """``X`` ``(B, L, d_in)`` and ``D`` ``(T, B, L, d_out)`` of a dense use: ``y = x @ W``, or
+    ``y = W @ x^T`` (``plan.dense_t``: the cotangent has the out-features first, ``(T, d_out,
+    B, ...)``, and sample b's gradient is the transpose, ``D_b^T X_b``)."""
+    X = captured[k].reshape(B, -1, captured[k].shape[-1])
+    D = deltas[k]
+    if k in plan.dense_t:
+        D = jnp.moveaxis(D, 1, -1)
+    return X, D.reshape(T, B, X.shape[1], -1)
 
 
 def _local_per_sample(eqn, pos, invals, delta, B):
@@ -156,18 +180,17 @@ def _local_per_sample(eqn, pos, invals, delta, B):
 
 def weighted_grad_from_factors(weights: Float[Array, " m"], factors: PerSampleFactors) -> PyTree:
     """``sum_b w_b g_b`` for every parameter from the captured factors (no second backward)."""
-    plan, captured, deltas, row_grads, fb_grads, treedef, leaves, (B, T) = factors
+    plan, captured, deltas, row_grads, fb_grads, treedef, leaves, (B, T) = factors[:8]
     out = [None] * len(leaves)
-    for k, p in plan.dense.items():
-        X = captured[k].reshape(B, -1, captured[k].shape[-1])
-        D = deltas[k].reshape(T, B, X.shape[1], -1)
+    for k, p in (*plan.dense.items(), *plan.dense_t.items()):
+        X, D = _dense_factors(plan, captured, deltas, k, B, T)
         acc = accumulation_dtype(X.dtype)
         W = weights.reshape(B, T).astype(acc)
         if T == 1:
             g = jnp.einsum("b,bld,ble->de", W[:, 0], X, D[0])
         else:
             g = jnp.einsum("bt,bld,tble->de", W, X, D)
-        out[p] = g.astype(leaves[p].dtype)
+        out[p] = (g.T if k in plan.dense_t else g).astype(leaves[p].dtype)
     for p, g in row_grads.items():
         out[p] = (weights.astype(g.dtype) @ g).reshape(leaves[p].shape).astype(leaves[p].dtype)
     for p, J in fb_grads.items():
