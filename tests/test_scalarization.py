@@ -344,7 +344,7 @@ def test_stateful_scalarizers_vmap_over_runs_and_round_trip(name, x64):
             if extra is not None:
                 state = extra(state)
             else:
-                state = s.after_step(batches[t] * 0.9 ** jnp.arange(3), state)
+                state = s.after_step(batches[t] * 0.9 ** jnp.arange(3.0), state)
         return jnp.stack(values), state
 
     runs = jnp.asarray(np.random.default_rng(4).uniform(0.2, 2.0, (3, 4, 3)))

@@ -6,9 +6,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array
 
+from .._adam import AdamState, adam_direction, adam_init
 from .._typing import Scalar, VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, sized, spelling, vector
@@ -21,7 +21,7 @@ class GradNormState(NamedTuple):
     logits: Array
     initial_losses: Array
     started: Array
-    adam: optax.OptState
+    adam: AdamState
 
 
 class GradNormWeighting(AbstractWeighting):
@@ -70,7 +70,7 @@ class GradNormWeighting(AbstractWeighting):
                 sized(self.initial_losses, m, dtype, "initial_losses"),
                 jnp.asarray(True),
             )
-        return GradNormState(s, start, started, optax.scale_by_adam().init(s))
+        return GradNormState(s, start, started, adam_init(s))
 
     def _weigh(self, G, state, key, losses):
         m = G.shape[0]
@@ -88,8 +88,8 @@ class GradNormWeighting(AbstractWeighting):
             return jnp.sum(jnp.abs(scaled - target))
 
         grad = jax.grad(balance_loss)(state.logits)
-        direction, adam = optax.scale_by_adam().update(grad, state.adam)
-        logits = state.logits - as_dtype(self.lr, dtype) * jnp.asarray(direction)
+        direction, adam = adam_direction(grad, state.adam)
+        logits = state.logits - as_dtype(self.lr, dtype) * direction
         weights = m * jax.nn.softmax(state.logits)
         return weights, GradNormState(logits, L0, jnp.asarray(True), adam)
 

@@ -56,6 +56,7 @@ def _decayed(rate, sigma, t, dtype):
 
 
 def _like_row(update, jacobian):
+    """The update (one row's structure) in the Jacobian leaves' dtypes."""
     return jax.tree_util.tree_map(lambda u, leaf: u.astype(leaf.dtype), update, jacobian)
 
 
@@ -122,7 +123,7 @@ class MoCo(AbstractAggregator):
         A = gramian(y).astype(dtype) + as_dtype(self.rho, dtype) * jnp.eye(m, dtype=dtype)
         gamma = _decayed(self.gamma, self.gamma_sigma, t, dtype)
         weights = jax.nn.softmax(state.weights - gamma * (A @ state.weights))
-        update = _like_row(combine(weights, y), jax.tree_util.tree_map(lambda x: x[0], jacobian))
+        update = _like_row(combine(weights, y), jacobian)
         return Aggregation(update, None, MoCoState(y, weights, t))
 
 
@@ -178,7 +179,7 @@ class DBMTL(AbstractAggregator):
         )
         norms = _row_norms(buffer)
         alpha = jnp.max(norms) / (norms + _EPS)
-        update = _like_row(combine(alpha, buffer), jax.tree_util.tree_map(lambda x: x[0], jacobian))
+        update = _like_row(combine(alpha, buffer), jacobian)
         return Aggregation(update, None, DBMTLState(buffer, t))
 
 

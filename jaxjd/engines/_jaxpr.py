@@ -65,6 +65,32 @@ def _is_local(eqn, pos, batch_size):
     return False
 
 
+def _dense_kind(eqn, pos, batch_size):
+    """``"dense"`` for ``y = x @ W`` (the 2-D parameter W on the right, contracted on its first
+    axis; per sample, x batched on axis 0), ``"dense_t"`` for ``y = W @ x^T`` (W on the left,
+    contracted on its second axis, x batched on axis 0: equinox's Linear under vmap; per sample
+    only), else ``"other"``."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    if lb or rb:
+        return "other"
+    if pos == 1 and rhs.ndim == 2 and tuple(rc) == (0,) and tuple(lc) == (lhs.ndim - 1,):
+        if batch_size is None:
+            return "dense" if jnp.issubdtype(lhs.dtype, jnp.inexact) else "other"
+        return "dense" if lhs.ndim >= 2 and lhs.shape[0] == batch_size else "other"
+    if (
+        pos == 0
+        and batch_size is not None
+        and lhs.ndim == 2
+        and tuple(lc) == (1,)
+        and rhs.ndim >= 2
+        and tuple(rc) == (rhs.ndim - 1,)
+        and rhs.shape[0] == batch_size
+    ):
+        return "dense_t"
+    return "other"
+
+
 def _analyse(closed, n_params, batch_size):
     """Which parameters can be treated structurally, and at which equations."""
     uses = {}  # param index -> list of (kind, eqn id, extra)
@@ -86,35 +112,11 @@ def _analyse(closed, n_params, batch_size):
                 if p is None:
                     continue
                 kind = "other"
+                dense = _dense_kind(eqn, pos, batch_size) if name == "dot_general" else "other"
                 if name == "dot_general" and pos == 1:
-                    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-                    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-                    if (
-                        not lb
-                        and not rb
-                        and rhs.ndim == 2
-                        and tuple(rc) == (0,)
-                        and tuple(lc) == (lhs.ndim - 1,)
-                        and (
-                            lhs.ndim >= 2 and lhs.shape[0] == batch_size
-                            if batch_size is not None
-                            else jnp.issubdtype(lhs.dtype, jnp.inexact)
-                        )
-                    ):
-                        kind = "dense"
-                elif name == "dot_general" and pos == 0 and batch_size is not None:
-                    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-                    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-                    if (
-                        not lb
-                        and not rb
-                        and lhs.ndim == 2
-                        and tuple(lc) == (1,)
-                        and rhs.ndim >= 2
-                        and tuple(rc) == (rhs.ndim - 1,)
-                        and rhs.shape[0] == batch_size
-                    ):
-                        kind = "dense_t"
+                    kind = dense
+                elif dense == "dense_t":
+                    kind = dense
                 elif _is_local(eqn, pos, batch_size):
                     kind = "local"
                 elif name == "broadcast_in_dim" and batch_size is not None:

@@ -6,10 +6,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.typing import ArrayLike
 from jaxtyping import Array
 
+from .._adam import AdamState, adam_direction, adam_init
+from .._tree import accumulation_dtype
 from .._typing import Scalar
 from ..aggregation._fields import as_dtype, number
 from ._abstract import AbstractScalarizer, _checked_values, array, same_shape
@@ -22,7 +23,7 @@ class FAMOState(NamedTuple):
     (what :meth:`FAMO.after_step` compares with) and whether such a call is pending."""
 
     logits: Array
-    adam: optax.OptState  # the state of Adam with L2 weight decay on the logits
+    adam: AdamState  # Adam's moments on the logits
     last_losses: Array
     pending: Array  # bool
 
@@ -61,15 +62,9 @@ class FAMO(AbstractScalarizer):
     weight_decay: Scalar = number("weight_decay", 1e-3, check="nonnegative")
 
     def _init(self, values_like):
-        dtype = jnp.result_type(values_like.dtype, jnp.float32)
+        dtype = accumulation_dtype(values_like.dtype)
         w = jnp.zeros(values_like.shape, dtype)
-        return FAMOState(w, self._adam(dtype).init(w), jnp.zeros_like(w), jnp.zeros((), bool))
-
-    def _adam(self, dtype) -> optax.GradientTransformation:
-        return optax.chain(
-            optax.add_decayed_weights(as_dtype(self.weight_decay, dtype)),
-            optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-        )
+        return FAMOState(w, adam_init(w), jnp.zeros_like(w), jnp.zeros((), bool))
 
     def _check(self, values, state):
         if state.logits.shape != values.shape:
@@ -108,8 +103,9 @@ class FAMO(AbstractScalarizer):
         _, vjp = jax.vjp(lambda w: jax.nn.softmax(w.ravel()), state.logits)
         (grad,) = vjp(delta.ravel())
         lr = as_dtype(self.lr, dtype)
-        direction, adam = self._adam(dtype).update(grad, state.adam, state.logits)
-        logits = state.logits - lr * jnp.asarray(direction)
+        grad = grad + as_dtype(self.weight_decay, dtype) * state.logits  # L2, as torch's Adam
+        direction, adam = adam_direction(grad, state.adam)
+        logits = state.logits - lr * direction
         new = FAMOState(logits, adam, state.last_losses, jnp.zeros((), bool))
         ok = state.pending & jnp.all(jnp.isfinite(delta))
         return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from .._tree import accumulation_dtype
 from .._typing import Scalar
 from ..aggregation._fields import as_dtype, number
 from ._abstract import AbstractScalarizer, required_shape
 
 
 def _zeros_like(values_like):
-    return jnp.zeros(values_like.shape, jnp.result_type(values_like.dtype, jnp.float32))
+    return jnp.zeros(values_like.shape, accumulation_dtype(values_like.dtype))
 
 
 class UW(AbstractScalarizer):
