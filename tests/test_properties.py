@@ -71,6 +71,9 @@ NC = ["upgrad", "upgrad_exact", "dualproj", "mgda"]
 
 @pytest.mark.parametrize("name", NC)
 @pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+@pytest.mark.parametrize(
+    "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)], indirect=True
+)
 def test_non_conflicting(name, case, dtype):
     """TorchJD's check on J d: its negative part is negligible, ``|(Jd)_+| ~ |Jd|`` with
     atol = tol |J|^2 and rtol = tol (TorchJD: 4e-4); 1e-9 for the exact projection."""

@@ -170,7 +170,7 @@ def test_wide_matvec_under_nested_vmaps(axes):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("K", [1, 2, 7, 16])
+@pytest.mark.parametrize("K", [1, 7, 16, pytest.param(2, marks=pytest.mark.slow)])
 def test_unrolled_spd_solve_matches_lapack(K, dtype, monkeypatch):
     """The accelerators' small-system solve (Gaussian elimination unrolled, no pivoting) on SPD
     matrices up to cond 1e3: the solution to a few eps cond, the pivots' product is det M, and
