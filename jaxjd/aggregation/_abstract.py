@@ -248,15 +248,14 @@ def _weigh_jit(weighting, gramian, state, key, losses=None):
     G = _prepared(gramian)
     with jax.default_matmul_precision("highest"):
         w, new_state = weighting._weigh(G, state, key, *_hook_args(weighting, losses))
-    finite = jnp.all(jnp.isfinite(losses)) if losses is not None else True
-    if isinstance(G, jax.ShapeDtypeStruct):  # weights from m alone
-        if losses is None:
-            return w, new_state
-        return jnp.where(finite, w, jnp.nan), _keep_unless(finite, new_state, state)
     # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
     # weights (never finite weights of garbage) and leaves the state as it was, so that one bad
     # step does not poison the next ones; so do non-finite losses, for a method that reads them.
-    finite = finite & jnp.all(jnp.isfinite(G))
+    # (Weights from m alone have no Gramian to check.)
+    checked = [x for x in (losses, G) if x is not None and not isinstance(x, jax.ShapeDtypeStruct)]
+    if not checked:
+        return w, new_state
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked]))
     return jnp.where(finite, w, jnp.nan), _keep_unless(finite, new_state, state)
 
 
@@ -326,17 +325,19 @@ class AbstractAggregator(_Method):
         # all fuses anyway.
         with jax.default_matmul_precision("highest"):
             out = self._aggregate(jacobian, state, key, *_hook_args(self, losses))
-        if losses is not None:  # the value policy: a non-finite loss read gives NaN out
-            ok = jnp.all(jnp.isfinite(losses))
-            nan_unless = lambda x: jnp.where(ok, x, jnp.nan).astype(x.dtype)  # noqa: E731
+        losses_ok = None if losses is None else jnp.all(jnp.isfinite(losses))
+        if losses_ok is not None:  # the value policy: a non-finite loss read gives NaN out
+            nan_unless = lambda x: jnp.where(losses_ok, x, jnp.nan).astype(x.dtype)  # noqa: E731
             out = out._replace(
                 update=jax.tree_util.tree_map(nan_unless, out.update),
                 weights=None if out.weights is None else nan_unless(out.weights),
             )
         if self.stateful and not isinstance(self, GramianWeightedAggregator):
             # (A Gramian-weighted one already keeps its weighting's state on a non-finite G.)
-            leaves = jax.tree_util.tree_leaves(jacobian) + ([] if losses is None else [losses])
+            leaves = jax.tree_util.tree_leaves(jacobian)
             finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+            if losses_ok is not None:
+                finite = finite & losses_ok
             out = out._replace(state=_keep_unless(finite, out.state, state))
         return out
 
@@ -397,14 +398,20 @@ def _out_of_range(G, n):
     return ~(top <= info.max) | (top < float(info.tiny) / float(info.eps) * max(n, 1))
 
 
+def power_of_two_scale(leaves, dtype):
+    """``2^-e`` (in ``dtype``) with ``2^e`` about ``max |J|`` over the leaves: multiplying by
+    it is exact and brings J near 1 (1 when J is zero or not finite)."""
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    usable = (top > 0) & (top <= jnp.finfo(dtype).max)
+    _, e = jnp.frexp(jnp.where(usable, top, 1.0))
+    return jnp.ldexp(jnp.ones((), dtype), -e)
+
+
 def _scaled_gramian(jacobian):
     """``gramian(2^-e J)`` with ``2^e`` about ``max |J|``: exact scaling, no overflow or
     underflow in ``G`` (a non-finite J stays non-finite)."""
     leaves = jax.tree_util.tree_leaves(jacobian)
-    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(leaves[0].dtype) for x in leaves]))
-    usable = (top > 0) & (top <= jnp.finfo(top.dtype).max)
-    _, e = jnp.frexp(jnp.where(usable, top, 1.0))
-    factor = jnp.ldexp(jnp.ones((), top.dtype), -e)
+    factor = power_of_two_scale(leaves, leaves[0].dtype)
     return gramian(jax.tree_util.tree_map(lambda x: x * factor.astype(x.dtype), jacobian))
 
 

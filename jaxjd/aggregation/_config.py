@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from .._tree import accumulation_dtype_of, combine, gramian, num_objectives
 from .._typing import VectorLike
-from ._abstract import AbstractAggregator, Aggregation, gramian_in_range
+from ._abstract import AbstractAggregator, Aggregation, gramian_in_range, power_of_two_scale
 from ._fields import choice, sized, spelling, vector
 
 
@@ -65,7 +65,7 @@ class ConFIG(AbstractAggregator):
         if self.factor == "qr":
             R = _triangular_factor(leaves, dtype)  # J^T = Q R (J scaled by a power of two)
             norms = jnp.sqrt(jnp.sum(R * R, axis=0))  # |g_i|
-            inv_norm = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+            inv_norm = _inverse_or_zero(norms)
             # U^T = Q R diag(1 / |g_i|): U's left singular vectors V and values S are those of
             # R diag(1 / |g_i|) on the right
             _, S, Vt = jnp.linalg.svd(R * inv_norm[None, :], full_matrices=False)
@@ -77,7 +77,7 @@ class ConFIG(AbstractAggregator):
             G = gramian_in_range(*jax.lax.stop_gradient((jacobian, gramian(jacobian))))
             G = G.astype(dtype)
             norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
-            inv_norm = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+            inv_norm = _inverse_or_zero(norms)
             Gu = G * inv_norm[:, None] * inv_norm[None, :]
             lam, V = jnp.linalg.eigh(0.5 * (Gu + Gu.T))
             S = jnp.sqrt(jnp.maximum(lam, 0.0))
@@ -97,15 +97,17 @@ class ConFIG(AbstractAggregator):
         return length / denom * beta
 
 
+def _inverse_or_zero(norms):
+    """``1 / |g_i|``, 0 for a zero row (it stays 0 in U)."""
+    return jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
 def _triangular_factor(leaves, dtype):
     """``R`` (m x m) with ``J^T = Q R``, leaf by leaf (a QR of each leaf's rows, then of the
     stacked factors), from J scaled by a power of two near ``max |J|``: ``R^T R`` is the
     Gramian, but the condition number is J's, not its square (TorchJD's ConFIG takes the
     pseudo-inverse of the matrix; an eigendecomposition of ``J J^T`` loses twice the digits)."""
-    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
-    usable = (top > 0) & (top <= jnp.finfo(dtype).max)
-    _, e = jnp.frexp(jnp.where(usable, top, 1.0))
-    factor = jnp.ldexp(jnp.ones((), dtype), -e)
+    factor = power_of_two_scale(leaves, dtype)
     m = leaves[0].shape[0]
     blocks = []
     for leaf in leaves:

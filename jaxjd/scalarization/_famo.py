@@ -12,6 +12,7 @@ from jaxtyping import Array
 from .._adam import AdamState, adam_direction, adam_init
 from .._tree import accumulation_dtype
 from .._typing import Scalar
+from ..aggregation._abstract import _keep_unless
 from ..aggregation._fields import as_dtype, number
 from ._abstract import AbstractScalarizer, _checked_values, array, same_shape
 
@@ -107,8 +108,7 @@ class FAMO(AbstractScalarizer):
         direction, adam = adam_direction(grad, state.adam)
         logits = state.logits - lr * direction
         new = FAMOState(logits, adam, state.last_losses, jnp.zeros((), bool))
-        ok = state.pending & jnp.all(jnp.isfinite(delta))
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+        return _keep_unless(state.pending & jnp.all(jnp.isfinite(delta)), new, state)
 
     def weights(self, state: FAMOState) -> Array:
         """The task weights ``z = softmax(w)`` the next call will use."""

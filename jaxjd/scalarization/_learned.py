@@ -11,6 +11,7 @@ from jaxtyping import Array
 
 from .._tree import accumulation_dtype
 from .._typing import Scalar
+from ..aggregation._abstract import _keep_unless
 from ..aggregation._fields import as_dtype, number
 from ._abstract import AbstractScalarizer, required_shape
 
@@ -107,7 +108,7 @@ class DWA(AbstractScalarizer):
         # the value policy of the stateful methods: a batch with a NaN or Inf loss gives a
         # non-finite scalar and leaves the history as it was
         finite = jnp.all(jnp.isfinite(detached))
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        new = _keep_unless(finite, new, state)
         return jnp.sum(weights * values), new
 
     def end_epoch(self, state: DWAState) -> DWAState:
