@@ -8,12 +8,15 @@ one-leaf case. Nothing here concatenates the leaves unless a method asks for coo
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Hashable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PyTree
+
+from ._spmd import whole
 
 PyTreeJacobian = PyTree[Float[Array, "m ..."]]
 
@@ -93,10 +96,9 @@ def gramian(jacobian: PyTreeJacobian, *, axis_name: Hashable | None = None) -> F
     acc = accumulation_dtype_of(*leaves)
     total = None
     for leaf in leaves:
-        rows = _as_rows(leaf)
-        if rows.shape[1] == 0:
+        if math.prod(leaf.shape[1:]) == 0:
             continue
-        g = _rows_gram(rows, acc)
+        g = _rows_gram(leaf, acc)
         total = g if total is None else total + g
     if total is None:
         m = leaves[0].shape[0]
@@ -124,15 +126,31 @@ def _dot_rows(a: Array, b: Array, acc) -> Array:
     )
 
 
-def _rows_gram(rows: Array, acc) -> Array:
-    m, n = rows.shape
+def _dot_leaves(a: Array, b: Array, acc) -> Array:
+    """``a b^T`` of two leaves ``(m1, ...)`` and ``(m2, ...)``, contracting every trailing axis
+    in place: a leaf sharded on any of them gives local products and one m1 x m2 all-reduce
+    (a reshape to ``(m, -1)`` would gather the leaf first)."""
+    axes = tuple(range(1, a.ndim))
+    return jax.lax.dot_general(
+        a,
+        b,
+        ((axes, axes), ((), ())),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=acc,
+        out_sharding=whole(a),
+    )
+
+
+def _rows_gram(leaf: Array, acc) -> Array:
+    m, n = leaf.shape[0], math.prod(leaf.shape[1:])
     blocked = (
         n >= _MIN_BLOCKS * _BLOCK_COLUMNS
         and jax.default_backend() == "cpu"
         and jax.device_count() == 1
     )
     if not blocked:
-        return _dot_rows(rows, rows, acc)
+        return _dot_leaves(leaf, leaf, acc)
+    rows = _as_rows(leaf)
     nb = n // _BLOCK_COLUMNS
 
     def body(k, total):
@@ -157,7 +175,7 @@ def cross_gramian(jacobian1: PyTreeJacobian, jacobian2: PyTreeJacobian) -> Float
         if a.shape[1:] != b.shape[1:]:
             raise ValueError(f"Leaf shapes differ: {a.shape} vs {b.shape}.")
         acc = accumulation_dtype_of(a, b)
-        g = _dot_rows(_as_rows(a), _as_rows(b), acc)
+        g = _dot_leaves(a, b, acc)
         total = g if total is None else total + g
     assert total is not None and total.shape == (m1, m2)
     return total
@@ -179,10 +197,10 @@ def combine(weights: Float[Array, " m"], jacobian: PyTreeJacobian) -> PyTree[Arr
 
     def one(leaf):
         acc = accumulation_dtype(leaf.dtype)
-        out = jnp.tensordot(
+        out = jax.lax.dot_general(
             weights.astype(acc),
             leaf,
-            axes=1,
+            (((0,), (0,)), ((), ())),
             precision=jax.lax.Precision.HIGHEST,
             preferred_element_type=acc,
         )
@@ -209,10 +227,13 @@ def row_dots(jacobian: PyTreeJacobian, vector: PyTree[Array]) -> Float[Array, " 
                 f"A leaf of shape {jnp.shape(v)} does not match rows {leaf.shape[1:]}."
             )
         acc = accumulation_dtype_of(leaf, v)
-        return jnp.dot(
-            _as_rows(leaf).astype(acc),
-            jnp.ravel(v).astype(acc),
+        axes = tuple(range(1, leaf.ndim))
+        return jax.lax.dot_general(
+            leaf.astype(acc),
+            jnp.asarray(v).astype(acc),
+            ((axes, tuple(range(jnp.ndim(v)))), ((), ())),
             precision=jax.lax.Precision.HIGHEST,
+            out_sharding=whole(leaf),
         )
 
     parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(one, jacobian, vector))

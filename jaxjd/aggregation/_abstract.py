@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
+from .._spmd import replicated, vary, varying_axes
 from .._tree import (
     accumulation_dtype,
     accumulation_dtype_of,
@@ -246,8 +247,15 @@ def _weigh_jit(weighting, gramian, state, key, losses=None):
     # precision: on GPUs the default float32 product is TF32 (a 10-bit mantissa), which breaks
     # exact solvers and the parity with TorchJD.
     G = _prepared(gramian)
+    # Sharded inputs (jit with NamedSharding): the m x m problem is solved whole on every
+    # device, never partitioned along the batch. Under shard_map, device-varying inputs make
+    # everything the hook sees vary alike (its loops start from carries made to vary as G does).
+    G, state, losses = replicated((G, state, losses))
+    axes = varying_axes(G, state, key, losses)
+    G, state, losses = vary((G, state, losses), axes)
     with jax.default_matmul_precision("highest"):
         w, new_state = weighting._weigh(G, state, key, *_hook_args(weighting, losses))
+    w, new_state = replicated((w, new_state))
     # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
     # weights (never finite weights of garbage) and leaves the state as it was, so that one bad
     # step does not poison the next ones; so do non-finite losses, for a method that reads them.

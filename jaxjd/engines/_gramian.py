@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._spmd import replicated
 from .._tree import gramian
 from ._filter import filter_argnum
 from ._jacobian import value_and_jacobian
@@ -123,7 +124,7 @@ def value_and_gramian(
             (v,) = vjp(e)
             return jnp.reshape(jvp(v), (m,))
 
-        rows = jax.lax.map(column, basis, batch_size=chunk_size)
+        rows = replicated(jax.lax.map(column, basis, batch_size=chunk_size))
         G = 0.5 * (rows + rows.T)
         return ((losses, aux) if has_aux else losses), G
 

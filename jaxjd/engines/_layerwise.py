@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from .._spmd import replicated, whole
 from .._tree import accumulation_dtype_of
 from ._jaxpr import _analyse, _Traced
 
@@ -78,16 +79,20 @@ def task_gramian_vjp(
             # in the middle run at a fraction of the GEMM speed on CPU.
             Dr = jnp.swapaxes(D, 0, 1).reshape(R, m * d_out)
             if gramian and ghost_cost >= rows_cost:
-                rows[p] = jnp.swapaxes((X.T @ Dr).reshape(d_in, m, d_out), 0, 1)
+                XtD = jnp.matmul(X.T, Dr, out_sharding=whole(X))
+                rows[p] = jnp.swapaxes(XtD.reshape(d_in, m, d_out), 0, 1)
             else:
                 ghost[p] = (X, D)
                 if gramian:
-                    KD = jnp.swapaxes(((X @ X.T) @ Dr).reshape(R, m, d_out), 0, 1)
-                    G = G + D.reshape(m, -1) @ KD.reshape(m, -1).T
+                    # With the rows sharded over devices (data parallel), X and D are gathered
+                    # whole for G; J^T w contracts the local ones.
+                    Xw, Dw, Drw = replicated((X, D, Dr))
+                    KD = jnp.swapaxes(((Xw @ Xw.T) @ Drw).reshape(R, m, d_out), 0, 1)
+                    G = G + Dw.reshape(m, -1) @ KD.reshape(m, -1).T
         for k, (p, eqn, pos) in plan.local.items():
             rows[p] = _op_vjp_rows(eqn, pos, captured[k], deltas[k])
         rows.update(zip(fallback, fb_rows))
-        rows = {p: r.reshape(m, -1).astype(acc) for p, r in rows.items()}
+        rows = {p: replicated(r.reshape(m, -1).astype(acc)) for p, r in rows.items()}
         if gramian:
             for r in rows.values():
                 G = G + r @ r.T
@@ -101,7 +106,9 @@ def task_weighted_grad(weights: Float[Array, " m"], factors: LayerwiseFactors) -
     ghost, rows, treedef, leaves = factors
     out: list = [None] * len(leaves)
     for p, (X, D) in ghost.items():
-        out[p] = X.T @ jnp.tensordot(weights.astype(D.dtype), D, axes=1)
+        out[p] = jnp.matmul(
+            X.T, jnp.tensordot(weights.astype(D.dtype), D, axes=1), out_sharding=whole(X)
+        )
     for p, r in rows.items():
         out[p] = weights.astype(r.dtype) @ r
     out = [g.reshape(leaf.shape).astype(leaf.dtype) for g, leaf in zip(out, leaves)]

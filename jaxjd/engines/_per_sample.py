@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
+from .._spmd import replicated, whole
 from .._tree import accumulation_dtype
 from ._jaxpr import _analyse, _Traced
 
@@ -98,7 +99,9 @@ def per_sample_gramian_parts(
     G = jnp.zeros((m, m), acc)
     for k in (*plan.dense, *plan.dense_t):
         X, D = _dense_factors(plan, captured, deltas, k, B, T)
-        X, D = X.astype(acc), D.astype(acc)
+        # With the batch sharded over devices, the factors are gathered whole (activations and
+        # cotangents, not per-sample gradients) and every device forms the same B x B Gramian.
+        X, D = replicated((X.astype(acc), D.astype(acc)))
         L = X.shape[1]
         if L * L > X.shape[2] * D.shape[-1]:
             g = rows(jnp.einsum("bld,tble->tbde", X, D))
@@ -118,7 +121,7 @@ def per_sample_gramian_parts(
             lambda d, eqn=eqn, pos=pos, k=k: _local_per_sample(eqn, pos, captured[k], d, B)
         )(deltas[k])
         row_grads[p] = rows(g)
-    for g in row_grads.values():
+    for g in replicated(list(row_grads.values())):
         G = G + g @ g.T
     fb_grads = {}
     if fallback:
@@ -129,7 +132,7 @@ def per_sample_gramian_parts(
         jac = jax.jacrev(losses_of)([leaves[i] for i in fallback])
         for i, Ji in zip(fallback, jac):
             Ji = Ji.reshape(m, *leaves[i].shape)
-            g = Ji.reshape(m, -1).astype(acc)
+            g = replicated(Ji.reshape(m, -1).astype(acc))
             fb_grads[i] = Ji
             G = G + g @ g.T
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
@@ -186,13 +189,16 @@ def weighted_grad_from_factors(weights: Float[Array, " m"], factors: PerSampleFa
         X, D = _dense_factors(plan, captured, deltas, k, B, T)
         acc = accumulation_dtype(X.dtype)
         W = weights.reshape(B, T).astype(acc)
+        # The batch contraction of sharded factors: local sums and one all-reduce.
         if T == 1:
-            g = jnp.einsum("b,bld,ble->de", W[:, 0], X, D[0])
+            g = jnp.einsum("b,bld,ble->de", W[:, 0], X, D[0], out_sharding=whole(X))
         else:
-            g = jnp.einsum("bt,bld,tble->de", W, X, D)
+            g = jnp.einsum("bt,bld,tble->de", W, X, D, out_sharding=whole(X))
         out[p] = (g.T if k in plan.dense_t else g).astype(leaves[p].dtype)
     for p, g in row_grads.items():
-        out[p] = (weights.astype(g.dtype) @ g).reshape(leaves[p].shape).astype(leaves[p].dtype)
+        wg = jnp.matmul(weights.astype(g.dtype), g, out_sharding=whole(g))
+        out[p] = wg.reshape(leaves[p].shape).astype(leaves[p].dtype)
     for p, J in fb_grads.items():
-        out[p] = jnp.tensordot(weights.astype(J.dtype), J, axes=1).astype(leaves[p].dtype)
+        wJ = jnp.einsum("b,b...->...", weights.astype(J.dtype), J, out_sharding=whole(J))
+        out[p] = wJ.astype(leaves[p].dtype)
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
+from .._spmd import cholesky
 from ._base import AbstractSolver
 
 _BACKUP_BUDGET = 3
@@ -99,7 +100,7 @@ def _eliminate(M, y):
 def _spd_pivots(M):
     """The pivots of :func:`_spd_solve` alone (no solve): ``sum log`` of them is ``log det M``."""
     if not _unrolled(M.shape[-1]):
-        return jnp.diagonal(jnp.linalg.cholesky(M)) ** 2
+        return jnp.diagonal(cholesky(M)) ** 2
     return jnp.diagonal(_eliminate(M, jnp.zeros((M.shape[-1], 0), M.dtype))[0])
 
 
@@ -114,7 +115,7 @@ def _spd_solve(M, b, with_pivots=False):
     not numerically positive definite), whose product is ``det M``."""
     K = M.shape[-1]
     if not _unrolled(K):
-        chol = jnp.linalg.cholesky(M)
+        chol = cholesky(M)
         x = jax.scipy.linalg.cho_solve((chol, True), b)
         return (x, jnp.diagonal(chol) ** 2) if with_pivots else x
     vector = b.ndim == 1
@@ -620,7 +621,7 @@ def _plan(U, G):
     # Cholesky, not _spd_solve, even for small m: with H from unrolled elimination, lanes of
     # rank-deficient float32 Gramians (reg_eps = 1e-4) cycled to max_iter on the dual path
     # (measured: 11 of 16384 lanes in a vmapped batch of 1024 16 x 16).
-    chol_G = jnp.linalg.cholesky(G)
+    chol_G = cholesky(G)
     H = jax.scipy.linalg.cho_solve((chol_G, True), eye)
     H = 0.5 * (H + H.T)
     bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), jnp.prod(_lambda_bounds(jnp.stack([G, H]))))

@@ -1,0 +1,130 @@
+"""SPMD helpers: how jaxjd's small m x m work stays whole when the arrays around it are sharded.
+
+* Under ``jax.jit`` with sharded inputs (``NamedSharding``, Auto or Explicit mesh axes), XLA would
+  otherwise partition the QP solvers' loops along the batch (all-reduces of loop predicates,
+  all-to-alls of lanes): :func:`replicated` pins ``G`` and ``w`` whole on every device.
+* Under ``shard_map``, a loop whose carry starts from ``jnp.zeros`` and mixes in device-varying
+  data fails JAX's varying-axes check: :func:`vary` gives the initial carry the axes its inputs
+  vary over (:func:`varying_axes`).
+* jaxlib's CPU Cholesky splits a batch of factorisations over the intra-op thread pool; with
+  several CPU devices running at once it can deadlock (device threads wait in
+  ``ParallelBatchMap`` for pool tasks that never run; jaxlib 0.10.2). :func:`cholesky` factors
+  one matrix at a time there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def _mesh_of(x):
+    """The (abstract) mesh of ``x``'s type, else the context mesh; ``None`` on one device."""
+    try:
+        sharding = jax.typeof(x).sharding
+        mesh = getattr(sharding, "mesh", None)
+    except (AttributeError, TypeError):
+        mesh = None
+    if mesh is None or mesh.empty:
+        mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return None
+    return mesh
+
+
+def replicated(tree: Any) -> Any:
+    """``tree`` with every array leaf whole on every device of the mesh it lives on: a
+    ``reshard`` over Explicit axes, a sharding constraint over Auto ones, nothing over Manual
+    axes (inside ``shard_map``) or off a mesh."""
+
+    def one(x):
+        if not isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        mesh = _mesh_of(x)
+        if mesh is None:
+            return x
+        types = set(mesh.axis_types)
+        if AxisType.Manual in types:
+            return x
+        whole = NamedSharding(mesh, P())
+        if AxisType.Explicit in types:
+            x = jax.sharding.reshard(x, whole)
+        if AxisType.Auto in types:
+            x = jax.lax.with_sharding_constraint(x, whole)
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def varying_axes(*trees: Any) -> tuple:
+    """The ``shard_map`` axes that any array leaf of ``trees`` varies over (sorted; empty
+    outside ``shard_map``)."""
+    axes: set = set()
+    for leaf in jax.tree_util.tree_leaves(trees):
+        kind = getattr(jax.typeof(leaf), "manual_axis_type", None) if _is_array(leaf) else None
+        if kind is not None:
+            axes |= set(kind.varying)
+    return tuple(sorted(axes, key=str))
+
+
+def vary(tree: Any, axes: tuple) -> Any:
+    """``tree`` with every array leaf varying over ``axes`` (``jax.lax.pcast`` of the axes a
+    leaf does not vary over yet): the initial carry of a loop over device-varying data."""
+    if not axes:
+        return tree
+
+    def one(x):
+        if not _is_array(x):
+            return x
+        missing = tuple(a for a in axes if a not in varying_axes(x))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def vary_like(tree: Any, *like: Any) -> Any:
+    """:func:`vary` over the axes that ``like`` varies over."""
+    return vary(tree, varying_axes(*like))
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array) and not isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _several_cpu_devices() -> bool:
+    return jax.default_backend() == "cpu" and jax.local_device_count() > 1
+
+
+@jax.custom_batching.custom_vmap
+def _cholesky_one_at_a_time(M):
+    return jnp.linalg.cholesky(M)
+
+
+@_cholesky_one_at_a_time.def_vmap
+def _cholesky_vmap(axis_size, in_batched, M):
+    del axis_size, in_batched
+    return jax.lax.map(_cholesky_one_at_a_time, M), True
+
+
+def cholesky(M: jax.Array) -> jax.Array:
+    """``jnp.linalg.cholesky(M)``; with several CPU devices, batches (and vmaps) of matrices
+    are factored one at a time (see the module's note on jaxlib's deadlock)."""
+    if not _several_cpu_devices():
+        return jnp.linalg.cholesky(M)
+    if M.ndim > 2:
+        flat = M.reshape(-1, *M.shape[-2:])
+        return jax.lax.map(_cholesky_one_at_a_time, flat).reshape(M.shape)
+    return _cholesky_one_at_a_time(M)
+
+
+def whole(x: Any) -> NamedSharding | None:
+    """The ``out_sharding`` for a product whose contraction may run over an Explicit mesh axis
+    (JAX asks for one there): the result whole on every device; ``None`` elsewhere."""
+    mesh = _mesh_of(x)
+    if mesh is None or AxisType.Explicit not in set(mesh.axis_types):
+        return None
+    return NamedSharding(mesh, P())
