@@ -4,7 +4,7 @@ engine's factors or a second backward pass ``grad(w . losses)``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import equinox as eqx
@@ -19,10 +19,10 @@ from ..aggregation import (
     GramianWeightedAggregator,
 )
 from ._filter import filter_positions
-from ._gramian import _check_method, value_and_gramian
+from ._gramian import AXIS_METHODS, _check_method, gather_rows, local_params, value_and_gramian
 from ._layerwise import layerwise_parts, task_gramian_vjp, task_weighted_grad
 from ._mtl import _heads_pullback, mtl_value_and_jacobian
-from ._per_sample import per_sample_gramian_parts, weighted_grad_from_factors
+from ._per_sample import local_weights, per_sample_gramian_parts, weighted_grad_from_factors
 
 
 def _given_state(method, state):
@@ -54,6 +54,7 @@ def value_and_weighted_grad(
     has_aux: bool = False,
     chunk_size: int | None = None,
     wrt: Any = None,
+    axis_name: Hashable | None = None,
 ) -> Callable:
     r"""One call from losses to an aggregated gradient: ``G`` of the losses, ``w = weighting(G)``,
     then ``grad_params (w . losses)`` (``= J^T w`` by linearity: a second backward pass instead of
@@ -76,6 +77,13 @@ def value_and_weighted_grad(
     :func:`value_and_jacobian`; the gradient is ``None`` elsewhere, which ``eqx.apply_updates``
     skips); ``gramian_filter`` then applies to those.
 
+    Data parallel: under ``jax.jit`` with the batch arguments sharded (``NamedSharding``) every
+    method gives the single-device result; the m x m solve runs whole on every device. Inside
+    ``shard_map``, pass ``axis_name`` (the mesh axis the batch is split over; ``"per_sample"`` or
+    ``"jacobian"``): the weights are those of the global batch's Gramian (built from the
+    gathered factors, or rows), the gradient is summed over the devices, and the losses and
+    weights returned are this device's.
+
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> def losses(p, x):
     ...     return (x @ p) ** 2  # one loss per sample
@@ -85,6 +93,11 @@ def value_and_weighted_grad(
     ([1.0, 4.0], (2,), (2,))
     """
     _check_method(method)
+    if axis_name is not None and method not in AXIS_METHODS:
+        raise ValueError(
+            f"axis_name needs method='per_sample' or 'jacobian' (the batch's rows gathered over "
+            f"the devices); got method={method!r}."
+        )
     if not isinstance(weighting, AbstractWeighting):
         raise TypeError(
             "value_and_weighted_grad needs a jaxjd weighting (e.g. jd.upgrad_weighting()); got "
@@ -100,11 +113,54 @@ def value_and_weighted_grad(
                 gramian_filter=gramian_filter,
                 has_aux=has_aux,
                 chunk_size=chunk_size,
+                axis_name=axis_name,
             ),
             (fun,),
             wrt,
             "value_and_weighted_grad",
         )
+
+    def across(params, *args, key=None, state=None):
+        """Inside shard_map: the global batch's weights, the gradient summed over the axis."""
+        given = _given_state(weighting, state)
+        params = local_params((params, *args), 0)[0]
+        if method == "per_sample" and gramian_filter is None and not has_aux:
+            losses, G, factors = per_sample_gramian_parts(fun, params, *args, axis_name=axis_name)
+            w, new_state = _weigh(weighting, G, given, key, gather_rows(losses, axis_name))
+            w = local_weights(w, losses.shape, axis_name)
+            grad = weighted_grad_from_factors(jnp.ravel(w), factors)
+            value = losses
+        else:
+            chosen, rest = params, None
+            if gramian_filter is not None:
+                chosen, rest = eqx.partition(params, gramian_filter)
+
+            def losses_of(p):
+                return fun(p if rest is None else eqx.combine(p, rest), *args)
+
+            value, G = value_and_gramian(
+                losses_of,
+                has_aux=has_aux,
+                method=method,
+                chunk_size=chunk_size,
+                axis_name=axis_name,
+            )(chosen)
+            losses = value[0] if has_aux else value
+            w, new_state = _weigh(weighting, G, given, key, gather_rows(losses, axis_name))
+            w = local_weights(w, losses.shape, axis_name)
+
+            def weighted(p):
+                out = fun(p, *args)
+                out = out[0] if has_aux else out
+                return jnp.sum(w.astype(out.dtype) * out)
+
+            grad = jax.grad(weighted)(params)
+        grad = jax.lax.psum(grad, axis_name)
+        out = (value, w, grad)
+        return out if state is None else (*out, new_state)
+
+    if axis_name is not None:
+        return across
 
     def wrapped(params, *args, key=None, state=None):
         given = _given_state(weighting, state)

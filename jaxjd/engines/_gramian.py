@@ -3,13 +3,13 @@ holding J), per sample (the ghost Gramian) or layer by layer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from .._spmd import replicated
+from .._spmd import replicated, vary, vary_like, varying_axes
 from .._tree import gramian
 from ._filter import filter_argnum
 from ._jacobian import value_and_jacobian
@@ -17,6 +17,23 @@ from ._layerwise import layerwise_parts
 from ._per_sample import per_sample_gramian_parts
 
 METHODS = ("jacobian", "columns", "per_sample", "layerwise")
+AXIS_METHODS = ("per_sample", "jacobian")
+
+
+def local_params(args: tuple, argnums: int) -> tuple:
+    """``args`` with ``args[argnums]`` made to vary over the ``shard_map`` axes the other
+    arguments vary over: derivatives of local losses then stay local (JAX would otherwise sum
+    them over the devices)."""
+    axes = varying_axes(args[:argnums] + args[argnums + 1 :])
+    return (*args[:argnums], vary(args[argnums], axes), *args[argnums + 1 :])
+
+
+def gather_rows(tree: Any, axis_name: Hashable) -> Any:
+    """Every leaf all-gathered along its first axis over ``axis_name`` (device after device),
+    invariant."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying"), tree
+    )
 
 
 def _check_method(method):
@@ -31,6 +48,7 @@ def value_and_gramian(
     method: str = "jacobian",
     chunk_size: int | None = None,
     wrt: Any = None,
+    axis_name: Hashable | None = None,
 ) -> Callable:
     r"""Like :func:`value_and_jacobian`, but returns the Gramian ``G = J J^T`` (m x m) of the
     losses with respect to ``args[argnums]``.
@@ -63,6 +81,12 @@ def value_and_gramian(
     ``B*T x B*T`` Gramian) by every method. ``wrt``: the leaves of ``args[argnums]`` to
     differentiate (see :func:`value_and_jacobian`).
 
+    ``axis_name``: inside ``shard_map``, with the batch (the losses' first axis) split over
+    that mesh axis, ``G`` is the global batch's (``D B`` rows, device after device) and the
+    losses stay local. ``"per_sample"`` gathers the factors (activations and output
+    cotangents), ``"jacobian"`` the local Jacobian's rows; the other two methods refuse it.
+    Under ``jax.jit`` with sharded arguments no ``axis_name`` is needed: every method works.
+
     >>> import jax.numpy as jnp, jaxjd as jd
     >>> f = lambda p: jnp.array([p @ jnp.array([-1.0, 1.0]), p @ p])
     >>> losses, G = jd.value_and_gramian(f, method="columns")(jnp.array([1.0, 2.0]))
@@ -75,9 +99,16 @@ def value_and_gramian(
         raise TypeError("value_and_gramian differentiates one argument: argnums must be an int.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+    if axis_name is not None and method not in AXIS_METHODS:
+        raise ValueError(
+            f"axis_name needs method='per_sample' or 'jacobian' (the batch's rows gathered over "
+            f"the devices); got method={method!r}."
+        )
     if wrt is not None:
         return filter_argnum(
-            lambda f: value_and_gramian(f, argnums, has_aux, method, chunk_size),
+            lambda f: value_and_gramian(
+                f, argnums, has_aux, method, chunk_size, axis_name=axis_name
+            ),
             fun,
             argnums,
             wrt,
@@ -95,7 +126,9 @@ def value_and_gramian(
             if method == "layerwise":
                 losses, G, _ = layerwise_parts(f, args[argnums], *others)
             else:
-                losses, G, _ = per_sample_gramian_parts(f, args[argnums], *others)
+                losses, G, _ = per_sample_gramian_parts(
+                    f, args[argnums], *others, axis_name=axis_name
+                )
             return losses, G
 
         return by_samples
@@ -103,8 +136,12 @@ def value_and_gramian(
         vj = value_and_jacobian(fun, argnums=argnums, has_aux=has_aux, chunk_size=chunk_size)
 
         def by_jacobian(*args, **kwargs):
+            if axis_name is None:
+                value, J = vj(*args, **kwargs)
+                return value, gramian(J)
+            args = local_params(args, argnums)
             value, J = vj(*args, **kwargs)
-            return value, gramian(J)
+            return value, gramian(gather_rows(J, axis_name))
 
         return by_jacobian
 
@@ -118,7 +155,7 @@ def value_and_gramian(
             raise ValueError("The function returned no losses (m = 0).")
         vjp = jax.linear_transpose(jvp, args[argnums])
         m = losses.size
-        basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+        basis = vary_like(jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape)), losses)
 
         def column(e):
             (v,) = vjp(e)

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._spmd import vary_like
 from ._filter import filter_argnum
 
 
@@ -66,7 +67,7 @@ def value_and_jacobian(
         m = losses.size
         if m == 0:
             raise ValueError("The function returned no losses (m = 0).")
-        basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+        basis = vary_like(jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape)), losses)
         if chunk_size is None:
             J = jax.vmap(lambda c: vjp(c)[0])(basis)
         else:

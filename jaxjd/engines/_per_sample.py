@@ -15,14 +15,14 @@ scale, ...) falls back to per-sample gradients of that parameter only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from .._spmd import replicated, whole
+from .._spmd import replicated, vary, varying_axes, whole
 from .._tree import accumulation_dtype
 from ._jaxpr import _analyse, _Traced
 
@@ -56,13 +56,23 @@ class PerSampleFactors(NamedTuple):
 
 
 def per_sample_gramian_parts(
-    fun: Callable, params: PyTree, *args: Any
+    fun: Callable, params: PyTree, *args: Any, axis_name: Hashable | None = None
 ) -> tuple[Float[Array, "..."], Float[Array, "m m"], PerSampleFactors]:
     """``(losses, G, factors)`` for ``fun(params, *args) -> (B,)`` losses, one per independent
     sample, or ``(B, T, ...)`` (T losses per sample, instance-wise multi-task: m = B T rows in
     the order of ``ravel(losses)``): the per-sample Gramian and, for the weighted update without
     a second backward pass, the captured factors and the fallback per-sample gradients. With T
-    losses per sample one vmapped backward pass carries T cotangents (loss t of every sample)."""
+    losses per sample one vmapped backward pass carries T cotangents (loss t of every sample).
+
+    ``axis_name`` (inside ``shard_map``, the batch split over that mesh axis): ``G`` is the
+    global batch's (device after device, ``D B`` samples), from the factors gathered over the
+    axis (activations and output cotangents, never per-sample gradients of dense layers);
+    ``losses`` and ``factors`` stay local."""
+    # Under shard_map the parameters are made to vary like the batch: derivatives of local
+    # losses then stay local (JAX would otherwise sum them over the devices), and are summed
+    # once, explicitly, where the global update is formed.
+    axes = varying_axes(args) if axis_name is not None else ()
+    params = vary(params, axes)
     traced = _Traced(fun, params, args)
     closed, leaves, n = traced.closed, traced.leaves, traced.n
     if len(closed.out_avals) != 1 or closed.out_avals[0].ndim < 1:
@@ -77,7 +87,7 @@ def per_sample_gramian_parts(
     if m == 0:
         raise ValueError("The function returned no losses (m = 0).")
     plan = _analyse(closed, n, B)
-    zeros = traced.perturbation_zeros(plan)
+    zeros = vary(traced.perturbation_zeros(plan), axes)
     fallback = [i for i in range(n) if i not in plan.structural]
 
     def run(pert):
@@ -93,24 +103,28 @@ def per_sample_gramian_parts(
         (deltas,) = jax.vmap(vjp_fn)(jnp.broadcast_to(basis, (T, *shape)))
     acc = accumulation_dtype(losses.dtype)
 
-    def rows(g):  # (T, B, ...) -> (B T, -1), sample-major like ravel(losses)
-        return jnp.swapaxes(g.reshape(T, B, -1), 0, 1).reshape(m, -1).astype(acc)
+    def rows(g, B=B):  # (T, B, ...) -> (B T, -1), sample-major like ravel(losses)
+        return jnp.swapaxes(g.reshape(T, B, -1), 0, 1).reshape(B * T, -1).astype(acc)
 
-    G = jnp.zeros((m, m), acc)
+    # With the batch sharded over devices (jit with NamedSharding, or shard_map's axis_name),
+    # the factors are gathered whole (activations and cotangents, not per-sample gradients of
+    # dense layers) and every device forms the same global Gramian.
+    gather = _gatherer(axis_name)
+    Bg = B if axis_name is None else B * jax.lax.axis_size(axis_name)
+    mg = Bg * T
+    G = jnp.zeros((mg, mg), acc)
     for k in (*plan.dense, *plan.dense_t):
         X, D = _dense_factors(plan, captured, deltas, k, B, T)
-        # With the batch sharded over devices, the factors are gathered whole (activations and
-        # cotangents, not per-sample gradients) and every device forms the same B x B Gramian.
-        X, D = replicated((X.astype(acc), D.astype(acc)))
+        X, D = gather(X.astype(acc), 0), gather(D.astype(acc), 1)
         L = X.shape[1]
         if L * L > X.shape[2] * D.shape[-1]:
-            g = rows(jnp.einsum("bld,tble->tbde", X, D))
+            g = rows(jnp.einsum("bld,tble->tbde", X, D), Bg)
             G = G + g @ g.T
         elif T == 1:
             G = G + jnp.einsum("bld,cmd,ble,cme->bc", X, X, D[0], D[0], optimize=True)
         else:
             GT = jnp.einsum("bld,cmd,tble,ucme->btcu", X, X, D, D, optimize=True)
-            G = G + GT.reshape(m, m)
+            G = G + GT.reshape(mg, mg)
     row_grads = {}
     for k, (p, dims) in plan.bias.items():
         D = deltas[k]
@@ -121,7 +135,8 @@ def per_sample_gramian_parts(
             lambda d, eqn=eqn, pos=pos, k=k: _local_per_sample(eqn, pos, captured[k], d, B)
         )(deltas[k])
         row_grads[p] = rows(g)
-    for g in replicated(list(row_grads.values())):
+    for g in row_grads.values():
+        g = gather(g, 0)
         G = G + g @ g.T
     fb_grads = {}
     if fallback:
@@ -132,7 +147,7 @@ def per_sample_gramian_parts(
         jac = jax.jacrev(losses_of)([leaves[i] for i in fallback])
         for i, Ji in zip(fallback, jac):
             Ji = Ji.reshape(m, *leaves[i].shape)
-            g = replicated(Ji.reshape(m, -1).astype(acc))
+            g = gather(Ji.reshape(m, -1).astype(acc), 0)
             fb_grads[i] = Ji
             G = G + g @ g.T
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
@@ -148,6 +163,24 @@ def per_sample_gramian_parts(
         tuple(paths[i] for i in fallback),
     )
     return losses, G, factors
+
+
+def _gatherer(axis_name):
+    """``gather(x, axis)``: ``x`` whole along the batch ``axis``: replicated under ``jit``
+    (sharded or not), all-gathered over ``axis_name`` (invariant, so that the solvers run as
+    on one device) under ``shard_map``."""
+    if axis_name is None:
+        return lambda x, axis: replicated(x)
+    return lambda x, axis: jax.lax.all_gather(x, axis_name, axis=axis, tiled=True, to="invarying")
+
+
+def local_weights(weights: Array, shape: tuple, axis_name: Hashable) -> Array:
+    """This device's block of the global batch's weights (``shape``: the local losses'),
+    inside ``shard_map``."""
+    B = shape[0]
+    w = weights.reshape(-1, *shape[1:])
+    start = jax.lax.axis_index(axis_name) * B
+    return jax.lax.dynamic_slice_in_dim(w, start, B, axis=0)
 
 
 def _dense_factors(plan, captured, deltas, k, B, T):
