@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
@@ -34,6 +35,10 @@ class JDAggregateState(NamedTuple):
     stats: ConflictStats | None = None
 
 
+class _OpaqueState:
+    """Stands for an aggregator's state in ``optax.tree_map_params``'s placeholder state."""
+
+
 def _check_jacobian_of(updates, params) -> None:
     """Trace-time check that ``updates`` is a Jacobian of ``params``: the same structure, every
     leaf shaped ``(m, *param.shape)``. A plain gradient (or ``jd_aggregate`` placed after a
@@ -61,6 +66,7 @@ def jd_aggregate(
     num_objectives: int | None = None,
     seed: int = 0,
     monitor: bool = False,
+    axis_name: Hashable | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """An optax transformation that turns a Jacobian pytree into a params-shaped update.
 
@@ -84,6 +90,15 @@ def jd_aggregate(
         seed: seeds the PRNG key kept in the state for random aggregators (``key=`` overrides).
         monitor: keep this step's conflict statistics in ``state.stats`` (one extra m x m
             Gramian, which XLA shares with the aggregator's own under ``jit``).
+        axis_name: inside ``shard_map`` with the batch split over this mesh axis and the
+            Jacobian (and ``losses``) those of the local batch's mean losses: aggregate their
+            means over the axis, the Jacobian of the global mean losses (an all-reduce of J:
+            m gradients; ``mtl_value_and_grad(method="layerwise", axis_name=)`` moves only the
+            layers' activations and cotangents). Under ``jax.jit`` with the batch sharded no
+            axis name is needed.
+
+    ``optax.tree_map_params(tx, f, state)`` maps ``f`` over the params-shaped parts of the
+    chain's state; the aggregator's own state (``inner``) counts as one non-params field.
 
     >>> import jax.numpy as jnp, optax, jaxjd as jd
     >>> tx = optax.chain(jd.jd_aggregate(jd.upgrad(), num_objectives=2), optax.sgd(1.0))
@@ -116,7 +131,12 @@ def jd_aggregate(
         key = jax.random.key(seed) if needs_key else None
         weights = None if num_objectives is None else jnp.zeros((num_objectives,), jnp.float32)
         inner = EmptyState()
-        if num_objectives is not None:
+        leaves = jax.tree_util.tree_leaves(params)
+        if not leaves or not all(hasattr(p, "shape") for p in leaves):
+            # optax.tree_map_params initialises with a placeholder in place of the params: the
+            # aggregator's state is then one opaque field (it is not shaped like the params).
+            inner = _OpaqueState()
+        elif num_objectives is not None:
             jacobian = jax.tree_util.tree_map(
                 lambda p: jax.ShapeDtypeStruct((num_objectives, *jnp.shape(p)), jnp.result_type(p)),
                 params,
@@ -139,6 +159,8 @@ def jd_aggregate(
                 f"jd_aggregate was built for num_objectives={num_objectives} but the Jacobian "
                 f"has m = {m} rows."
             )
+        if axis_name is not None:  # the Jacobian of the global mean losses
+            updates, losses = jax.lax.pmean((updates, losses), axis_name)
         new_key = state.key
         step_key = key
         if needs_key and key is None:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from .._spmd import replicated, vary, varying_axes
+from .._spmd import replicated, varying_axes
 from .._tree import (
     accumulation_dtype,
     accumulation_dtype_of,
@@ -252,9 +252,11 @@ def _weigh_jit(weighting, gramian, state, key, losses=None):
     # everything the hook sees vary alike (its loops start from carries made to vary as G does).
     G, state, losses = replicated((G, state, losses))
     axes = varying_axes(G, state, key, losses)
-    G, state, losses = vary((G, state, losses), axes)
     with jax.default_matmul_precision("highest"):
-        w, new_state = weighting._weigh(G, state, key, *_hook_args(weighting, losses))
+        if axes:
+            w, new_state = _per_device(weighting, axes, G, state, key, losses)
+        else:
+            w, new_state = weighting._weigh(G, state, key, *_hook_args(weighting, losses))
     w, new_state = replicated((w, new_state))
     # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
     # weights (never finite weights of garbage) and leaves the state as it was, so that one bad
@@ -265,6 +267,41 @@ def _weigh_jit(weighting, gramian, state, key, losses=None):
         return w, new_state
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked]))
     return jnp.where(finite, w, jnp.nan), _keep_unless(finite, new_state, state)
+
+
+def _per_device(weighting, axes, G, state, key, losses):
+    """The hook on device-varying inputs inside ``shard_map`` (each device its own G): the
+    devices' inputs gathered, the hook vmapped over them as over invariant data (its loops
+    start from plain carries), this device's result taken back. Each device solves all the
+    devices' problems; a Gramian that is the same everywhere (from gathered or ``psum``-ed
+    rows, as the engines' ``axis_name`` paths make it) takes the direct path."""
+    args = (G, state, key, losses)
+    keys = jax.tree_util.tree_map(_is_key, args)
+    raw = jax.tree_util.tree_map(lambda x, k: jax.random.key_data(x) if k else x, args, keys)
+    batched = jax.tree_util.tree_map(lambda x: bool(varying_axes(x)), raw)
+    gathered = jax.tree_util.tree_map(
+        lambda x, b: jax.lax.all_gather(x, axes, to="invarying") if b else x, raw, batched
+    )
+
+    def hook(G, state, key, losses):
+        G, state, key, losses = jax.tree_util.tree_map(
+            lambda x, k, ref: (
+                jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if k else x
+            ),
+            (G, state, key, losses),
+            keys,
+            args,
+        )
+        return weighting._weigh(G, state, key, *_hook_args(weighting, losses))
+
+    in_axes = jax.tree_util.tree_map(lambda b: 0 if b else None, batched)
+    everyone = jax.vmap(hook, in_axes=in_axes)(*gathered)
+    me = jax.lax.axis_index(axes)
+    return jax.tree_util.tree_map(lambda x: x[me], everyone)
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _keep_unless(ok, new_state, old_state):

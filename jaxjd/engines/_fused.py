@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._spmd import vary, varying_axes
 from .._tree import accumulation_dtype
 from ..aggregation import (
     AbstractAggregator,
@@ -220,6 +221,7 @@ def mtl_value_and_grad(
     *,
     method: str | None = None,
     wrt: Any = None,
+    axis_name: Hashable | None = None,
 ) -> Callable:
     """One call for a multi-task train step: the trunk's Jacobian (or Gramian) aggregated by
     ``aggregator``, the heads' ordinary gradients.
@@ -238,10 +240,18 @@ def mtl_value_and_grad(
     choice, for the other aggregators) materialises it with :func:`mtl_value_and_jacobian`.
     ``wrt``: the leaves of both parameter pytrees to differentiate (see
     :func:`value_and_jacobian`).
+
+    Data parallel: under ``jax.jit`` with the batch sharded, nothing to add. Inside
+    ``shard_map`` with the batch split over the mesh axis ``axis_name`` (the heads' losses
+    being means over the local batch), the step aggregates the Jacobian of the global mean
+    losses (the mean of the devices' Jacobians) and returns those losses and the mean head
+    gradients. ``"layerwise"`` gathers only the activations and task cotangents of the dense
+    layers (and averages the other rows); ``"jacobian"`` averages the trunk Jacobian (m
+    gradient-sized all-reduces).
     """
     if wrt is not None:
         return filter_positions(
-            lambda t, h: mtl_value_and_grad(t, h, aggregator, method=method),
+            lambda t, h: mtl_value_and_grad(t, h, aggregator, method=method, axis_name=axis_name),
             (trunk, heads),
             wrt,
             "mtl_value_and_grad",
@@ -262,16 +272,27 @@ def mtl_value_and_grad(
         )
     vj = mtl_value_and_jacobian(trunk, heads)
 
+    def local(trunk_params, head_params, args):
+        if axis_name is None:
+            return trunk_params, head_params
+        axes = varying_axes(args)
+        return vary(trunk_params, axes), vary(head_params, axes)
+
+    def mean(tree):
+        return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
     def by_layers(trunk_params, head_params, *args, key=None, state=None):
         given = _given_state(aggregator, state)
+        trunk_params, head_params = local(trunk_params, head_params, args)
         features, pullback = task_gramian_vjp(trunk, trunk_params, *args)
         losses, cotangents, head_grads = _heads_pullback(heads, head_params, features, args)
+        losses, head_grads = mean((losses, head_grads))
         weighting = aggregator.weighting  # pyright: ignore[reportAttributeAccessIssue]
         m = losses.size
         if weighting.reads_gramian:
-            G, factors = pullback(cotangents)
+            G, factors = pullback(cotangents, axis_name=axis_name)
         else:  # weights from m alone: no Gramian
-            _, factors = pullback(cotangents, gramian=False)
+            _, factors = pullback(cotangents, gramian=False, axis_name=axis_name)
             G = jax.ShapeDtypeStruct((m, m), accumulation_dtype(losses.dtype))
         weights, new_state = _weigh(weighting, G, given, key, losses)
         out = (losses, (task_weighted_grad(weights, factors), head_grads), weights)
@@ -279,7 +300,8 @@ def mtl_value_and_grad(
 
     def by_jacobian(trunk_params, head_params, *args, key=None, state=None):
         inner = _given_state(aggregator, state)
-        losses, J, head_grads = vj(trunk_params, head_params, *args)
+        trunk_params, head_params = local(trunk_params, head_params, args)
+        losses, J, head_grads = mean(vj(trunk_params, head_params, *args))
         trunk_grad, weights, new_state = aggregator.aggregate(J, inner, key=key, losses=losses)
         out = (losses, (trunk_grad, head_grads), weights)
         return out if state is None else (*out, new_state)

@@ -3,14 +3,14 @@ layer by layer, without forming J (few objectives, wide layers)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from .._spmd import replicated, whole
+from .._spmd import replicated, vary, varying_axes, whole
 from .._tree import accumulation_dtype_of
 from ._jaxpr import _analyse, _Traced
 
@@ -23,12 +23,15 @@ class LayerwiseFactors(NamedTuple):
         rows: the other parameters' rows ``param index -> (m, -1)``.
         treedef: the parameters' structure.
         leaves: the parameters' leaves.
+        axis_name: the ``shard_map`` axis the ghost factors' rows are split over (their part
+            of ``J^T w`` is summed over it), or ``None``.
     """
 
     ghost: dict
     rows: dict
     treedef: Any
     leaves: list
+    axis_name: Hashable | None = None
 
 
 def task_gramian_vjp(
@@ -46,11 +49,18 @@ def task_gramian_vjp(
     gets its rows from that equation's own VJP; the rest (used twice, inside a loop or a custom
     derivative) from the same vmapped VJP. :func:`task_weighted_grad` forms ``J^T w`` from the
     factors: ``X^T (sum_t w_t D_t)`` for the dense uses.
+
+    ``pullback(cotangents, axis_name=name)``, inside ``shard_map`` with the rows of the batch
+    split over ``name`` and ``fun``'s output the local batch's (per-task means): ``G`` is the
+    Gramian of the mean over the devices of their Jacobians, exactly, from the gathered X and D
+    (scaled by 1 / devices) for the dense uses and the mean of the other rows, and the factors
+    give that mean's ``J^T w``. Only activations, cotangents, the non-dense rows and the update
+    cross the devices.
     """
     traced = _Traced(fun, params, args)
     leaves, n = traced.leaves, traced.n
     plan = _analyse(traced.closed, n, None)
-    zeros = traced.perturbation_zeros(plan)
+    zeros = vary(traced.perturbation_zeros(plan), varying_axes(args))
     fallback = [i for i in range(n) if i not in plan.structural]
 
     def run(pert, fb):
@@ -59,13 +69,28 @@ def task_gramian_vjp(
     outs, vjp_fn, captured = jax.vjp(run, zeros, [leaves[i] for i in fallback], has_aux=True)
     out = jax.tree_util.tree_unflatten(traced.out_def, outs)
 
-    def pullback(cotangents, gramian=True):
+    def pullback(cotangents, gramian=True, axis_name=None):
         cots = traced.out_def.flatten_up_to(cotangents)
         m = cots[0].shape[0] if cots else 0
         if m == 0 or any(c.shape[:1] != (m,) for c in cots):
             raise ValueError("The cotangents need one shared, non-empty leading axis m.")
         deltas, fb_rows = jax.vmap(vjp_fn)(cots)
         acc = accumulation_dtype_of(*cots)
+        if axis_name is None:
+            whole_rows = replicated
+        else:  # the mean of the devices' Jacobians: D / devices, gathered for G
+            share = 1.0 / jax.lax.axis_size(axis_name)
+            deltas = {k: d * jnp.asarray(share, d.dtype) for k, d in deltas.items()}
+
+            def whole_rows(t):
+                return jax.tree_util.tree_map(
+                    lambda x, a: jax.lax.all_gather(
+                        x, axis_name, axis=a, tiled=True, to="invarying"
+                    ),
+                    t,
+                    (0, 1, 0),
+                )
+
         G = jnp.zeros((m, m), acc) if gramian else None
         ghost, rows = {}, {}
         for k, p in plan.dense.items():
@@ -80,35 +105,45 @@ def task_gramian_vjp(
             Dr = jnp.swapaxes(D, 0, 1).reshape(R, m * d_out)
             if gramian and ghost_cost >= rows_cost:
                 XtD = jnp.matmul(X.T, Dr, out_sharding=whole(X))
+                if axis_name is not None:
+                    XtD = jax.lax.psum(XtD, axis_name)  # D already carries 1 / devices
                 rows[p] = jnp.swapaxes(XtD.reshape(d_in, m, d_out), 0, 1)
             else:
                 ghost[p] = (X, D)
                 if gramian:
                     # With the rows sharded over devices (data parallel), X and D are gathered
                     # whole for G; J^T w contracts the local ones.
-                    Xw, Dw, Drw = replicated((X, D, Dr))
-                    KD = jnp.swapaxes(((Xw @ Xw.T) @ Drw).reshape(R, m, d_out), 0, 1)
+                    Xw, Dw, Drw = whole_rows((X, D, Dr))
+                    Rw = Xw.shape[0]
+                    KD = jnp.swapaxes(((Xw @ Xw.T) @ Drw).reshape(Rw, m, d_out), 0, 1)
                     G = G + Dw.reshape(m, -1) @ KD.reshape(m, -1).T
+        local_rows = {}
         for k, (p, eqn, pos) in plan.local.items():
-            rows[p] = _op_vjp_rows(eqn, pos, captured[k], deltas[k])
+            local_rows[p] = _op_vjp_rows(eqn, pos, captured[k], deltas[k])
+        if axis_name is not None:  # the fallback rows came from the unscaled cotangents
+            fb_rows = [jax.lax.pmean(r, axis_name) for r in fb_rows]
+            local_rows = {p: jax.lax.psum(r, axis_name) for p, r in local_rows.items()}
+        rows.update(local_rows)
         rows.update(zip(fallback, fb_rows))
         rows = {p: replicated(r.reshape(m, -1).astype(acc)) for p, r in rows.items()}
         if gramian:
             for r in rows.values():
                 G = G + r @ r.T
-        return G, LayerwiseFactors(ghost, rows, traced.treedef, leaves)
+        return G, LayerwiseFactors(ghost, rows, traced.treedef, leaves, axis_name)
 
     return out, pullback
 
 
 def task_weighted_grad(weights: Float[Array, " m"], factors: LayerwiseFactors) -> PyTree:
     """``J^T w`` for every parameter from :func:`task_gramian_vjp`'s factors."""
-    ghost, rows, treedef, leaves = factors
+    ghost, rows, treedef, leaves, axis_name = factors
     out: list = [None] * len(leaves)
     for p, (X, D) in ghost.items():
         out[p] = jnp.matmul(
             X.T, jnp.tensordot(weights.astype(D.dtype), D, axes=1), out_sharding=whole(X)
         )
+        if axis_name is not None:
+            out[p] = jax.lax.psum(out[p], axis_name)
     for p, r in rows.items():
         out[p] = weights.astype(r.dtype) @ r
     out = [g.reshape(leaf.shape).astype(leaf.dtype) for g, leaf in zip(out, leaves)]

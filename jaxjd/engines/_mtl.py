@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._spmd import vary_like
 from ._filter import filter_positions
 from ._layerwise import task_gramian_vjp
 
@@ -20,7 +21,7 @@ def _heads_pullback(heads, head_params, features, args):
     m = losses.size
     if m == 0:
         raise ValueError("The heads returned no losses (m = 0).")
-    basis = jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape))
+    basis = vary_like(jnp.eye(m, dtype=losses.dtype).reshape((m, *losses.shape)), losses)
     # The heads' gradient of the summed losses is the sum of the task rows (linearity).
     head_rows, feature_cotangents = jax.vmap(heads_vjp)(basis)
     head_grads = jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), head_rows)
