@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
+from ._spmd import mean_over
 from ._tree import gramian, row_dots
 from ._tree import num_objectives as _num_rows
 from .aggregation import AbstractAggregator, EmptyState
@@ -94,8 +95,11 @@ def jd_aggregate(
             Jacobian (and ``losses``) those of the local batch's mean losses: aggregate their
             means over the axis, the Jacobian of the global mean losses (an all-reduce of J:
             m gradients; ``mtl_value_and_grad(method="layerwise", axis_name=)`` moves only the
-            layers' activations and cotangents). Under ``jax.jit`` with the batch sharded no
-            axis name is needed.
+            layers' activations and cotangents). With ``shard_map``'s varying-axes check on
+            (its default), a Jacobian leaf that does not vary over the axis was already summed
+            over the devices by JAX (derivatives of each device's losses with respect to
+            replicated parameters) and is divided by the device count instead. Under
+            ``jax.jit`` with the batch sharded no axis name is needed.
 
     ``optax.tree_map_params(tx, f, state)`` maps ``f`` over the params-shaped parts of the
     chain's state; the aggregator's own state (``inner``) counts as one non-params field.
@@ -160,7 +164,9 @@ def jd_aggregate(
                 f"has m = {m} rows."
             )
         if axis_name is not None:  # the Jacobian of the global mean losses
-            updates, losses = jax.lax.pmean((updates, losses), axis_name)
+            updates = mean_over(updates, axis_name)
+            if losses is not None:
+                losses = jax.lax.pmean(losses, axis_name)
         new_key = state.key
         step_key = key
         if needs_key and key is None:

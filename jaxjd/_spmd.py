@@ -128,3 +128,29 @@ def whole(x: Any) -> NamedSharding | None:
     if mesh is None or AxisType.Explicit not in set(mesh.axis_types):
         return None
     return NamedSharding(mesh, P())
+
+
+def tracks_varying(axis_name: Any) -> bool:
+    """Whether ``shard_map``'s varying-axes check is on (``check_vma=True``): a value cast to vary
+    over ``axis_name`` then says so in its type."""
+    probe = jax.lax.pcast(jnp.zeros(()), (axis_name,), to="varying")
+    return axis_name in varying_axes(probe)
+
+
+def mean_over(tree: Any, axis_name: Any) -> Any:
+    """The mean over ``axis_name`` of each device's ``tree`` (derivatives of local losses): a
+    leaf that varies is ``pmean``-ed; with the varying-axes check on, a leaf that does not was
+    already summed over the devices by JAX (the derivative of device-varying losses with
+    respect to replicated parameters) and is divided by the axis size."""
+    if not tracks_varying(axis_name):
+        return jax.lax.pmean(tree, axis_name)
+    size = jax.lax.axis_size(axis_name)
+
+    def one(x):
+        if x is None:
+            return x
+        if axis_name in varying_axes(x):
+            return jax.lax.pmean(x, axis_name)
+        return x / jnp.asarray(size, x.dtype)
+
+    return jax.tree_util.tree_map(one, tree)

@@ -1,0 +1,188 @@
+"""Data-parallel Jacobian descent on 8 simulated CPU devices (in a subprocess: the device count
+is fixed when JAX starts): every sharded step equals the single-device step (float64), and the
+compiled collectives are what the design says crosses devices."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import optax
+import pytest
+
+import jaxjd as jd
+
+SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import re
+    import jax, jax.numpy as jnp, numpy as np, optax
+    jax.config.update("jax_enable_x64", True)
+    import jaxjd as jd
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+    assert jax.device_count() == 8
+    B, d, h, T = 64, 10, 32, 3
+    rng = np.random.default_rng(0)
+    params = {"W1": rng.standard_normal((d, h)) / 3, "b1": rng.standard_normal(h) / 10,
+              "W2": rng.standard_normal((h, 1)) / 5, "b2": np.zeros(1)}
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    x = jnp.asarray(rng.standard_normal((B, d)))
+    y = jnp.asarray(rng.standard_normal(B))
+    heads = jnp.asarray(rng.standard_normal((T, h)) / 5)
+
+    def losses(p, x, y):  # one loss per sample (instance-wise risk minimisation)
+        z = jnp.tanh(x @ p["W1"] + p["b1"])
+        return ((z @ p["W2"] + p["b2"])[:, 0] - y) ** 2
+
+    def trunk(p, x):
+        return jnp.tanh(x @ p["W1"] + p["b1"])
+
+    def task_losses(hp, z, x):  # T tasks, each a mean over the (local) batch
+        return jnp.mean((z @ hp.T - x[:, :T]) ** 2, axis=0)
+
+    def close(a, b, what):
+        for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+            err = float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+            assert err < 1e-10, (what, err)
+
+    SIZE = {"f64": 8, "f32": 4, "s64": 8, "s32": 4, "pred": 1, "u32": 4}
+
+    def collectives(compiled):
+        out = []
+        for line in compiled.as_text().splitlines():
+            op = re.search(r"= (.*?) (all-reduce|all-gather|all-to-all|collective-permute|"
+                           r"reduce-scatter)(-start)?\\(", line)
+            if op:
+                shapes = re.findall(r"(f64|f32|s64|s32|pred|u32)\\[([0-9,]*)\\]", op.group(1))
+                size = sum(SIZE[t] * int(np.prod([int(v) for v in dims.split(",") if v]))
+                           for t, dims in shapes)
+                out.append((op.group(2), size, op.group(1)))
+        return out
+
+    upg = jd.upgrad_weighting()
+    ref = {m: jax.jit(jd.value_and_weighted_grad(losses, upg, method=m))(params, x, y)
+           for m in ("per_sample", "jacobian", "layerwise", "columns")}
+    plain = jax.grad(lambda p, x, y: jnp.mean(losses(p, x, y)))
+
+    for types in ((AxisType.Auto,), (AxisType.Explicit,)):
+        mesh = jax.make_mesh((8,), ("data",), axis_types=types)
+        batch = NamedSharding(mesh, P("data"))
+        xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
+        ps = jax.device_put(params, NamedSharding(mesh, P()))
+        # 1. jit with the batch sharded: every method equals one device.
+        for m, expected in ref.items():
+            f = jax.jit(jd.value_and_weighted_grad(losses, upg, method=m))
+            close(f(ps, xs, ys), expected, (types, m))
+            cols = collectives(f.lower(ps, xs, ys).compile())
+            # The solver is never partitioned: no loop predicates or lanes cross devices.
+            assert all(k in ("all-reduce", "all-gather") for k, _, _ in cols), cols
+            assert not any("pred" in s for _, _, s in cols), cols
+        f = jax.jit(jd.value_and_weighted_grad(losses, upg, method="per_sample"))
+        cols = collectives(f.lower(ps, xs, ys).compile())
+        base = collectives(jax.jit(plain).lower(ps, xs, ys).compile())
+        grad_bytes = 8 * sum(v.size for v in jax.tree_util.tree_leaves(params))
+        assert [k for k, _, _ in base] == ["all-reduce"] and base[0][1] == grad_bytes, base
+        # Factors: the dense layers' inputs and cotangents, the biases' rows, B values each.
+        # XLA may gather a B x B partial product of G in place of some factors (Explicit
+        # axes: f64[64,1,64,1]): one G's worth is allowed on top.
+        factor_bytes = 8 * B * ((d + h) + (h + 1) + (h + 1)) + 8 * B * B
+        traffic = sum(s for _, s, _ in cols)
+        assert traffic <= 2 * grad_bytes + factor_bytes, (traffic, grad_bytes, factor_bytes)
+        print("jit", types[0], "per_sample bytes", traffic, "plain", grad_bytes,
+              "factors", factor_bytes, "collectives", len(cols))
+
+        # 2. Multi-task, jit with the batch sharded: the chain and the fused step.
+        tx = optax.chain(jd.jd_aggregate(jd.upgrad()), optax.sgd(0.1))
+        def chain_step(p, x):
+            L, J = jd.value_and_jacobian(lambda q: task_losses(heads, trunk(q, x), x))(p)
+            return tx.update(J, tx.init(p), p)[0]
+        close(jax.jit(chain_step)(ps, xs), jax.jit(chain_step)(params, x), (types, "chain"))
+        # (On Explicit axes JAX itself cannot differentiate the heads here: the VJP of
+        # z @ heads.T contracts the sharded batch without an out_sharding.)
+        for m in ("layerwise", "jacobian") if types == (AxisType.Auto,) else ():
+            g = jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad(), method=m)
+            close(jax.jit(g)(ps, heads, xs), jax.jit(g)(params, heads, x), (types, "mtl", m))
+
+        # 3. shard_map with axis_name (checked and unchecked varying axes).
+        for check in (True, False):
+            def smap(f, out, ins=(P(), P("data"), P("data"))):
+                return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=ins, out_specs=out,
+                                             check_vma=check))
+            for m in ("per_sample", "jacobian"):
+                step = jd.value_and_weighted_grad(losses, upg, method=m, axis_name="data")
+                f = smap(step, (P("data"), P("data"), P()))
+                close(f(ps, xs, ys), ref[m], (types, "shard_map", m, check))
+                cols = collectives(f.lower(ps, xs, ys).compile())
+                assert all(k in ("all-reduce", "all-gather") for k, _, _ in cols), cols
+                if m == "per_sample":
+                    traffic = sum(s for _, s, _ in cols)
+                    assert traffic <= 2 * grad_bytes + factor_bytes, (traffic, grad_bytes)
+            for m in ("layerwise", "jacobian"):
+                g = jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad(), method=m,
+                                          axis_name="data")
+                one = jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad(), method=m)
+                f = smap(g, P(), (P(), P(), P("data")))
+                close(f(ps, heads, xs), jax.jit(one)(params, heads, x), (types, "mtl", m, check))
+            txa = optax.chain(jd.jd_aggregate(jd.upgrad(), axis_name="data"), optax.sgd(0.1))
+            def chain_local(p, x, y):
+                L, J = jd.value_and_jacobian(lambda q: task_losses(heads, trunk(q, x), x))(p)
+                return txa.update(J, txa.init(p), p)[0]
+            f = smap(chain_local, P())
+            close(f(ps, xs, ys), jax.jit(chain_step)(params, x), (types, "shard_map chain"))
+
+        # 4. A weighting on each device's own Gramian under shard_map (its loops are legal).
+        Gs = jax.device_put(jnp.asarray(rng.standard_normal((8 * 6, 9))), batch)
+        w = jax.jit(jax.shard_map(lambda J: upg(J @ J.T), mesh=mesh, in_specs=P("data"),
+                                  out_specs=P("data")))(Gs)
+        Jn = np.asarray(Gs)
+        expected = np.concatenate([np.asarray(upg(jnp.asarray(Jn[6 * i:6 * i + 6] @
+                                                              Jn[6 * i:6 * i + 6].T)))
+                                   for i in range(8)])
+        close(w, expected, (types, "local weighting"))
+
+    # 5. Data x model (2-D mesh): batch on "data", W1's columns on "model"; multi-task step.
+    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    p2 = {k: jax.device_put(v, NamedSharding(mesh2, P(None, "model") if k == "W1" else P()))
+          for k, v in params.items()}
+    x2 = jax.device_put(x, NamedSharding(mesh2, P("data")))
+    for m in ("layerwise", "jacobian"):
+        g = jax.jit(jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad(), method=m))
+        close(g(p2, heads, x2), g(params, heads, x), ("2-D", m))
+    # Parameter-sharded Jacobian, model axis only: only the m x m Gramian crosses.
+    J = {"W1": jax.device_put(jnp.asarray(rng.standard_normal((T, d, h))),
+                              NamedSharding(mesh2, P(None, None, "model")))}
+    f = jax.jit(jd.gramian)
+    cols = collectives(f.lower(J).compile())
+    assert [(k, s) for k, s, _ in cols] == [("all-reduce", 8 * T * T)], cols
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow  # about 2 minutes of compilation on 2 cores
+def test_data_parallel_equals_one_device():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"  # the 8 simulated devices are CPU devices, also on a GPU machine
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("name", ["upgrad", "pcd", "moco", "gradvac", "nash_mtl", "gradnorm"])
+def test_tree_map_params_on_jd_aggregate_states(name):
+    """``optax.tree_map_params`` (how users shard optimiser state) maps the params-shaped parts
+    of a chain that starts with ``jd_aggregate``, for stateless and stateful aggregators."""
+    params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
+    tx = optax.chain(jd.jd_aggregate(getattr(jd, name)(), num_objectives=2), optax.adam(1e-3))
+    state = tx.init(params)
+    shapes = optax.tree_map_params(tx, lambda p: p.shape, state, transform_non_params=lambda _: 0)
+    adam = shapes[1][0]
+    assert adam.mu == {"w": (3, 4), "b": (4,)} and adam.nu == adam.mu
+    assert shapes[0].inner == 0  # the aggregator's state: one non-params field
+    assert shapes[1][0].count == 0
