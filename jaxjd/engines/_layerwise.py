@@ -82,12 +82,12 @@ def task_gramian_vjp(
             share = 1.0 / jax.lax.axis_size(axis_name)
             deltas = {k: d * jnp.asarray(share, d.dtype) for k, d in deltas.items()}
 
-            def whole_rows(t):
+            def whole_rows(tree):
                 return jax.tree_util.tree_map(
                     lambda x, a: jax.lax.all_gather(
                         x, axis_name, axis=a, tiled=True, to="invarying"
                     ),
-                    t,
+                    tree,
                     (0, 1, 0),
                 )
 
