@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._spmd import eigh
+
 
 def project_onto_simplex(y):
     """Euclidean projection onto the probability simplex (sort-based, jit-friendly)."""
@@ -34,7 +36,7 @@ def pinv_psd(G, rtol=None):
     """Pseudo-inverse of a symmetric PSD matrix by eigendecomposition (cut-off ``rtol * max|l|``,
     default ``m * eps``, as ``torch.linalg.pinv``)."""
     m = G.shape[0]
-    lam, V = jnp.linalg.eigh(G)
+    lam, V = eigh(G)
     rtol = m * jnp.finfo(G.dtype).eps if rtol is None else rtol
     keep = jnp.abs(lam) > rtol * jnp.max(jnp.abs(lam))
     inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)

@@ -6,10 +6,11 @@
 * Under ``shard_map``, a loop whose carry starts from ``jnp.zeros`` and mixes in device-varying
   data fails JAX's varying-axes check: :func:`vary` gives the initial carry the axes its inputs
   vary over (:func:`varying_axes`).
-* jaxlib's CPU Cholesky splits a batch of factorisations over the intra-op thread pool; with
-  several CPU devices running at once it can deadlock (device threads wait in
-  ``ParallelBatchMap`` for pool tasks that never run; jaxlib 0.10.2). :func:`cholesky` factors
-  one matrix at a time there.
+* jaxlib's CPU LAPACK kernels split a batch of matrices over the intra-op thread pool; with
+  several CPU devices running at once that can deadlock (device threads wait in
+  ``ParallelBatchMap`` for pool tasks that never run; jaxlib 0.10.2):
+  :func:`one_matrix_at_a_time` (and :func:`cholesky`, :func:`cho_solve`, :func:`solve`,
+  :func:`eigh`, :func:`eigvalsh`) factor one matrix per call there.
 """
 
 from __future__ import annotations
@@ -99,26 +100,39 @@ def _several_cpu_devices() -> bool:
     return jax.default_backend() == "cpu" and jax.local_device_count() > 1
 
 
-@jax.custom_batching.custom_vmap
-def _cholesky_one_at_a_time(M):
-    return jnp.linalg.cholesky(M)
+def one_matrix_at_a_time(fn):
+    """``fn`` (a LAPACK-backed ``jnp.linalg``/``jax.scipy.linalg`` function of single matrices),
+    except that with several CPU devices a ``vmap`` of it runs one matrix at a time
+    (``jax.custom_batching.sequential_vmap``). jaxlib's CPU kernels hand a batch of matrices to
+    the intra-op thread pool (``ParallelBatchMap``); when other devices' threads of that pool
+    wait in a collective, the tasks never run and the program deadlocks (seen with Cholesky
+    and triangular solves, jaxlib 0.10.2). One matrix per call runs inline."""
+    sequential = jax.custom_batching.sequential_vmap(fn)
+
+    def call(*args):
+        return sequential(*args) if _several_cpu_devices() else fn(*args)
+
+    return call
 
 
-@_cholesky_one_at_a_time.def_vmap
-def _cholesky_vmap(axis_size, in_batched, M):
-    del axis_size, in_batched
-    return jax.lax.map(_cholesky_one_at_a_time, M), True
+_cholesky = one_matrix_at_a_time(jnp.linalg.cholesky)
+cho_solve = one_matrix_at_a_time(lambda chol, b: jax.scipy.linalg.cho_solve((chol, True), b))
+"""``jax.scipy.linalg.cho_solve((chol, True), b)``, see :func:`one_matrix_at_a_time`."""
+solve = one_matrix_at_a_time(jnp.linalg.solve)
+"""``jnp.linalg.solve``, see :func:`one_matrix_at_a_time`."""
+eigh = one_matrix_at_a_time(jnp.linalg.eigh)
+"""``jnp.linalg.eigh``, see :func:`one_matrix_at_a_time`."""
+eigvalsh = one_matrix_at_a_time(jnp.linalg.eigvalsh)
+"""``jnp.linalg.eigvalsh``, see :func:`one_matrix_at_a_time`."""
 
 
 def cholesky(M: jax.Array) -> jax.Array:
-    """``jnp.linalg.cholesky(M)``; with several CPU devices, batches (and vmaps) of matrices
-    are factored one at a time (see the module's note on jaxlib's deadlock)."""
-    if not _several_cpu_devices():
-        return jnp.linalg.cholesky(M)
-    if M.ndim > 2:
+    """``jnp.linalg.cholesky(M)``, see :func:`one_matrix_at_a_time` (a stack of matrices is
+    mapped over too)."""
+    if M.ndim > 2 and _several_cpu_devices():
         flat = M.reshape(-1, *M.shape[-2:])
-        return jax.lax.map(_cholesky_one_at_a_time, flat).reshape(M.shape)
-    return _cholesky_one_at_a_time(M)
+        return jax.lax.map(_cholesky, flat).reshape(M.shape)
+    return _cholesky(M)
 
 
 def whole(x: Any) -> NamedSharding | None:

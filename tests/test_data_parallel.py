@@ -133,6 +133,19 @@ SCRIPT = textwrap.dedent(
             f = smap(chain_local, P())
             close(f(ps, xs, ys), jax.jit(chain_step)(params, x), (types, "shard_map chain"))
 
+        # 3b. A wide trunk on a small batch: layerwise then gathers X and D (cheaper than the
+        # rows' all-reduce), and the result still equals one device.
+        wide = {"W1": jnp.asarray(rng.standard_normal((64, 256)) / 8), "b1": jnp.zeros(256)}
+        wide_heads = jnp.asarray(rng.standard_normal((T, 256)) / 16)
+        x16 = jnp.asarray(rng.standard_normal((16, 64)))
+        xw = jax.device_put(x16, batch)
+        g = jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad(), axis_name="data")
+        f = jax.jit(jax.shard_map(g, mesh=mesh, in_specs=(P(), P(), P("data")), out_specs=P()))
+        one = jax.jit(jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad()))
+        close(f(wide, wide_heads, xw), one(wide, wide_heads, x16), (types, "wide layerwise"))
+        kinds = [k for k, _, s in collectives(f.lower(wide, wide_heads, xw).compile())]
+        assert "all-gather" in kinds, kinds
+
         # 4. A weighting on each device's own Gramian under shard_map (its loops are legal).
         Gs = jax.device_put(jnp.asarray(rng.standard_normal((8 * 6, 9))), batch)
         w = jax.jit(jax.shard_map(lambda J: upg(J @ J.T), mesh=mesh, in_specs=P("data"),
@@ -172,6 +185,25 @@ def test_data_parallel_equals_one_device():
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_data_parallel_example_runs():
+    """``examples/data_parallel.py`` trains both loops on 8 simulated devices and reports the
+    collectives against a plain data-parallel step."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "data_parallel.py")
+    result = subprocess.run(
+        [sys.executable, path, "--steps", "3"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "8 devices (cpu)", lines
+    for name in ("IWRM, jit", "MTL, shard_map"):
+        (line,) = [x for x in lines if x.startswith(name)]
+        assert "collectives" in line and "plain data-parallel step: 1," in line, line
 
 
 @pytest.mark.parametrize("name", ["upgrad", "pcd", "moco", "gradvac", "nash_mtl", "gradnorm"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .._spmd import eigh
 from .._typing import VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import choice, sized, spelling, vector
@@ -40,7 +41,7 @@ class AlignedMTLWeighting(AbstractWeighting):
             p = jnp.full((m,), 1.0 / m, G.dtype)
         else:
             p = sized(self.pref_vector, m, G.dtype, "pref_vector")
-        lam, V = jnp.linalg.eigh(0.5 * (G + G.T))
+        lam, V = eigh(0.5 * (G + G.T))
         tol = jnp.max(lam) * m * jnp.finfo(G.dtype).eps
         keep = lam > tol
         rank = jnp.sum(keep)

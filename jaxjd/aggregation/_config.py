@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .._spmd import eigh
 from .._tree import accumulation_dtype_of, combine, gramian, num_objectives
 from .._typing import VectorLike
 from ._abstract import AbstractAggregator, Aggregation, gramian_in_range, power_of_two_scale
@@ -79,7 +80,7 @@ class ConFIG(AbstractAggregator):
             norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
             inv_norm = _inverse_or_zero(norms)
             Gu = G * inv_norm[:, None] * inv_norm[None, :]
-            lam, V = jnp.linalg.eigh(0.5 * (Gu + Gu.T))
+            lam, V = eigh(0.5 * (Gu + Gu.T))
             S = jnp.sqrt(jnp.maximum(lam, 0.0))
             # the eigenvalues of a rounded U U^T are accurate to about m eps max(lam) only
             rtol = max((max(m, n) * float(eps)) ** 2, m * float(eps))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import Tracer
 
+from .._spmd import solve
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import spelling, static_int, static_tol
 
@@ -83,7 +84,7 @@ class FairGradWeighting(AbstractWeighting):
             x, it, _ = state
             grad = G @ x - power(x)
             hess = G + jnp.diag(power(x) / (a * x))
-            d = -jnp.linalg.solve(hess, grad)
+            d = -solve(hess, grad)
             ratio = jnp.where(d < 0, -x / jnp.where(d < 0, d, -1.0), jnp.inf)
             t0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))
             f0 = phi(x)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._spmd import solve
 from .._typing import Scalar
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling, static_int
@@ -84,7 +85,7 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
         # unscaled LU returned steps of inf).
         dm = jnp.sqrt(jnp.maximum(jnp.abs(jnp.diagonal(M)), jnp.finfo(dtype).tiny))
         Ms = M / dm[:, None] / dm[None, :]
-        da = jnp.linalg.solve(Ms, (-r_dual - Df.T @ (r_cent / f)) / dm) / dm
+        da = solve(Ms, (-r_dual - Df.T @ (r_cent / f)) / dm) / dm
         dlam = (r_cent - lam * (Df @ da)) / f
         ratio = jnp.where(dlam < 0, -lam / jnp.where(dlam < 0, dlam, -1.0), jnp.inf)
         step0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))

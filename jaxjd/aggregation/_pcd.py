@@ -13,6 +13,7 @@ import numpy as np
 from jax.core import Tracer
 from jaxtyping import Array, Float
 
+from .._spmd import solve
 from .._typing import Scalar, VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import as_dtype, number, spelling
@@ -69,7 +70,7 @@ def solve_priority_qp(
         mu, active, p, slack_p, it, _ = s
         both = active[:, None] & active[None, :]
         system = jnp.where(both, Gs, 0.0) + jnp.where(active, 0.0, 1.0)[:, None] * eye
-        r = jnp.where(active, jnp.linalg.solve(system, jnp.where(active, Gs[:, p], 0.0)), 0.0)
+        r = jnp.where(active, solve(system, jnp.where(active, Gs[:, p], 0.0)), 0.0)
         z = Gs[p, p] - Gs[p] @ r
         ratios = jnp.where(active & (r > 0), mu / jnp.where(r > 0, r, 1.0), jnp.inf)
         q = jnp.argmin(ratios)

@@ -76,6 +76,7 @@ def task_gramian_vjp(
             raise ValueError("The cotangents need one shared, non-empty leading axis m.")
         deltas, fb_rows = jax.vmap(vjp_fn)(cots)
         acc = accumulation_dtype_of(*cots)
+        devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
         if axis_name is None:
             whole_rows = replicated
         else:  # the mean of the devices' Jacobians: D / devices, gathered for G
@@ -103,7 +104,10 @@ def task_gramian_vjp(
             # Both forms as plain matrix products over (R, m * d_out): einsums with the task axis
             # in the middle run at a fraction of the GEMM speed on CPU.
             Dr = jnp.swapaxes(D, 0, 1).reshape(R, m * d_out)
-            if gramian and ghost_cost >= rows_cost:
+            # Across devices, the rows' all-reduce (m d_in d_out) against the gather of X and D
+            # (R d_in + R m d_out over all the devices): the cheaper crossing decides.
+            gathered = R * devices * (d_in + m * d_out) if axis_name is not None else 0
+            if gramian and (ghost_cost >= rows_cost or gathered >= m * d_in * d_out):
                 XtD = jnp.matmul(X.T, Dr, out_sharding=whole(X))
                 if axis_name is not None:
                     XtD = jax.lax.psum(XtD, axis_name)  # D already carries 1 / devices

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
+from .._spmd import eigvalsh
 from ._base import AbstractSolver, default_tol, kkt_residual
 
 
@@ -72,6 +73,6 @@ class NesterovPGD(AbstractSolver):
         tol = self._tol(G.dtype)
         # The largest eigenvalue by a few power-iteration-free bounds is too loose; eigvalsh is
         # one small dense call.
-        lmax = jnp.linalg.eigvalsh(G)[-1]
+        lmax = eigvalsh(G)[-1]
         step = 1.0 / jnp.maximum(lmax, jnp.finfo(G.dtype).tiny)
         return jax.vmap(lambda u: _pgd_one(G, u, step, tol, self.max_iter))(U)
