@@ -5,6 +5,8 @@
 #   variants the vmapped weighting with each small-system solve (--unroll-max)
 #   upgrad   the UPGrad tables (worst case over the families, TorchJD on the same card)
 #   vmap     the vmapped weighting table
+#   dp       examples/data_parallel.py on the machine's own devices (a data-parallel step against
+#            a plain one)
 #   suite    the default suite (stopped with SIGINT at SUITE_S seconds, so that pytest still
 #            prints the names of the failures; a junit XML file is written to $OUT as well)
 # Wheels for what the GPU image lacks (torchjd, qpsolvers, quadprog, qpax) travel in .whl/.
@@ -25,6 +27,10 @@ if has tests; then
   timeout 150 python3 -m pytest -q -rf -n 8 -p no:cacheprovider -W ignore::UserWarning \
     $(cat "$TESTS") > "$OUT/pytest_named.txt" 2>&1
   echo "named tests exit $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_named.txt" | cut -c1-300
+fi
+if has dp; then
+  timeout 120 python3 examples/data_parallel.py --real-devices --steps 30 2>&1 | grep -v Warning \
+    | tee "$OUT/data_parallel_gpu.txt"
 fi
 cd benchmarks
 if has variants; then
