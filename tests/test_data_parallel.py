@@ -100,11 +100,12 @@ SCRIPT = textwrap.dedent(
             L, J = jd.value_and_jacobian(lambda q: task_losses(heads, trunk(q, x), x))(p)
             return tx.update(J, tx.init(p), p)[0]
         close(jax.jit(chain_step)(ps, xs), jax.jit(chain_step)(params, x), (types, "chain"))
-        # (On Explicit axes JAX itself cannot differentiate the heads here: the VJP of
-        # z @ heads.T contracts the sharded batch without an out_sharding.)
-        for m in ("layerwise", "jacobian") if types == (AxisType.Auto,) else ():
+        # (Every input on the mesh: on Explicit axes JAX cannot transpose z @ heads.T for
+        # heads that are not placed, "Contracting dimensions are sharded".)
+        hs = jax.device_put(heads, NamedSharding(mesh, P()))
+        for m in ("layerwise", "jacobian"):
             g = jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad(), method=m)
-            close(jax.jit(g)(ps, heads, xs), jax.jit(g)(params, heads, x), (types, "mtl", m))
+            close(jax.jit(g)(ps, hs, xs), jax.jit(g)(params, heads, x), (types, "mtl", m))
 
         # 3. shard_map with axis_name (checked and unchecked varying axes).
         for check in (True, False):
@@ -157,13 +158,14 @@ SCRIPT = textwrap.dedent(
         close(w, expected, (types, "local weighting"))
 
     # 5. Data x model (2-D mesh): batch on "data", W1's columns on "model"; multi-task step.
-    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     p2 = {k: jax.device_put(v, NamedSharding(mesh2, P(None, "model") if k == "W1" else P()))
           for k, v in params.items()}
     x2 = jax.device_put(x, NamedSharding(mesh2, P("data")))
+    h2 = jax.device_put(heads, NamedSharding(mesh2, P()))
     for m in ("layerwise", "jacobian"):
         g = jax.jit(jd.mtl_value_and_grad(trunk, task_losses, jd.upgrad(), method=m))
-        close(g(p2, heads, x2), g(params, heads, x), ("2-D", m))
+        close(g(p2, h2, x2), g(params, heads, x), ("2-D", m))
     # Parameter-sharded Jacobian, model axis only: only the m x m Gramian crosses.
     J = {"W1": jax.device_put(jnp.asarray(rng.standard_normal((T, d, h))),
                               NamedSharding(mesh2, P(None, None, "model")))}
