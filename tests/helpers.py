@@ -137,3 +137,19 @@ def fast_or_slow(cases, fast):
     import pytest
 
     return [pytest.param(c, id=c["key"], marks=() if fast(c) else pytest.mark.slow) for c in cases]
+
+
+def run_on_cpu_devices(args: list, timeout: int = 900):
+    """Runs ``python *args`` in a subprocess on CPU devices (the simulated device count is fixed
+    when JAX starts, so multi-device tests run apart; the script sets its own XLA_FLAGS) and
+    returns the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPU devices, also on a GPU machine
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )

@@ -2,14 +2,13 @@
 is fixed when JAX starts): every sharded step equals the single-device step (float64), and the
 compiled collectives are what the design says crosses devices."""
 
-import os
-import subprocess
-import sys
 import textwrap
+from pathlib import Path
 
 import jax.numpy as jnp
 import optax
 import pytest
+from helpers import run_on_cpu_devices
 
 import jaxjd as jd
 
@@ -179,12 +178,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow  # about 2 minutes of compilation on 2 cores
 def test_data_parallel_equals_one_device():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"  # the 8 simulated devices are CPU devices, also on a GPU machine
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900
-    )
+    result = run_on_cpu_devices(["-c", SCRIPT])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.strip().endswith("ok")
 
@@ -193,13 +187,8 @@ def test_data_parallel_equals_one_device():
 def test_data_parallel_example_runs():
     """``examples/data_parallel.py`` trains both loops on 8 simulated devices and reports the
     collectives against a plain data-parallel step."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    path = os.path.join(os.path.dirname(__file__), "..", "examples", "data_parallel.py")
-    result = subprocess.run(
-        [sys.executable, path, "--steps", "3"], capture_output=True, text=True, env=env, timeout=900
-    )
+    path = Path(__file__).parents[1] / "examples" / "data_parallel.py"
+    result = run_on_cpu_devices([str(path), "--steps", "3"])
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
     assert lines[0] == "8 devices (cpu)", lines

@@ -1,10 +1,9 @@
 """Parameter-sharded Jacobians on 8 simulated CPU devices (in a subprocess: the device count is
 fixed when JAX starts). Only the m x m Gramian may cross devices."""
 
-import os
-import subprocess
-import sys
 import textwrap
+
+from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -45,11 +44,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_upgrad_all_reduces_only_the_gramian():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"  # the 8 simulated devices are CPU devices, also on a GPU machine
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
-    )
+    result = run_on_cpu_devices(["-c", SCRIPT], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
