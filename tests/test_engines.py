@@ -5,6 +5,7 @@ losses, pytree inputs); memory measured from XLA's compiled buffers, not timers.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxjd as jd
@@ -570,3 +571,40 @@ def test_per_sample_with_a_jitted_layer_called_twice(x64):
     _, G_ref = explicit(losses, params, x)
     _, G = jd.value_and_gramian(losses, method="per_sample")(params, x)
     np.testing.assert_allclose(G, G_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_flax_nnx_state_through_the_engines(x64):
+    """A Flax NNX module's ``State`` (from ``nnx.split``) through value_and_jacobian, the
+    per-sample engine and jd_aggregate: the Jacobian and Gramian equal jacrev's, the update keeps
+    the ``State`` structure (#13 item 19)."""
+    nnx = pytest.importorskip("flax.nnx")
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(3, 8, rngs=rngs, param_dtype=jnp.float64)
+            self.out = nnx.Linear(8, 2, rngs=rngs, param_dtype=jnp.float64)
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.hidden(x)))
+
+    graphdef, params = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
+
+    def task_losses(p, x):  # 2 objectives
+        return jnp.mean(nnx.merge(graphdef, p)(x) ** 2, axis=0)
+
+    def per_sample(p, x):
+        return jnp.sum(nnx.merge(graphdef, p)(x) ** 2, axis=1)
+
+    _, J = jd.value_and_jacobian(task_losses)(params, x)
+    J_ref = jax.jacrev(task_losses)(params, x)
+    for a, b in zip(jax.tree_util.tree_leaves(J), jax.tree_util.tree_leaves(J_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    _, G = jax.jit(jd.value_and_gramian(per_sample, method="per_sample"))(params, x)
+    np.testing.assert_allclose(G, jd.gramian(jax.jacrev(per_sample)(params, x)), rtol=1e-10)
+    tx = optax.chain(jd.jd_aggregate(jd.upgrad()), optax.sgd(0.1))
+    updates, _ = tx.update(J, tx.init(params), params)
+    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(params)
+    np.testing.assert_allclose(
+        jax.tree_util.tree_leaves(updates)[0], -0.1 * jax.tree_util.tree_leaves(jd.upgrad(J))[0]
+    )
