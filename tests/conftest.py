@@ -33,6 +33,30 @@ def pytest_configure(config):
         os.environ["JAXJD_TEST_CACHE_DIR"] = config._jaxjd_cache  # inherited by the workers
 
 
+def pytest_sessionstart(session):
+    """The first lines of a run say what runs (also under -q)."""
+    config = session.config
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or hasattr(config, "workerinput"):
+        return
+    for line in _what_runs(config):
+        reporter.write_line(line)
+
+
+def _what_runs(config):
+    markexpr = config.getoption("markexpr", "").strip("'\"")
+    if markexpr == "not slow":
+        what = (
+            "jaxjd default suite: every method through the protocol (jit, vmap, pytrees, dtypes, "
+            "the value policy), TorchJD's and LibMTL's outputs, the paper's properties, solvers, "
+            "engines, optax, scalarizers, the docs' examples and notebooks; about 7.5 minutes on "
+            "2 cores. Long sweeps: -m slow."
+        )
+    else:
+        what = f"jaxjd tests selected by -m {markexpr!r}" if markexpr else "jaxjd: every test"
+    return [what, f"jax {jax.__version__} on {jax.default_backend()}"]
+
+
 def pytest_unconfigure(config):
     cache = getattr(config, "_jaxjd_cache", None)
     if cache:
