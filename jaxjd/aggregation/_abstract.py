@@ -248,8 +248,8 @@ def _weigh_jit(weighting, gramian, state, key, losses=None):
     # exact solvers and the parity with TorchJD.
     G = _prepared(gramian)
     # Sharded inputs (jit with NamedSharding): the m x m problem is solved whole on every
-    # device, never partitioned along the batch. Under shard_map, device-varying inputs make
-    # everything the hook sees vary alike (its loops start from carries made to vary as G does).
+    # device, never partitioned along the batch. Under shard_map, device-varying inputs (each
+    # device its own G) go through _per_device, so that the hooks' loops stay legal.
     G, state, losses = replicated((G, state, losses))
     axes = varying_axes(G, state, key, losses)
     with jax.default_matmul_precision("highest"):
