@@ -127,7 +127,8 @@ def main():
                     )
                     tj_ratio = f"{min(ratios_torch):.1f}"
                 else:
-                    tj_txt, tj_ratio = "not run", "-"
+                    why = "m > --torchjd-max-m" if m > args.torchjd_max_m else "not installed"
+                    tj_txt, tj_ratio = f"not run ({why})", "-"
                 row = (
                     f"| {dtype} | {m} | {n} | {statistics.median(floors) * 1e3:.3f} | "
                     + " | ".join(f"{med[s] * 1e3:.3f} / {worst[s] * 1e3:.3f}" for s in solvers)
