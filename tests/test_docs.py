@@ -26,7 +26,19 @@ def test_every_page_is_listed():
     }
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())
+# Pages whose code the engine tests already cover run in the slow sweep (the default suite's
+# 8-minute budget on 2 cores).
+SLOW = {"examples/equinox.rst", "examples/flax.rst", "examples/sequences.rst"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(p, marks=pytest.mark.slow if p.relative_to(DOCS).as_posix() in SLOW else ())
+        for p in PAGES
+    ],
+    ids=lambda p: p.relative_to(DOCS).as_posix(),
+)
 def test_page_examples_run(page):
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     result = doctest.testfile(str(page), module_relative=False, optionflags=flags, verbose=False)
