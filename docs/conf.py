@@ -5,6 +5,8 @@ theme or Markdown plug-in outside Sphinx itself."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from pathlib import Path
 
@@ -57,11 +59,25 @@ def _tables_from_readme() -> str:
     return "\n".join(out)
 
 
+def _figure_from_notebook() -> bytes:
+    """The dual-cone picture: the first figure of notebook 1 (executed and committed, so that the
+    site needs neither matplotlib nor a second copy of the plotting code)."""
+    notebook = Path(__file__).parents[1] / "notebooks" / "01_basic_usage.ipynb"
+    for cell in json.loads(notebook.read_text())["cells"]:
+        for output in cell.get("outputs", []):
+            if "image/png" in output.get("data", {}):
+                return base64.b64decode(output["data"]["image/png"])
+    raise RuntimeError(f"{notebook} has no figure")
+
+
 def _write_generated(app) -> None:
-    target = Path(app.srcdir) / "_generated_torchjd_tables.inc"
-    text = _tables_from_readme()
-    if not target.exists() or target.read_text() != text:
-        target.write_text(text)
+    for target, content in (
+        (Path(app.srcdir) / "_generated_torchjd_tables.inc", _tables_from_readme().encode()),
+        (Path(app.srcdir) / "_static" / "dual_cone.png", _figure_from_notebook()),
+    ):
+        target.parent.mkdir(exist_ok=True)
+        if not target.exists() or target.read_bytes() != content:
+            target.write_bytes(content)
 
 
 def setup(app):
