@@ -23,7 +23,6 @@ napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # "Attributes:" as fields: autodoc documents the NamedTuple fields once
 napoleon_attr_annotations = False  # jaxtyping strings such as "*batch" are not reST
 exclude_patterns = ["_build"]
-html_static_path = ["_static"]
 html_theme = "alabaster"
 suppress_warnings = ["ref.python"]  # duplicate names re-exported at the top level
 
