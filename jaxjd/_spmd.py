@@ -3,9 +3,11 @@
 * Under ``jax.jit`` with sharded inputs (``NamedSharding``, Auto or Explicit mesh axes), XLA would
   otherwise partition the QP solvers' loops along the batch (all-reduces of loop predicates,
   all-to-alls of lanes): :func:`replicated` pins ``G`` and ``w`` whole on every device.
-* Under ``shard_map``, a loop whose carry starts from ``jnp.zeros`` and mixes in device-varying
-  data fails JAX's varying-axes check: :func:`vary` gives the initial carry the axes its inputs
-  vary over (:func:`varying_axes`).
+* Under ``shard_map`` (its varying-axes check on), JAX sums the derivative of device-varying
+  losses with respect to replicated parameters over the devices: :func:`vary` (and
+  :func:`vary_like`) make the parameters, perturbations and cotangent bases vary like the
+  batch, so that per-sample rows stay local; :func:`whole_along` gathers what must be global;
+  :func:`mean_over` averages what JAX may already have summed.
 * jaxlib's CPU LAPACK kernels split a batch of matrices over the intra-op thread pool; with
   several CPU devices running at once that can deadlock (device threads wait in
   ``ParallelBatchMap`` for pool tasks that never run; jaxlib 0.10.2):
@@ -43,7 +45,7 @@ def replicated(tree: Any) -> Any:
     axes (inside ``shard_map``) or off a mesh."""
 
     def one(x):
-        if not isinstance(x, jax.Array) or isinstance(x, jax.ShapeDtypeStruct):
+        if not _is_array(x):
             return x
         mesh = _mesh_of(x)
         if mesh is None:
@@ -59,6 +61,15 @@ def replicated(tree: Any) -> Any:
         return x
 
     return jax.tree_util.tree_map(one, tree)
+
+
+def whole_along(x: jax.Array, axis: int, axis_name: Any = None) -> jax.Array:
+    """``x`` whole along its batch ``axis``: replicated under ``jit`` (sharded or not), or
+    all-gathered over ``axis_name`` inside ``shard_map`` (device after device; invariant, so
+    that the solvers downstream run as on one device)."""
+    if axis_name is None:
+        return replicated(x)
+    return jax.lax.all_gather(x, axis_name, axis=axis, tiled=True, to="invarying")
 
 
 def varying_axes(*trees: Any) -> tuple:
@@ -115,7 +126,8 @@ def one_matrix_at_a_time(fn):
     return call
 
 
-_cholesky = one_matrix_at_a_time(jnp.linalg.cholesky)
+cholesky = one_matrix_at_a_time(jnp.linalg.cholesky)
+"""``jnp.linalg.cholesky``, see :func:`one_matrix_at_a_time`."""
 cho_solve = one_matrix_at_a_time(lambda chol, b: jax.scipy.linalg.cho_solve((chol, True), b))
 """``jax.scipy.linalg.cho_solve((chol, True), b)``, see :func:`one_matrix_at_a_time`."""
 solve = one_matrix_at_a_time(jnp.linalg.solve)
@@ -124,15 +136,6 @@ eigh = one_matrix_at_a_time(jnp.linalg.eigh)
 """``jnp.linalg.eigh``, see :func:`one_matrix_at_a_time`."""
 eigvalsh = one_matrix_at_a_time(jnp.linalg.eigvalsh)
 """``jnp.linalg.eigvalsh``, see :func:`one_matrix_at_a_time`."""
-
-
-def cholesky(M: jax.Array) -> jax.Array:
-    """``jnp.linalg.cholesky(M)``, see :func:`one_matrix_at_a_time` (a stack of matrices is
-    mapped over too)."""
-    if M.ndim > 2 and _several_cpu_devices():
-        flat = M.reshape(-1, *M.shape[-2:])
-        return jax.lax.map(_cholesky, flat).reshape(M.shape)
-    return _cholesky(M)
 
 
 def whole(x: Any) -> NamedSharding | None:

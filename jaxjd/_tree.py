@@ -116,16 +116,6 @@ _BLOCK_COLUMNS = 4096
 _MIN_BLOCKS = 8
 
 
-def _dot_rows(a: Array, b: Array, acc) -> Array:
-    return jax.lax.dot_general(
-        a,
-        b,
-        (((1,), (1,)), ((), ())),
-        precision=jax.lax.Precision.HIGHEST,
-        preferred_element_type=acc,
-    )
-
-
 def _dot_leaves(a: Array, b: Array, acc) -> Array:
     """``a b^T`` of two leaves ``(m1, ...)`` and ``(m2, ...)``, contracting every trailing axis
     in place: a leaf sharded on any of them gives local products and one m1 x m2 all-reduce
@@ -155,12 +145,12 @@ def _rows_gram(leaf: Array, acc) -> Array:
 
     def body(k, total):
         block = jax.lax.dynamic_slice_in_dim(rows, k * _BLOCK_COLUMNS, _BLOCK_COLUMNS, axis=1)
-        return total + _dot_rows(block, block, acc)
+        return total + _dot_leaves(block, block, acc)
 
     total = jax.lax.fori_loop(0, nb, body, jnp.zeros((m, m), acc))
     tail = rows[:, nb * _BLOCK_COLUMNS :]
     if tail.shape[1]:
-        total = total + _dot_rows(tail, tail, acc)
+        total = total + _dot_leaves(tail, tail, acc)
     return total
 
 
@@ -197,10 +187,10 @@ def combine(weights: Float[Array, " m"], jacobian: PyTreeJacobian) -> PyTree[Arr
 
     def one(leaf):
         acc = accumulation_dtype(leaf.dtype)
-        out = jax.lax.dot_general(
+        out = jnp.tensordot(
             weights.astype(acc),
             leaf,
-            (((0,), (0,)), ((), ())),
+            axes=1,
             precision=jax.lax.Precision.HIGHEST,
             preferred_element_type=acc,
         )

@@ -11,7 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._spmd import vary, varying_axes
+from .._spmd import vary_like
 from .._tree import accumulation_dtype
 from ..aggregation import (
     AbstractAggregator,
@@ -20,7 +20,7 @@ from ..aggregation import (
     GramianWeightedAggregator,
 )
 from ._filter import filter_positions
-from ._gramian import AXIS_METHODS, _check_method, gather_rows, local_params, value_and_gramian
+from ._gramian import AXIS_METHODS, _check_method, gather_rows, value_and_gramian
 from ._layerwise import layerwise_parts, task_gramian_vjp, task_weighted_grad
 from ._mtl import _heads_pullback, mtl_value_and_jacobian
 from ._per_sample import local_weights, per_sample_gramian_parts, weighted_grad_from_factors
@@ -121,56 +121,27 @@ def value_and_weighted_grad(
             "value_and_weighted_grad",
         )
 
-    def across(params, *args, key=None, state=None):
-        """Inside shard_map: the global batch's weights, the gradient summed over the axis."""
-        given = _given_state(weighting, state)
-        params = local_params((params, *args), 0)[0]
-        if method == "per_sample" and gramian_filter is None and not has_aux:
-            losses, G, factors = per_sample_gramian_parts(fun, params, *args, axis_name=axis_name)
-            w, new_state = _weigh(weighting, G, given, key, gather_rows(losses, axis_name))
-            w = local_weights(w, losses.shape, axis_name)
-            grad = weighted_grad_from_factors(jnp.ravel(w), factors)
-            value = losses
-        else:
-            chosen, rest = params, None
-            if gramian_filter is not None:
-                chosen, rest = eqx.partition(params, gramian_filter)
+    # Inside shard_map (axis_name): the weighting sees the global batch's losses, each device
+    # returns its block of the weights, and the gradient is summed over the axis.
+    def global_losses(losses):
+        return losses if axis_name is None else gather_rows(losses, axis_name)
 
-            def losses_of(p):
-                return fun(p if rest is None else eqx.combine(p, rest), *args)
+    def mine(w, shape):
+        return jnp.reshape(w, shape) if axis_name is None else local_weights(w, shape, axis_name)
 
-            value, G = value_and_gramian(
-                losses_of,
-                has_aux=has_aux,
-                method=method,
-                chunk_size=chunk_size,
-                axis_name=axis_name,
-            )(chosen)
-            losses = value[0] if has_aux else value
-            w, new_state = _weigh(weighting, G, given, key, gather_rows(losses, axis_name))
-            w = local_weights(w, losses.shape, axis_name)
-
-            def weighted(p):
-                out = fun(p, *args)
-                out = out[0] if has_aux else out
-                return jnp.sum(w.astype(out.dtype) * out)
-
-            grad = jax.grad(weighted)(params)
-        grad = jax.lax.psum(grad, axis_name)
-        out = (value, w, grad)
-        return out if state is None else (*out, new_state)
-
-    if axis_name is not None:
-        return across
+    def summed(grad):
+        return grad if axis_name is None else jax.lax.psum(grad, axis_name)
 
     def wrapped(params, *args, key=None, state=None):
         given = _given_state(weighting, state)
+        if axis_name is not None:
+            params = vary_like(params, args)  # derivatives of the local losses stay local
         if method == "per_sample" and gramian_filter is None and not has_aux:
             # The captured factors give J^T w directly: no second backward pass.
-            losses, G, factors = per_sample_gramian_parts(fun, params, *args)
-            w, new_state = _weigh(weighting, G, given, key, losses)
-            grad = weighted_grad_from_factors(w, factors)
-            out = (losses, jnp.reshape(w, losses.shape), grad)
+            losses, G, factors = per_sample_gramian_parts(fun, params, *args, axis_name=axis_name)
+            w, new_state = _weigh(weighting, G, given, key, global_losses(losses))
+            w = mine(w, losses.shape)
+            out = (losses, w, summed(weighted_grad_from_factors(jnp.ravel(w), factors)))
             return out if state is None else (*out, new_state)
         if method == "layerwise" and gramian_filter is None and not has_aux:
             losses, G, factors = layerwise_parts(fun, params, *args)
@@ -182,9 +153,7 @@ def value_and_weighted_grad(
             def losses_of(p):
                 return fun(p, *args)
 
-            value, G = value_and_gramian(
-                losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
-            )(params)
+            chosen = params
         else:
             chosen, rest = eqx.partition(params, gramian_filter)
             if not jax.tree_util.tree_leaves(chosen):
@@ -193,19 +162,19 @@ def value_and_weighted_grad(
             def losses_of(p):
                 return fun(eqx.combine(p, rest), *args)
 
-            value, G = value_and_gramian(
-                losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size
-            )(chosen)
+        value, G = value_and_gramian(
+            losses_of, has_aux=has_aux, method=method, chunk_size=chunk_size, axis_name=axis_name
+        )(chosen)
         losses = value[0] if has_aux else value
-        w, new_state = _weigh(weighting, G, given, key, losses)
+        w, new_state = _weigh(weighting, G, given, key, global_losses(losses))
+        w = mine(w, losses.shape)
 
         def weighted(p):
             out = fun(p, *args)
             out = out[0] if has_aux else out
             return jnp.sum(jnp.reshape(w, out.shape).astype(out.dtype) * out)
 
-        grad = jax.grad(weighted)(params)
-        out = (value, jnp.reshape(w, losses.shape), grad)
+        out = (value, w, summed(jax.grad(weighted)(params)))
         return out if state is None else (*out, new_state)
 
     return wrapped
@@ -275,8 +244,7 @@ def mtl_value_and_grad(
     def local(trunk_params, head_params, args):
         if axis_name is None:
             return trunk_params, head_params
-        axes = varying_axes(args)
-        return vary(trunk_params, axes), vary(head_params, axes)
+        return vary_like((trunk_params, head_params), args)
 
     def mean(tree):
         return tree if axis_name is None else jax.lax.pmean(tree, axis_name)

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._spmd import replicated, vary, vary_like, varying_axes
+from .._spmd import replicated, vary_like, whole_along
 from .._tree import gramian
 from ._filter import filter_argnum
 from ._jacobian import value_and_jacobian
@@ -20,20 +20,10 @@ METHODS = ("jacobian", "columns", "per_sample", "layerwise")
 AXIS_METHODS = ("per_sample", "jacobian")
 
 
-def local_params(args: tuple, argnums: int) -> tuple:
-    """``args`` with ``args[argnums]`` made to vary over the ``shard_map`` axes the other
-    arguments vary over: derivatives of local losses then stay local (JAX would otherwise sum
-    them over the devices)."""
-    axes = varying_axes(args[:argnums] + args[argnums + 1 :])
-    return (*args[:argnums], vary(args[argnums], axes), *args[argnums + 1 :])
-
-
 def gather_rows(tree: Any, axis_name: Hashable) -> Any:
     """Every leaf all-gathered along its first axis over ``axis_name`` (device after device),
     invariant."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying"), tree
-    )
+    return jax.tree_util.tree_map(lambda x: whole_along(x, 0, axis_name), tree)
 
 
 def _check_method(method):
@@ -139,7 +129,9 @@ def value_and_gramian(
             if axis_name is None:
                 value, J = vj(*args, **kwargs)
                 return value, gramian(J)
-            args = local_params(args, argnums)
+            # The parameters vary like the batch: the local losses' rows stay local.
+            others = args[:argnums] + args[argnums + 1 :]
+            args = (*args[:argnums], vary_like(args[argnums], others), *args[argnums + 1 :])
             value, J = vj(*args, **kwargs)
             return value, gramian(gather_rows(J, axis_name))
 

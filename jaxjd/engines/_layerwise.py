@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from .._spmd import replicated, vary, varying_axes, whole
+from .._spmd import replicated, vary, varying_axes, whole, whole_along
 from .._tree import accumulation_dtype_of
 from ._jaxpr import _analyse, _Traced
 
@@ -77,22 +77,10 @@ def task_gramian_vjp(
         deltas, fb_rows = jax.vmap(vjp_fn)(cots)
         acc = accumulation_dtype_of(*cots)
         devices = 1 if axis_name is None else jax.lax.axis_size(axis_name)
-        if axis_name is None:
-            whole_rows = replicated
-        else:  # the mean of the devices' Jacobians: D / devices, gathered for G
-            share = 1.0 / jax.lax.axis_size(axis_name)
-            deltas = {k: d * jnp.asarray(share, d.dtype) for k, d in deltas.items()}
+        if axis_name is not None:  # the mean of the devices' Jacobians: D / devices
+            deltas = {k: d * jnp.asarray(1.0 / devices, d.dtype) for k, d in deltas.items()}
 
-            def whole_rows(tree):
-                return jax.tree_util.tree_map(
-                    lambda x, a: jax.lax.all_gather(
-                        x, axis_name, axis=a, tiled=True, to="invarying"
-                    ),
-                    tree,
-                    (0, 1, 0),
-                )
-
-        G = jnp.zeros((m, m), acc) if gramian else None
+        G = jnp.zeros((m, m), acc)
         ghost, rows = {}, {}
         for k, p in plan.dense.items():
             d_in = captured[k].shape[-1]
@@ -117,7 +105,8 @@ def task_gramian_vjp(
                 if gramian:
                     # With the rows sharded over devices (data parallel), X and D are gathered
                     # whole for G; J^T w contracts the local ones.
-                    Xw, Dw, Drw = whole_rows((X, D, Dr))
+                    Xw, Dw = whole_along(X, 0, axis_name), whole_along(D, 1, axis_name)
+                    Drw = whole_along(Dr, 0, axis_name)
                     Rw = Xw.shape[0]
                     KD = jnp.swapaxes(((Xw @ Xw.T) @ Drw).reshape(Rw, m, d_out), 0, 1)
                     G = G + Dw.reshape(m, -1) @ KD.reshape(m, -1).T
@@ -133,7 +122,9 @@ def task_gramian_vjp(
         if gramian:
             for r in rows.values():
                 G = G + r @ r.T
-        return G, LayerwiseFactors(ghost, rows, traced.treedef, leaves, axis_name)
+        return (G if gramian else None), LayerwiseFactors(
+            ghost, rows, traced.treedef, leaves, axis_name
+        )
 
     return out, pullback
 

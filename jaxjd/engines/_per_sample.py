@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from .._spmd import replicated, vary, varying_axes, whole
+from .._spmd import vary, varying_axes, whole, whole_along
 from .._tree import accumulation_dtype
 from ._jaxpr import _analyse, _Traced
 
@@ -109,13 +109,12 @@ def per_sample_gramian_parts(
     # With the batch sharded over devices (jit with NamedSharding, or shard_map's axis_name),
     # the factors are gathered whole (activations and cotangents, not per-sample gradients of
     # dense layers) and every device forms the same global Gramian.
-    gather = _gatherer(axis_name)
     Bg = B if axis_name is None else B * jax.lax.axis_size(axis_name)
     mg = Bg * T
     G = jnp.zeros((mg, mg), acc)
     for k in (*plan.dense, *plan.dense_t):
         X, D = _dense_factors(plan, captured, deltas, k, B, T)
-        X, D = gather(X.astype(acc), 0), gather(D.astype(acc), 1)
+        X, D = whole_along(X.astype(acc), 0, axis_name), whole_along(D.astype(acc), 1, axis_name)
         L = X.shape[1]
         if L * L > X.shape[2] * D.shape[-1]:
             g = rows(jnp.einsum("bld,tble->tbde", X, D), Bg)
@@ -136,7 +135,7 @@ def per_sample_gramian_parts(
         )(deltas[k])
         row_grads[p] = rows(g)
     for g in row_grads.values():
-        g = gather(g, 0)
+        g = whole_along(g, 0, axis_name)
         G = G + g @ g.T
     fb_grads = {}
     if fallback:
@@ -147,7 +146,7 @@ def per_sample_gramian_parts(
         jac = jax.jacrev(losses_of)([leaves[i] for i in fallback])
         for i, Ji in zip(fallback, jac):
             Ji = Ji.reshape(m, *leaves[i].shape)
-            g = gather(Ji.reshape(m, -1).astype(acc), 0)
+            g = whole_along(Ji.reshape(m, -1).astype(acc), 0, axis_name)
             fb_grads[i] = Ji
             G = G + g @ g.T
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
@@ -163,15 +162,6 @@ def per_sample_gramian_parts(
         tuple(paths[i] for i in fallback),
     )
     return losses, G, factors
-
-
-def _gatherer(axis_name):
-    """``gather(x, axis)``: ``x`` whole along the batch ``axis``: replicated under ``jit``
-    (sharded or not), all-gathered over ``axis_name`` (invariant, so that the solvers run as
-    on one device) under ``shard_map``."""
-    if axis_name is None:
-        return lambda x, axis: replicated(x)
-    return lambda x, axis: jax.lax.all_gather(x, axis_name, axis=axis, tiled=True, to="invarying")
 
 
 def local_weights(weights: Array, shape: tuple, axis_name: Hashable) -> Array:
