@@ -424,7 +424,8 @@ def test_mtl_helper_equals_brute_force(x64):
 def test_mtl_layerwise_equals_the_materialised_jacobian(dtype, x64):
     """The default layerwise MTL engine (Gramian and J^T w from the task cotangents at each
     layer) against the brute-force trunk Jacobian: the Gramian, and the aggregated gradient for a
-    Gramian weighting, a shape-only weighting (no Gramian formed) and a random one (same key)."""
+    Gramian weighting, a shape-only weighting (no Gramian formed) and a random one (same key).
+    (The "jacobian" method is checked against the same reference in the test above.)"""
     trunk, heads, tp, hp, x = _mtl_model()
     tp, hp, x = (jax.tree_util.tree_map(lambda a: a.astype(dtype), t) for t in (tp, hp, x))
     rtol = 1e-10 if dtype == "float64" else 1e-5
@@ -444,14 +445,11 @@ def test_mtl_layerwise_equals_the_materialised_jacobian(dtype, x64):
     key = jax.random.key(3)
     for agg in (jd.upgrad(), jd.mean(), jd.random(), jd.mgda()):
         layer = jax.jit(jd.mtl_value_and_grad(trunk, heads, agg, method="layerwise"))
-        brute = jax.jit(jd.mtl_value_and_grad(trunk, heads, agg, method="jacobian"))
         _, (g_layer, h_layer), w_layer = layer(tp, hp, x, key=key)
-        _, (g_brute, h_brute), w_brute = brute(tp, hp, x, key=key)
         np.testing.assert_allclose(w_layer, agg.weights(J_ref, key=key), rtol=100 * rtol)
-        np.testing.assert_allclose(w_layer, w_brute, rtol=100 * rtol)
         for a, b in zip(
-            jax.tree_util.tree_leaves((g_layer, g_layer, h_layer)),
-            jax.tree_util.tree_leaves((agg(J_ref, key=key), g_brute, h_brute)),
+            jax.tree_util.tree_leaves((g_layer, h_layer)),
+            jax.tree_util.tree_leaves((agg(J_ref, key=key), h_ref)),
         ):
             np.testing.assert_allclose(
                 a, b, rtol=100 * rtol, atol=100 * rtol * float(jnp.abs(b).max())
@@ -509,6 +507,9 @@ def test_per_sample_engine_keeps_equinox_linear_layers_on_the_fast_path(x64):
 
     from jaxjd.engines import per_sample_gramian_parts, weighted_grad_from_factors
 
+    def parts(f, p, x):  # jitted (the plan and the fallback names are static fields)
+        return eqx.filter_jit(lambda p, x: per_sample_gramian_parts(f, p, x))(p, x)
+
     model = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(0))
     model = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if eqx.is_array(a) else a, model)
     x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
@@ -517,10 +518,10 @@ def test_per_sample_engine_keeps_equinox_linear_layers_on_the_fast_path(x64):
     def per_sample(p, x):
         return jnp.sum(jax.vmap(eqx.combine(p, static))(x) ** 2, axis=1)
 
-    _, G, factors = per_sample_gramian_parts(per_sample, params, x)
+    _, G, factors = parts(per_sample, params, x)
     assert factors.fallback == ()
     assert len(factors.plan.dense_t) == 3 and len(factors.plan.bias) == 3
-    J = jax.jacrev(per_sample)(params, x)
+    J = jax.jit(jax.jacrev(per_sample))(params, x)
     np.testing.assert_allclose(G, jd.gramian(J), rtol=1e-10, atol=1e-14)
     w = jnp.linspace(0.5, 1.5, 6)
     update = weighted_grad_from_factors(w, factors)
@@ -533,11 +534,11 @@ def test_per_sample_engine_keeps_equinox_linear_layers_on_the_fast_path(x64):
     def per_sequence(p, x):
         return jnp.sum(jax.vmap(jax.vmap(eqx.combine(p, static)))(x) ** 2, axis=1)  # (B, 2)
 
-    _, G, factors = per_sample_gramian_parts(per_sequence, params, xs)
+    _, G, factors = parts(per_sequence, params, xs)
     assert len(factors.plan.dense_t) == 3
     assert factors.fallback == tuple(f".layers[{i}].bias" for i in range(3))
     J = jax.tree_util.tree_map(
-        lambda a: a.reshape(12, *a.shape[2:]), jax.jacrev(per_sequence)(params, xs)
+        lambda a: a.reshape(12, *a.shape[2:]), jax.jit(jax.jacrev(per_sequence))(params, xs)
     )
     np.testing.assert_allclose(G, jd.gramian(J), rtol=1e-10, atol=1e-13)
     w = jnp.linspace(0.5, 1.5, 12)
@@ -550,10 +551,10 @@ def test_per_sample_engine_keeps_equinox_linear_layers_on_the_fast_path(x64):
     def normed(p, x):
         return jnp.sum(jax.vmap(lambda r: eqx.combine(p["mlp"], static)(p["norm"](r)))(x) ** 2, 1)
 
-    _, G2, factors2 = per_sample_gramian_parts(normed, {"mlp": params, "norm": norm}, x)
+    _, G2, factors2 = parts(normed, {"mlp": params, "norm": norm}, x)
     assert factors2.fallback == ("['norm'].weight",)  # its bias is a broadcast add
     np.testing.assert_allclose(
-        G2, jd.gramian(jax.jacrev(normed)({"mlp": params, "norm": norm}, x)), rtol=1e-9
+        G2, jd.gramian(jax.jit(jax.jacrev(normed))({"mlp": params, "norm": norm}, x)), rtol=1e-9
     )
 
 

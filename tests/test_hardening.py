@@ -313,6 +313,104 @@ def test_scale_invariant_methods_survive_gramian_overflow_and_underflow(spec, dt
         assert np.isnan(np.asarray(agg(bad))).any()
 
 
+DEGREES = {"fairgrad": -0.5, "mgda_l2": -0.5}
+
+
+def test_the_methods_with_another_scale_degree_are_the_expected_ones():
+    found = {
+        s.name: s.weighting().scale_degree
+        for s in REGISTRY
+        if s.weighting and s.weighting().scale_degree not in (None, 0.0)
+    }
+    assert found == DEGREES
+    rescalable = {s.name for s in REGISTRY if s.weighting and s.weighting().rescalable}
+    assert rescalable == {*DEGREES, *(s.name for s in SCALE_INVARIANT), "nash_mtl", "pcd"}
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
+def test_fairgrad_weights_are_homogeneous_of_their_declared_degree(alpha, x64):
+    """w(t G) = t^p w(G) with p = -alpha / (alpha + 1): what lets the aggregator weigh the
+    Gramian of J scaled by a power of two when J J^T is out of range."""
+    G = jnp.asarray(_J(5, 8, seed=3) @ _J(5, 8, seed=3).T)
+    weighting = jd.fairgrad_weighting(alpha=alpha)
+    p = weighting.scale_degree
+    assert p == pytest.approx(-alpha / (alpha + 1))
+    for t in (1e-6, 1e6):
+        np.testing.assert_allclose(weighting(t * G), t**p * weighting(G), rtol=1e-9)
+
+
+SCALES = (1.0, 1e-5, 1e-10, 1e-15, 1e-20, 1e-30, 1e20)
+# Random draws depend on the dtype: these two cannot be compared across dtypes.
+ACROSS_DTYPES = [s for s in REGISTRY if s.name not in ("random", "graddrop")]
+
+
+@pytest.mark.parametrize("spec", ACROSS_DTYPES, ids=lambda s: s.name)
+def test_float32_gives_float64s_answer_or_nan_at_every_scale(spec):
+    """No finite wrong answer from the range of float32 (issue #13 items 8/9): the same J
+    times 1 ... 1e-30 and 1e20, one step under vmap, in float32 and in float64 (whose Gramian
+    is in range at every one of these scales). float32 must give float64's update to 1e-4
+    (the iterative solvers: their float32 tolerance), or a non-finite one. Before: FairGrad,
+    PCD and MGDA with the l2 or loss+ normaliser gave a different or zero update once J J^T
+    underflowed (1e-20), and Nash-MTL kept its initial weights from 1e-10 (its programs left
+    float32's range: its weights scale as 1/|g|); now FairGrad and the l2/loss+ MGDA weigh the
+    rescaled Gramian and apply their degree, and
+    Nash-MTL and PCD take the scale into their programs and state."""
+    J = _J(4, 7, seed=0)
+    key = jax.random.key(0)
+    outs = {}
+    for dtype in ("float32", "float64"):
+        with jax.enable_x64(dtype == "float64"):
+            method = spec.build()
+            batch = jnp.asarray(np.stack([J * s for s in SCALES]), dtype)
+
+            def step(J, method=method):
+                return method.aggregate(J, method.init(J), key=key).update
+
+            outs[dtype] = np.asarray(jax.jit(jax.vmap(step))(batch), np.float64)
+    for i, s in enumerate(SCALES):
+        got, ref = outs["float32"][i], outs["float64"][i]
+        if not np.all(np.isfinite(got)):
+            continue
+        size = np.linalg.norm(ref)
+        if size < 1e-30:  # the true update is below float32's range: zero is its rounding
+            assert np.linalg.norm(got) <= 1e-30, (s, got)
+            continue
+        tol = max(1e-4, spec.loose.get("float32", 0.0))  # CAGrad's FISTA stops at 1e-3
+        assert np.linalg.norm(got - ref) <= tol * size, (s, got, ref)
+    # the well-scaled J always gets an answer
+    assert np.all(np.isfinite(outs["float32"][0]))
+
+
+def test_nash_mtl_and_pcd_keep_their_state_at_the_true_scale():
+    """Two steps at 1e-20 in float32 (the Gramian underflows: the aggregator rescales J): the
+    state (Nash-MTL's alpha, PCD's EMA of squared norms) is float64's, and so are both
+    updates; at 1e20 PCD's EMA would overflow: NaN weights and the state is kept."""
+    J = _J(4, 7, seed=1)
+    for build in (jd.nash_mtl, jd.pcd):
+        res = {}
+        for dtype in ("float32", "float64"):
+            with jax.enable_x64(dtype == "float64"):
+                method = build()
+                Js = jnp.asarray(J * 1e-20, dtype)
+                state = method.init(Js)
+                first = method.aggregate(Js, state)
+                second = method.aggregate(Js * 2, first.state)
+                res[dtype] = [
+                    np.asarray(x, np.float64)
+                    for x in (first.update, second.update, *jax.tree_util.tree_leaves(second.state))
+                ]
+        for got, ref in zip(res["float32"], res["float64"]):
+            # (PCD's EMA of squared norms, 1e-42, is below float32's normal range: it is 0)
+            atol = max(1e-4 * np.abs(ref).max(), 1e-37)
+            np.testing.assert_allclose(got, ref, rtol=1e-4, atol=atol)
+    method = jd.pcd()
+    Jb = jnp.asarray(J * 1e20, jnp.float32)
+    state = method.init(Jb)
+    out = method.aggregate(Jb, state)
+    assert np.all(np.isnan(np.asarray(out.weights)))
+    np.testing.assert_array_equal(out.state.sq_norm_ema, state.sq_norm_ema)
+
+
 def _min_cos(J, d):
     return float(((J @ d) / (np.linalg.norm(J, axis=1) * np.linalg.norm(d))).min())
 

@@ -179,9 +179,23 @@ class AbstractWeighting(_Method):
     """
 
     reads_gramian: ClassVar[bool] = True
-    # True when w(c G) = w(G) for every c > 0: an aggregator on it then forms G from J scaled by
-    # a power of two when J J^T overflows or underflows (see _gramian_in_range).
-    scale_invariant: ClassVar[bool] = False
+    # The degree p with w(t G) = t^p w(G) for every t > 0 (0: scale-invariant), or None when the
+    # weights have no such law. With a degree, an aggregator forms G from J scaled by a power of
+    # two when J J^T overflows or underflows (see _gramian_in_range) and calls _weigh_at_scale.
+    scale_degree: ClassVar[float | None] = None
+
+    @property
+    def scale_invariant(self) -> bool:
+        """True when ``w(t G) = w(G)`` for every ``t > 0``."""
+        return self.scale_degree == 0
+
+    @property
+    def rescalable(self) -> bool:
+        """True when an aggregator may give it the Gramian of J scaled by a power of two
+        (:meth:`_weigh_at_scale`): it has a :attr:`scale_degree`, or its own rule (a state
+        kept at the true scale, a program with the true scale in it)."""
+        own = type(self)._weigh_at_scale is not AbstractWeighting._weigh_at_scale
+        return self.scale_degree is not None or own
 
     def init(self, num_objectives: int, dtype: Any = jnp.float32) -> Any:
         """The initial state for ``num_objectives`` objectives (``EmptyState()`` when
@@ -231,6 +245,19 @@ class AbstractWeighting(_Method):
     def _weigh(self, gramian, state, key) -> tuple[Float[Array, " m"], Any]:
         """``(weights, new_state)`` (traced once per configuration and shape)."""
 
+    def _weigh_at_scale(self, gramian, log2_t, state, key, *losses):
+        """``(weights, new_state)`` for the Gramian ``gramian * 2^-log2_t``: an aggregator
+        formed ``gramian`` from J scaled by a power of two because J J^T was out of range.
+        By default ``2^(-p log2_t) w(gramian)`` (p: :attr:`scale_degree`) with the state as it
+        is; a weighting whose state depends on the scale overrides this."""
+        w, new_state = self._weigh(gramian, state, key, *losses)
+        p = self.scale_degree
+        if p is None:
+            raise NotImplementedError(f"{type(self).__name__} has no scale_degree.")
+        if p == 0:
+            return w, new_state
+        return w * jnp.exp2(-p * log2_t).astype(w.dtype), new_state
+
 
 def _prepared(gramian):
     """The Gramian the hooks see: a constant in float32 or float64."""
@@ -241,7 +268,7 @@ def _prepared(gramian):
 
 
 @eqx.filter_jit
-def _weigh_jit(weighting, gramian, state, key, losses=None):
+def _weigh_jit(weighting, gramian, state, key, losses=None, log2_t=None):
     # Eager calls compile once per (structure, m, dtype) and then run fast; number-valued
     # hyper-parameters are traced. Inside a user's jit this inlines. Matrix products at full
     # precision: on GPUs the default float32 product is TF32 (a 10-bit mantissa), which breaks
@@ -250,13 +277,14 @@ def _weigh_jit(weighting, gramian, state, key, losses=None):
     # Sharded inputs (jit with NamedSharding): the m x m problem is solved whole on every
     # device, never partitioned along the batch. Under shard_map, device-varying inputs (each
     # device its own G) go through _per_device, so that the hooks' loops stay legal.
-    G, state, losses = replicated((G, state, losses))
-    axes = varying_axes(G, state, key, losses)
+    # log2_t: G is the Gramian of J scaled by a power of two (see _gramian_in_range).
+    G, state, losses, log2_t = replicated((G, state, losses, log2_t))
+    axes = varying_axes(G, state, key, losses, log2_t)
     with jax.default_matmul_precision("highest"):
         if axes:
-            w, new_state = _per_device(weighting, axes, G, state, key, losses)
+            w, new_state = _per_device(weighting, axes, G, state, key, losses, log2_t)
         else:
-            w, new_state = weighting._weigh(G, state, key, *_hook_args(weighting, losses))
+            w, new_state = _hook(weighting, G, state, key, losses, log2_t)
     w, new_state = replicated((w, new_state))
     # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
     # weights (never finite weights of garbage) and leaves the state as it was, so that one bad
@@ -269,13 +297,19 @@ def _weigh_jit(weighting, gramian, state, key, losses=None):
     return jnp.where(finite, w, jnp.nan), _keep_unless(finite, new_state, state)
 
 
-def _per_device(weighting, axes, G, state, key, losses):
+def _hook(weighting, G, state, key, losses, log2_t):
+    if log2_t is None:
+        return weighting._weigh(G, state, key, *_hook_args(weighting, losses))
+    return weighting._weigh_at_scale(G, log2_t, state, key, *_hook_args(weighting, losses))
+
+
+def _per_device(weighting, axes, G, state, key, losses, log2_t=None):
     """The hook on device-varying inputs inside ``shard_map`` (each device its own G): the
     devices' inputs gathered, the hook vmapped over them as over invariant data (its loops
     start from plain carries), this device's result taken back. Each device solves all the
     devices' problems; a Gramian that is the same everywhere (from gathered or ``psum``-ed
     rows, as the engines' ``axis_name`` paths make it) takes the direct path."""
-    args = (G, state, key, losses)
+    args = (G, state, key, losses, log2_t)
     keys = jax.tree_util.tree_map(_is_key, args)
     raw = jax.tree_util.tree_map(lambda x, k: jax.random.key_data(x) if k else x, args, keys)
     batched = jax.tree_util.tree_map(lambda x: bool(varying_axes(x)), raw)
@@ -283,16 +317,16 @@ def _per_device(weighting, axes, G, state, key, losses):
         lambda x, b: jax.lax.all_gather(x, axes, to="invarying") if b else x, raw, batched
     )
 
-    def hook(G, state, key, losses):
-        G, state, key, losses = jax.tree_util.tree_map(
+    def hook(G, state, key, losses, log2_t):
+        G, state, key, losses, log2_t = jax.tree_util.tree_map(
             lambda x, k, ref: (
                 jax.random.wrap_key_data(x, impl=jax.random.key_impl(ref)) if k else x
             ),
-            (G, state, key, losses),
+            (G, state, key, losses, log2_t),
             keys,
             args,
         )
-        return weighting._weigh(G, state, key, *_hook_args(weighting, losses))
+        return _hook(weighting, G, state, key, losses, log2_t)
 
     in_axes = jax.tree_util.tree_map(lambda b: 0 if b else None, batched)
     everyone = jax.vmap(hook, in_axes=in_axes)(*gathered)
@@ -443,31 +477,42 @@ def _out_of_range(G, n):
     return ~(top <= info.max) | (top < float(info.tiny) / float(info.eps) * max(n, 1))
 
 
-def power_of_two_scale(leaves, dtype):
-    """``2^-e`` (in ``dtype``) with ``2^e`` about ``max |J|`` over the leaves: multiplying by
-    it is exact and brings J near 1 (1 when J is zero or not finite)."""
+def _power_of_two_exponent(leaves, dtype):
+    """``e`` with ``2^e`` about ``max |J|`` over the leaves (0 when J is zero or not finite)."""
     top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
     usable = (top > 0) & (top <= jnp.finfo(dtype).max)
     _, e = jnp.frexp(jnp.where(usable, top, 1.0))
-    return jnp.ldexp(jnp.ones((), dtype), -e)
+    return e
+
+
+def power_of_two_scale(leaves, dtype):
+    """``2^-e`` (in ``dtype``) with ``2^e`` about ``max |J|`` over the leaves: multiplying by
+    it is exact and brings J near 1 (1 when J is zero or not finite)."""
+    return jnp.ldexp(jnp.ones((), dtype), -_power_of_two_exponent(leaves, dtype))
 
 
 def _scaled_gramian(jacobian):
-    """``gramian(2^-e J)`` with ``2^e`` about ``max |J|``: exact scaling, no overflow or
-    underflow in ``G`` (a non-finite J stays non-finite)."""
+    """``(gramian(2^-e J), -2 e)`` with ``2^e`` about ``max |J|``: exact scaling, no overflow
+    or underflow in ``G`` (a non-finite J stays non-finite); ``G`` is ``2^(-2e)`` times the
+    Gramian of J."""
     leaves = jax.tree_util.tree_leaves(jacobian)
-    factor = power_of_two_scale(leaves, leaves[0].dtype)
-    return gramian(jax.tree_util.tree_map(lambda x: x * factor.astype(x.dtype), jacobian))
+    e = _power_of_two_exponent(leaves, leaves[0].dtype)
+    factor = jnp.ldexp(jnp.ones((), leaves[0].dtype), -e)
+    G = gramian(jax.tree_util.tree_map(lambda x: x * factor.astype(x.dtype), jacobian))
+    return G, (-2 * e).astype(G.dtype)
 
 
 @jax.custom_batching.custom_vmap
 def _gramian_in_range(jacobian, G):
-    """``G = gramian(J)``, or where it overflowed or underflowed, the Gramian of J scaled by a
-    power of two: the weights of a scale-invariant weighting are those of ``J J^T`` itself, and
-    the update ``J^T w`` uses J unscaled. The rescaled Gramian is formed only when needed (a
-    ``cond``; under vmap once for the whole batch if any member needs it: its batching rule)."""
+    """``(G, 0)`` for ``G = gramian(J)``, or where it overflowed or underflowed,
+    ``(G_s, log2_t)`` with ``G_s = 2^log2_t J J^T`` the Gramian of J scaled by a power of two:
+    a weighting with a :attr:`~AbstractWeighting.scale_degree` turns weights of ``G_s`` into
+    those of ``J J^T`` (``_weigh_at_scale``), and the update ``J^T w`` uses J unscaled. The
+    rescaled Gramian is formed only when needed (a ``cond``; under vmap once for the whole
+    batch if any member needs it: its batching rule)."""
     n = sum(int(np.prod(x.shape[1:])) for x in jax.tree_util.tree_leaves(jacobian))
-    return jax.lax.cond(_out_of_range(G, n), _scaled_gramian, lambda _: G, jacobian)
+    zero = jnp.zeros((), G.dtype)
+    return jax.lax.cond(_out_of_range(G, n), _scaled_gramian, lambda _: (G, zero), jacobian)
 
 
 @_gramian_in_range.def_vmap
@@ -482,11 +527,13 @@ def _gramian_in_range_batched(axis_size, in_batched, jacobian, G):
     n = sum(int(np.prod(x.shape[2:])) for x in jax.tree_util.tree_leaves(jacobian))
     bad = _out_of_range(G, n)
 
-    def fix(G):
-        new = jax.vmap(_scaled_gramian)(jacobian)
-        return jnp.where(bad[:, None, None], new, G)
+    zero = jnp.zeros((axis_size,), G.dtype)
 
-    return jax.lax.cond(jnp.any(bad), fix, lambda G: G, G), True
+    def fix(G):
+        new, log2_t = jax.vmap(_scaled_gramian)(jacobian)
+        return jnp.where(bad[:, None, None], new, G), jnp.where(bad, log2_t, zero)
+
+    return jax.lax.cond(jnp.any(bad), fix, lambda G: (G, zero), G), (True, True)
 
 
 # Jitted so that eager calls hit a compile cache: an eager ``cond`` under ``custom_vmap``
@@ -541,13 +588,14 @@ class GramianWeightedAggregator(AbstractAggregator):
 
     def _aggregate(self, jacobian, state, key, losses=None):
         m, dtype = _abstract_rows(jacobian)
+        log2_t = None
         if self.weighting.reads_gramian:
             G = gramian(jacobian)
-            if self.weighting.scale_invariant:  # weights are constants: no derivative here
-                G = gramian_in_range(*jax.lax.stop_gradient((jacobian, G)))
+            if self.weighting.rescalable:  # weights are constants: no derivative here
+                G, log2_t = gramian_in_range(*jax.lax.stop_gradient((jacobian, G)))
         else:
             G = jax.ShapeDtypeStruct((m, m), dtype)
         # The state was checked by aggregate() (init delegates to the weighting): go straight
         # to the weighting's jitted step rather than through its update(), which checks again.
-        w, state = _weigh_jit(self.weighting, G, state, key, losses)
+        w, state = _weigh_jit(self.weighting, G, state, key, losses, log2_t)
         return Aggregation(combine(w, jacobian), w, state)

@@ -30,7 +30,7 @@ class AlignedMTLWeighting(AbstractWeighting):
     array([0.5591, 0.4083])
     """
 
-    scale_invariant = True
+    scale_degree = 0.0
 
     pref_vector: VectorLike | None = vector("pref_vector")
     scale_mode: str = choice("scale_mode", "min", ("min", "median", "rmse"))

@@ -75,7 +75,7 @@ class ConFIG(AbstractAggregator):
         else:
             # G from J scaled by a power of two if J J^T overflowed or underflowed (the weights
             # are scale-invariant)
-            G = gramian_in_range(*jax.lax.stop_gradient((jacobian, gramian(jacobian))))
+            G, _ = gramian_in_range(*jax.lax.stop_gradient((jacobian, gramian(jacobian))))
             G = G.astype(dtype)
             norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
             inv_norm = _inverse_or_zero(norms)

@@ -54,6 +54,12 @@ class FairGradWeighting(AbstractWeighting):
     max_iters: int = static_int("max_iters", 100)
     tol: float | None = static_tol("tol")
 
+    @property
+    def scale_degree(self) -> float:  # pyright: ignore[reportIncompatibleVariableOverride]
+        # x(t G) = t^p x(G) with p = -alpha / (alpha + 1): then
+        # t G (t^p x) = t^(1 + p) G x and (t^p x)^(-1/alpha) = t^(-p / alpha) x^(-1/alpha) agree
+        return -self.alpha / (self.alpha + 1.0)
+
     def _weigh(self, G, state, key):
         return self._solve(G), state
 

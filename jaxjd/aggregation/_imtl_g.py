@@ -23,7 +23,7 @@ class IMTLGWeighting(AbstractWeighting):
     array([0.5923, 0.4077])
     """
 
-    scale_invariant = True
+    scale_degree = 0.0
 
     def _weigh(self, G, state, key):
         # The weights do not depend on the scale of G, but v does (as 1 / |g|): G is divided by

@@ -28,7 +28,7 @@ class KrumWeighting(AbstractWeighting):
     Array([1., 0., 0., 0.], dtype=float32)
     """
 
-    scale_invariant = True
+    scale_degree = 0.0
 
     n_byzantine: int = static_int("n_byzantine", minimum=0)
     n_selected: int = static_int("n_selected", 1)

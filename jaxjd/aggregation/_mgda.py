@@ -60,9 +60,9 @@ class MGDAWeighting(AbstractWeighting):
         return self.normalizer in ("loss", "loss+")
 
     @property
-    def scale_invariant(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
-        # w(c G) = w(G) unless the weights are divided by the rows' norms
-        return self.normalizer in ("none", "loss")
+    def scale_degree(self) -> float:  # pyright: ignore[reportIncompatibleVariableOverride]
+        # w(t G) = w(G), or t^(-1/2) w(G) when the weights are divided by the rows' norms
+        return 0.0 if self.normalizer in ("none", "loss") else -0.5
 
     def _weigh(self, G, state, key, losses=None):
         n = None

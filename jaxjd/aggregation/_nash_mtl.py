@@ -23,33 +23,35 @@ class NashMTLState(NamedTuple):
     count: jax.Array
 
 
-def _solve_step(G, nf, prev, start, tol, max_iter):
+def _solve_step(G, c, start, tol, max_iter):
     r"""One convex program of the sequence, by a primal-dual interior-point method (Boyd and
     Vandenberghe, Sec. 11.7)::
 
-        min_a  1^T G a + phi'(prev)^T (a - prev) / nf
-        s.t.   log(a_i nf) + log((G a)_i) >= 0,
+        min_b  c^T b   s.t.   log(b_i) + log((G b)_i) >= 0,
 
-    with ``phi'(prev) = 1 / prev + G (1 / (G prev))``. Starts from ``start`` (with ``G start > 0``)
-    scaled up until every constraint holds with margin 1. Returns ``(a, ok)``; ``ok`` is False
-    when ``phi'`` is not finite, the start is not strictly feasible, or the final iterate is not
-    (e.g. an unbounded program). Like ECOS's "inaccurate" answers, a strictly feasible iterate
-    that ran out of iterations is kept: it is feasible and improves on the start.
+    for the normalised ``G`` (``|G|_F = 1``) and a positive multiple ``c`` of TorchJD's
+    objective (see :meth:`NashMTLWeighting._solve`). Starts from ``start`` (with
+    ``G start > 0``) scaled up until every constraint holds with margin 1. Returns ``(b, ok)``;
+    ``ok`` is False when ``c`` is not finite, the start is not strictly feasible, or the final
+    iterate is not (e.g. an unbounded program). Like ECOS's "inaccurate" answers, a strictly
+    feasible iterate that ran out of iterations is kept: it is feasible and improves on the
+    start.
     """
     m = G.shape[0]
     dtype = G.dtype
-    log_nf = jnp.log(nf)
-    c = jnp.sum(G, axis=0) + (1.0 / prev + G @ (1.0 / (G @ prev))) / nf
     u_start = G @ start
     usable = jnp.all(jnp.isfinite(c)) & jnp.all(start > 0) & jnp.all(u_start > 0)
-    c = jnp.where(usable, c, 0.0)
+    # Only c's direction matters: at unit size the multipliers are of order 1 at every scale.
+    size = jnp.max(jnp.abs(c))
+    usable = usable & (size > 0)
+    c = jnp.where(usable, c / jnp.where(usable, size, 1.0), 0.0)
 
     def parts(a):
         u = G @ a
         ok = jnp.all(a > 0) & jnp.all(u > 0)
         sa = jnp.where(a > 0, a, 1.0)
         su = jnp.where(u > 0, u, 1.0)
-        f = -(log_nf + jnp.log(sa) + jnp.log(su))  # f <= 0 is feasible
+        f = -(jnp.log(sa) + jnp.log(su))  # f <= 0 is feasible
         Df = -(jnp.diag(1.0 / sa) + G / su[:, None])
         return ok & jnp.all(f < 0), f, Df, sa, su
 
@@ -58,7 +60,7 @@ def _solve_step(G, nf, prev, start, tol, max_iter):
         return c + Df.T @ lam, -lam * f - 1.0 / t
 
     # Strictly feasible start: h_i(s a) = h_i(a) + 2 log s >= 1.
-    h_start = log_nf + jnp.log(jnp.where(usable, start, 1.0) * jnp.where(usable, u_start, 1.0))
+    h_start = jnp.log(jnp.where(usable, start, 1.0)) + jnp.log(jnp.where(usable, u_start, 1.0))
     a0 = jnp.where(usable, start, 1.0) * jnp.exp(jnp.maximum((1.0 - jnp.min(h_start)) / 2.0, 0.0))
     _, f0, _, _, _ = parts(a0)
     lam0 = -1.0 / jnp.where(f0 < 0, f0, -1.0)
@@ -165,19 +167,32 @@ class NashMTLWeighting(AbstractWeighting):
         return NashMTLState(jnp.ones((m,), dtype), jnp.zeros((), jnp.int32))
 
     def _weigh(self, G, state, key):
+        return self._weigh_at_scale(G, jnp.zeros((), G.dtype), state, key)
+
+    def _weigh_at_scale(self, G, log2_t, state, key):
+        # G is 2^log2_t times the Gramian (an aggregator's rescale when J J^T was out of
+        # range). The bargaining solution has alpha(t G) = t^(-1/2) alpha(G); the programs and
+        # stopping rules in _solve are TorchJD's at the true scale whatever scale G is at.
         dtype = state.alpha.dtype
-        GTG = G.astype(dtype)
+        G = G.astype(dtype)
+        log2_t = log2_t.astype(dtype)
+        to_true = jnp.exp2(0.5 * log2_t)
         refresh = state.count % self.update_weights_every == 0
         alpha = jax.lax.cond(
-            refresh, lambda G, a: self._solve_lanewise(G, a), lambda G, a: a, GTG, state.alpha
+            refresh,
+            lambda G, a, t: self._solve_lanewise(G, a, t),
+            lambda G, a, t: a,
+            G,
+            state.alpha / to_true,
+            log2_t,
         )
         max_norm = as_dtype(self.max_norm, dtype)
-        norm = jnp.sqrt(jnp.maximum(alpha @ GTG @ alpha, 0.0))
+        norm = jnp.sqrt(jnp.maximum(alpha @ G @ alpha, 0.0))  # |J^T alpha| at any scale
         clip = (max_norm > 0) & (norm > max_norm)
         alpha_out = jnp.where(clip, alpha / jnp.where(clip, norm, 1.0) * max_norm, alpha)
-        return alpha_out, NashMTLState(alpha, state.count + 1)
+        return alpha_out * to_true, NashMTLState(alpha * to_true, state.count + 1)
 
-    def _solve_lanewise(self, GTG, alpha):
+    def _solve_lanewise(self, G, alpha, log2_t):
         """:meth:`_solve`, mapped lane by lane under ``jax.vmap`` (``lax.map``). Batching its
         nested data-dependent loops made every lane wait for the slowest at every level: on four
         ill-scaled float32 lanes the batched loops ran for minutes where each lane alone takes
@@ -185,30 +200,47 @@ class NashMTLWeighting(AbstractWeighting):
         lane's answer is the one it gets alone."""
 
         @jax.custom_batching.custom_vmap
-        def solve(GTG, alpha):
-            return self._solve(GTG, alpha)
+        def solve(G, alpha, log2_t):
+            return self._solve(G, alpha, log2_t)
 
         @solve.def_vmap
-        def _rule(axis_size, in_batched, GTG, alpha):
-            GTG, alpha = (
+        def _rule(axis_size, in_batched, *args):
+            args = tuple(
                 x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-                for x, batched in zip((GTG, alpha), in_batched)
+                for x, batched in zip(args, in_batched)
             )
-            return jax.lax.map(lambda ga: solve(*ga), (GTG, alpha)), True
+            return jax.lax.map(lambda a: solve(*a), args), True
 
-        return solve(GTG, alpha)
+        return solve(G, alpha, log2_t)
 
-    def _solve(self, GTG, alpha):
+    def _solve(self, GTG, alpha, log2_t):
+        r"""TorchJD's sequence for the Gramian ``GTG 2^-log2_t``, from ``alpha`` (at ``GTG``'s
+        scale; the answer too). With ``nf`` the true ``|G|_F``, ``G' = GTG / |GTG|_F`` and the
+        true weights ``a``, TorchJD's program is ``min 1^T G' a + phi'(prev)^T (a - prev) / nf``
+        s.t. ``a_i nf (G' a)_i >= 1``. In ``b = a sqrt(nf)`` (``b_i (G' b)_i >= 1``: order 1 at
+        every scale) it is ``min c^T b`` with ``c`` a positive multiple of
+        ``sqrt(nf) 1^T G' + 1 / b_prev + G' (1 / (G' b_prev))``: the iterates never leave the range
+        of float32 however large or small the gradients (``a`` itself, in float32, did at
+        ``|g| = 1e-10``). TorchJD's stopping rules are evaluated on the true ``a``."""
         dtype = GTG.dtype
         m = GTG.shape[0]
-        nf = jnp.linalg.norm(GTG)
-        solvable = (nf > 0) & jnp.isfinite(nf)
-        nf = jnp.where(solvable, nf, 1.0)
-        G = GTG / nf
+        # |GTG|_F without squaring its entries (1e-20 squared is 0 in float32)
+        top = jnp.max(jnp.abs(GTG))
+        nf_s = top * jnp.linalg.norm(GTG / jnp.where(top > 0, top, 1.0))
+        solvable = (nf_s > 0) & jnp.isfinite(nf_s)
+        nf_s = jnp.where(solvable, nf_s, 1.0)
+        G = GTG / nf_s
+        root = jnp.sqrt(nf_s)
+        log_nf = jnp.log(nf_s) - log2_t * jnp.log(2.0).astype(dtype)  # of the true Gramian
+        b_to_a = jnp.exp(-0.5 * log_nf)  # the true a = b_to_a * b
+        # sqrt(nf) 1^T G' + phi', divided by sqrt(nf) when nf > 1 (neither term overflows)
+        big = log_nf > 0
+        first = jnp.exp(jnp.where(big, 0.0, 0.5 * log_nf))
+        second = jnp.exp(jnp.where(big, -0.5 * log_nf, 0.0))
         tol = 1e-10 if dtype == jnp.float64 else 1e-5
         max_iter = 100
 
-        # A strictly feasible start (alpha > 0, G alpha > 0): the previous alpha, else ones, else
+        # A strictly feasible start (b > 0, G b > 0): the previous b, else ones, else
         # the minimum-norm point of the normalised gradients' hull (MGDA: its d satisfies
         # g_i . d >= |d|^2 > 0, and d = 0 certifies that no strictly feasible point exists).
         diag = jnp.diagonal(G)
@@ -228,28 +260,43 @@ class NashMTLWeighting(AbstractWeighting):
             spread = jnp.maximum(jnp.max(jnp.abs(C @ ones)), jnp.finfo(dtype).tiny)
             return (lam + 0.5 * (lam @ C @ lam) / spread) * inv
 
-        def start_from(a):
+        def start_from(b):
             # Lazily: the Frank-Wolfe certificate runs only when no cheaper start is strict.
             def fallback():
                 return jax.lax.cond(strict(ones), lambda: ones, mgda_start)
 
-            return jax.lax.cond(strict(a), lambda: a, fallback)
+            return jax.lax.cond(strict(b), lambda: b, fallback)
 
         def cond(carry):
             _, stop, it = carry
             return (~stop) & (it < self.optim_niter)
 
-        def body(carry):
-            a, _, it = carry
-            start = start_from(a)
-            new, ok = _solve_step(G, nf, a, start, tol, max_iter)
-            close = jnp.linalg.norm(G @ a - 1.0 / (a + 1e-10)) < 1e-3
-            still = jnp.linalg.norm(new - a) < 1e-6
-            stop_now = close | ~ok | still
-            return jnp.where(stop_now, a, new), stop_now, it + 1
+        def program(b, start):
+            c = first * jnp.sum(G, axis=0) + second * (1.0 / b + G @ (1.0 / (G @ b)))
+            return _solve_step(G, c, start, tol, max_iter)
 
-        a, _, _ = jax.lax.while_loop(cond, body, (alpha, ~solvable, jnp.asarray(0)))
-        return a
+        def rescued(b, start):
+            # A linearisation point far from the solution's scale (TorchJD's alpha = 1 for
+            # gradients of norm 1e-5) makes a program float32 cannot solve (stagnating Newton
+            # steps); the sequence has the same fixed point from any point, so retry once from
+            # the strictly feasible start brought onto the constraints' boundary.
+            v = start * jax.lax.rsqrt(jnp.min(start * (G @ start)))
+            new, ok = program(v, v)
+            return jnp.where(ok, new, b), ok
+
+        def body(carry):
+            b, _, it = carry
+            start = start_from(b)
+            new, ok = program(b, start)
+            new, ok = jax.lax.cond(ok, lambda: (new, ok), lambda: rescued(b, start))
+            a, a_new = b_to_a * b, b_to_a * new
+            close = jnp.linalg.norm(G @ a - 1.0 / (a + 1e-10)) < 1e-3
+            still = jnp.linalg.norm(a_new - a) < 1e-6
+            stop_now = close | ~ok | still
+            return jnp.where(stop_now, b, new), stop_now, it + 1
+
+        b, _, _ = jax.lax.while_loop(cond, body, (alpha * root, ~solvable, jnp.asarray(0)))
+        return b / root
 
 
 class NashMTL(GramianWeightedAggregator):

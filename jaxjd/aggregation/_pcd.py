@@ -162,6 +162,12 @@ class PCDWeighting(AbstractWeighting):
         return jnp.full((m - 1,), as_dtype(tau, dtype))
 
     def _weigh(self, G, state, key):
+        return self._weigh_at_scale(G, jnp.zeros((), G.dtype), state, key)
+
+    def _weigh_at_scale(self, G, log2_t, state, key):
+        # G is 2^log2_t times the Gramian (an aggregator's rescale when J J^T was out of
+        # range); the EMA stays at the true scale, and the weights below are those of the true
+        # Gramian whatever scale G is given at.
         m = G.shape[0]
         dtype = state.sq_norm_ema.dtype
         G = G.astype(dtype)
@@ -169,24 +175,31 @@ class PCDWeighting(AbstractWeighting):
         beta, eps = as_dtype(self.beta, dtype), as_dtype(self.eps, dtype)
         finite = jnp.all(jnp.isfinite(G))
         G = jnp.where(finite, G, 0.0)
-        sq_norms = jnp.diagonal(G)
+        sq_norms = jnp.diagonal(G) * jnp.exp2(-log2_t.astype(dtype))
         count = state.count + 1
         ema = beta * state.sq_norm_ema + (1.0 - beta) * sq_norms
         debiased = ema / (1.0 - beta ** count.astype(dtype))
-        denominators = jnp.sqrt(debiased + eps)
-        scales = jnp.where(denominators > 0, 1.0 / jnp.where(denominators > 0, denominators, 1), 0)
+        # s_i = 1 / sqrt(v_i + eps), used as s_i / max(s) (the weights below do not change
+        # when every s_i does by the same factor; this way nothing over- or underflows)
+        den2 = debiased + eps
+        positive = den2 > 0
+        low = jnp.min(jnp.where(positive, den2, jnp.inf))
+        scales = jnp.where(positive, jnp.sqrt(low / jnp.where(positive, den2, 1.0)), 0.0)
+        # the EMA cannot hold the squared norms (they overflowed, or underflowed with eps = 0):
+        # NaN weights, and the state is kept
+        lost = jnp.any(~positive & (jnp.diagonal(G) > 0)) | ~jnp.all(jnp.isfinite(den2))
         precision = 10.0 * jnp.finfo(dtype).eps
         normalized = G * jnp.outer(scales, scales)
         w = solve_priority_qp(normalized, taus, dependence_tol=max(1e-9, float(precision)))
         sq_direction = w @ normalized @ w
         magnitude = (jnp.abs(w) @ jnp.sqrt(jnp.maximum(jnp.diagonal(normalized), 0.0))) ** 2
-        nonzero = (sq_norms[0] > 0) & (sq_direction > precision * magnitude)
-        ratio = sq_norms[0] / jnp.where(nonzero, sq_direction, 1.0)
+        sq_first = G[0, 0]
+        nonzero = (sq_first > 0) & (sq_direction > precision * magnitude)
+        ratio = sq_first / jnp.where(nonzero, sq_direction, 1.0)
         weights = jnp.where(nonzero, w * scales * jnp.sqrt(ratio), 0.0)
-        weights = jnp.where(finite, weights, jnp.nan)
-        new = PCDState(
-            jnp.where(finite, ema, state.sq_norm_ema), jnp.where(finite, count, state.count)
-        )
+        ok = finite & ~lost
+        weights = jnp.where(ok, weights, jnp.nan)
+        new = PCDState(jnp.where(ok, ema, state.sq_norm_ema), jnp.where(ok, count, state.count))
         return weights, new
 
 

@@ -26,7 +26,7 @@ class PCGradWeighting(AbstractWeighting):
     array([2.2222, 1.5789])
     """
 
-    scale_invariant = True
+    scale_degree = 0.0
 
     draws_key = True
 
