@@ -291,6 +291,10 @@ def test_cagrad_matches_cvxpy_or_finds_a_better_optimum(case, x64):
     J = jnp.asarray(arrays[mat["J_key"]])
     agg = jd.cagrad(c=c)
     np.testing.assert_allclose(agg(J), agg.weights(J) @ np.asarray(J), rtol=1e-9, atol=1e-12)
+    # the aggregator solves on J's triangular factor: the same update as through G
+    ref_update = w @ np.asarray(J)
+    scale = max(np.linalg.norm(ref_update), 1e-12)
+    assert np.linalg.norm(np.asarray(agg(J)) - ref_update) <= 1e-6 * scale
 
 
 def _stateful(case):

@@ -7,10 +7,17 @@ import jax
 import jax.numpy as jnp
 
 from .._linalg import project_onto_simplex_pairwise
+from .._tree import accumulation_dtype_of, combine
 from .._typing import Scalar
 from ..solvers import normalize_regularize
-from ._abstract import AbstractWeighting, GramianWeightedAggregator
-from ._fields import as_dtype, number, spelling, static_int, static_tol
+from ._abstract import (
+    AbstractWeighting,
+    Aggregation,
+    GramianWeightedAggregator,
+    _power_of_two_exponent,
+)
+from ._config import _triangular_factor
+from ._fields import as_dtype, choice, number, spelling, static_int, static_tol
 
 
 def _rescale(value):
@@ -30,6 +37,14 @@ class CAGradWeighting(AbstractWeighting):
     is below ``tol`` (default 1e-12 in float64, 1e-6 in float32) or its rounding floor, or
     ``max_iter`` iterations.
 
+    The aggregator :class:`CAGrad` (``factor="qr"``, the default) runs the same solve on the
+    triangular factor ``R`` of ``J^T = Q R`` (as ConFIG does) instead of ``G = R^T R``:
+    ``q = |R w|`` then keeps J's precision. In float32 through ``G``, ``q^2`` near TorchJD's
+    threshold (``q ~ 1e-4``, ``q^2 ~ 1e-8``) is lost in the rounding of ``w^T G w``: the
+    threshold went the wrong way and the weights grew to ``1/q`` (TorchJD's non-conflict test
+    failed 9x over its tolerance; TorchJD solves in float64). The factor also puts ``J``'s scale
+    outside the solve: no over- or underflow of ``J J^T``.
+
     Args:
         c: the radius of the ball around the mean gradient (``c = 0``: the mean).
         norm_eps: the Gramian is divided by its trace, or zeroed when the trace is below this.
@@ -38,6 +53,9 @@ class CAGradWeighting(AbstractWeighting):
         rescale: LibMTL's option: ``0`` (default, TorchJD's) keeps the weights, ``1`` divides
             them by ``1 + c^2`` and ``2`` by ``1 + c`` (LibMTL's default is 1), so that the
             update's scale does not grow with ``c``.
+        factor: for the aggregator: ``"qr"`` (default; J's triangular factor) or ``"gramian"``
+            (``J J^T``: one matrix product instead of a QR, as exact in float64). A weighting
+            given a Gramian always uses it.
 
     Reference: Liu et al., "Conflict-averse gradient descent for multi-task learning",
     NeurIPS 2021.
@@ -54,23 +72,48 @@ class CAGradWeighting(AbstractWeighting):
     tol: float | None = static_tol("tol")
     max_iter: int = static_int("max_iter", 20_000)
     rescale: int = eqx.field(static=True, default=0, converter=_rescale)
+    factor: str = choice("factor", "qr", ("qr", "gramian"))
 
     def _weigh(self, G, state, key):
-        m = G.shape[0]
         norm_eps = as_dtype(self.norm_eps, G.dtype)
         Gn = normalize_regularize(G, norm_eps, jnp.zeros((), G.dtype))
-        ones = jnp.full((m,), 1.0 / m, G.dtype)
-        b = Gn @ ones
-        phi = as_dtype(self.c, G.dtype) * jnp.sqrt(jnp.maximum(ones @ Gn @ ones, 0.0))
-        tiny = jnp.finfo(G.dtype).tiny
-        tol = self.tol if self.tol is not None else (1e-12 if G.dtype == jnp.float64 else 1e-6)
+
+        def norm(w):
+            return jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
+
+        return self._solve(lambda w: Gn @ w, norm, G.shape[0], G.dtype), state
+
+    def weights_from_factor(self, R, log2_scale):
+        """The weights from ``R`` (m x m) with ``R^T R = 2^log2_scale J J^T``: the solve on
+        ``R / |R|_F`` (TorchJD's ``G / tr(G)``), ``q = |R w| / |R|_F``; ``tr(J J^T)`` below
+        ``norm_eps`` (compared in logarithms: it may be out of range) gives zeros; a
+        non-finite ``R`` NaN."""
+        dtype = R.dtype
+        top = jnp.max(jnp.abs(R))
+        frob = top * jnp.linalg.norm(R / jnp.where(top > 0, top, 1.0))
+        log2_trace = 2.0 * jnp.log2(frob) - log2_scale
+        norm_eps = as_dtype(self.norm_eps, dtype)
+        keep = (frob > 0) & (log2_trace > jnp.log2(norm_eps))
+        Rn = jnp.where(keep, R / jnp.where(keep, frob, 1.0), 0.0)
+        m = R.shape[1]
+        w = self._solve(lambda w: Rn.T @ (Rn @ w), lambda w: jnp.linalg.norm(Rn @ w), m, dtype)
+        return jnp.where(jnp.all(jnp.isfinite(R)), w, jnp.nan)
+
+    def _solve(self, apply, norm, m, dtype):
+        """The weights from the normalised Gramian's product ``apply(w) = G_n w`` and
+        ``norm(w) = sqrt(w^T G_n w)``."""
+        ones = jnp.full((m,), 1.0 / m, dtype)
+        b = apply(ones)
+        phi = as_dtype(self.c, dtype) * norm(ones)
+        tiny = jnp.finfo(dtype).tiny
+        tol = self.tol if self.tol is not None else (1e-12 if dtype == jnp.float64 else 1e-6)
 
         def f(w):
-            return b @ w + phi * jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
+            return b @ w + phi * norm(w)
 
         def grad(w):
-            q = jnp.sqrt(jnp.maximum(w @ Gn @ w, tiny))
-            return b + phi * (Gn @ w) / q
+            q = jnp.maximum(norm(w), jnp.sqrt(tiny))
+            return b + phi * apply(w) / q
 
         def cond(state):
             _, _, _, _, it, gap = state
@@ -95,25 +138,44 @@ class CAGradWeighting(AbstractWeighting):
             gap = jnp.max(jnp.abs(w_new - step)) * L
             # The gradient mapping cannot fall below the rounding of the projection (an ulp of
             # w, times L): stop there too (float32 would otherwise run max_iter iterations).
-            gap = jnp.where(gap <= 16 * jnp.finfo(G.dtype).eps * L, 0.0, gap)
+            gap = jnp.where(gap <= 16 * jnp.finfo(dtype).eps * L, 0.0, gap)
             return w_new, y_new, jnp.where(restart, 1.0, t_new), 0.9 * L, it + 1, gap
 
-        L0 = jnp.asarray(1.0, G.dtype)
-        one = jnp.asarray(1.0, G.dtype)
-        init = (ones, ones, one, L0, jnp.asarray(0), jnp.asarray(jnp.inf, G.dtype))
+        L0 = jnp.asarray(1.0, dtype)
+        one = jnp.asarray(1.0, dtype)
+        init = (ones, ones, one, L0, jnp.asarray(0), jnp.asarray(jnp.inf, dtype))
         w, *_ = jax.lax.while_loop(cond, body, init)
-        q = jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
-        ok = q >= norm_eps
+        q = norm(w)
+        ok = q >= as_dtype(self.norm_eps, dtype)
         w = jnp.where(ok, ones + (phi / jnp.where(ok, q, 1.0)) * w, 0.0)
-        c = as_dtype(self.c, G.dtype)
+        c = as_dtype(self.c, dtype)
         divisor = (1.0, 1.0 + c * c, 1.0 + c)[self.rescale]
-        return w / divisor, state
+        return w / divisor
 
 
 class CAGrad(GramianWeightedAggregator):
     """CAGrad aggregator: ``J^T w`` with :class:`CAGradWeighting` weights (TorchJD's ``CAGrad``)."""
 
     weighting_class = CAGradWeighting
+
+    def _aggregate(self, jacobian, state, key, losses=None):
+        weighting = self.weighting
+        if not isinstance(weighting, CAGradWeighting) or weighting.factor == "gramian":
+            return super()._aggregate(jacobian, state, key, losses)
+        leaves = jax.tree_util.tree_leaves(jax.lax.stop_gradient(jacobian))
+        dtype = accumulation_dtype_of(*leaves)
+        R = _triangular_factor(leaves, dtype)  # of J scaled by 2^-e
+        e = _power_of_two_exponent(leaves, dtype)
+        w = _weights_from_factor(weighting, R, (-2 * e).astype(dtype))
+        return Aggregation(combine(w, jacobian), w, state)
+
+
+@eqx.filter_jit
+def _weights_from_factor(weighting, R, log2_scale):
+    # Jitted so that eager calls compile the solve once per (m, dtype) (its loops op by op take
+    # seconds); inside a user's jit this inlines.
+    with jax.default_matmul_precision("highest"):
+        return weighting.weights_from_factor(R, log2_scale)
 
 
 cagrad = spelling(CAGrad, "cagrad", reads="jacobian")
