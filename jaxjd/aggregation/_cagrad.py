@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from .._linalg import project_onto_simplex_pairwise
 from .._tree import accumulation_dtype_of, combine
@@ -83,7 +84,9 @@ class CAGradWeighting(AbstractWeighting):
 
         return self._solve(lambda w: Gn @ w, norm, G.shape[0], G.dtype), state
 
-    def weights_from_factor(self, R, log2_scale):
+    def weights_from_factor(
+        self, R: Float[Array, "m m"], log2_scale: Float[Array, ""]
+    ) -> Float[Array, " m"]:
         """The weights from ``R`` (m x m) with ``R^T R = 2^log2_scale J J^T``: the solve on
         ``R / |R|_F`` (TorchJD's ``G / tr(G)``), ``q = |R w| / |R|_F``; ``tr(J J^T)`` below
         ``norm_eps`` (compared in logarithms: it may be out of range) gives zeros; a

@@ -16,11 +16,16 @@ from ._mgda import MGDAWeighting
 
 
 class NashMTLState(NamedTuple):
-    """The last weights ``alpha`` (m,; ones at first, the warm start of the next solve) and the
-    number of calls so far (for ``update_weights_every``)."""
+    """The last weights ``alpha`` (m,; ones at first, the warm start of the next solve), the
+    number of calls so far (for ``update_weights_every``) and ``residual``: how far the last
+    solve's ``alpha`` is from the bargaining solution, ``max_i |alpha_i (G alpha)_i - 1|``
+    (before ``max_norm``'s clipping; ``inf`` before the first solve). TorchJD's stopping rules
+    leave up to about 1e-2 on well-posed inputs; near 1 when a program failed and the previous
+    ``alpha`` was kept (e.g. 0 in the hull of the gradients)."""
 
     alpha: jax.Array
     count: jax.Array
+    residual: jax.Array
 
 
 def _solve_step(G, c, start, tol, max_iter):
@@ -141,7 +146,8 @@ class NashMTLWeighting(AbstractWeighting):
     directions that please them all) the previous ``alpha`` is kept, as
     TorchJD does on a solver error; an all-zero Gramian keeps ``alpha`` (the update is zero);
     m = 1 gives ``alpha = 1`` (``G / |G|_F = 1`` meets the stopping rule at once), clipped to
-    ``max_norm / |g|``. State: :class:`NashMTLState`.
+    ``max_norm / |g|``. State: :class:`NashMTLState`; its ``residual`` says how far the weights
+    are from ``alpha_i (G alpha)_i = 1`` (e.g. when the previous ``alpha`` was kept).
 
     Args:
         max_norm: the update's norm is clipped to it (0: no clipping).
@@ -164,7 +170,9 @@ class NashMTLWeighting(AbstractWeighting):
     has_state = True
 
     def _init(self, m, dtype):
-        return NashMTLState(jnp.ones((m,), dtype), jnp.zeros((), jnp.int32))
+        return NashMTLState(
+            jnp.ones((m,), dtype), jnp.zeros((), jnp.int32), jnp.asarray(jnp.inf, dtype)
+        )
 
     def _weigh(self, G, state, key):
         return self._weigh_at_scale(G, jnp.zeros((), G.dtype), state, key)
@@ -186,11 +194,15 @@ class NashMTLWeighting(AbstractWeighting):
             state.alpha / to_true,
             log2_t,
         )
+        # alpha_i (G alpha)_i at any scale (exact powers of two cancel)
+        residual = jnp.max(jnp.abs(alpha * (G @ alpha) - 1.0))
+        residual = jnp.where(refresh, residual, state.residual)
         max_norm = as_dtype(self.max_norm, dtype)
         norm = jnp.sqrt(jnp.maximum(alpha @ G @ alpha, 0.0))  # |J^T alpha| at any scale
         clip = (max_norm > 0) & (norm > max_norm)
         alpha_out = jnp.where(clip, alpha / jnp.where(clip, norm, 1.0) * max_norm, alpha)
-        return alpha_out * to_true, NashMTLState(alpha * to_true, state.count + 1)
+        new_state = NashMTLState(alpha * to_true, state.count + 1, residual)
+        return alpha_out * to_true, new_state
 
     def _solve_lanewise(self, G, alpha, log2_t):
         """:meth:`_solve`, mapped lane by lane under ``jax.vmap`` (``lax.map``). Batching its
