@@ -34,6 +34,9 @@ AGGREGATORS = {
 }
 
 
+SLOW = pytest.mark.slow
+
+
 def call(agg, J):
     return agg(J, key=KEY)
 
@@ -46,8 +49,12 @@ def as_dtype(a, dtype):
 @pytest.mark.parametrize(
     "case",
     # the typical matrices go through every other property test below: their finiteness
-    # check runs in the slow sweep
-    [pytest.param(c, id=i) for c, i in zip(scaled_matrices(), ids(scaled_matrices()))]
+    # check runs in the slow sweep, and so do the middle scales (1e3, 1e5, 1e10: the extremes
+    # 0, 1e-10 and 1e15 run by default; every method at 1e-30 ... 1e20 is in test_hardening)
+    [
+        pytest.param(c, id=i, marks=() if i.endswith(("_x0", "_x1e-10", "_x1e+15")) else SLOW)
+        for c, i in zip(scaled_matrices(), ids(scaled_matrices()))
+    ]
     + [
         pytest.param(c, id=i, marks=pytest.mark.slow)
         for c, i in zip(typical_matrices(), ids(typical_matrices()))

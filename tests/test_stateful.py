@@ -164,11 +164,14 @@ SEQUENCES = [
     if s["class"] in ("PCD", "ExcessMTL", "NashMTL") and s["deterministic"]
 ]
 SEQ_TOL = {"PCD": 1e-9, "ExcessMTL": 1e-9, "NashMTL": 1e-4}
+# lax.scan compiles the whole sequence anew: checked on one sequence per class
+SCANNED = {next(s["key"] for s in SEQUENCES if s["class"] == c) for c in SEQ_TOL}
 
 
 @pytest.mark.parametrize("seq", SEQUENCES, ids=[s["key"] for s in SEQUENCES])
 def test_five_step_sequences(seq, x64):
-    """Five calls on fresh state, carried explicitly and through lax.scan (same answer)."""
+    """Five calls on fresh state, carried explicitly and (one sequence per class) through
+    lax.scan (same answer)."""
     index, arrays = reference()
     Js = jnp.asarray(arrays[index["sequence_inputs"][seq["sequence"]]["J_key"]])
     agg = AGGREGATORS[seq["class"]](**_params(seq))
@@ -179,8 +182,9 @@ def test_five_step_sequences(seq, x64):
         outs.append(np.asarray(update))
     for k, out in enumerate(outs):
         assert rel_err(out, arrays[seq["outputs"]["aggregation"]][k]) <= SEQ_TOL[seq["class"]]
-    _, scanned = jax.lax.scan(lambda s, J: agg.update(J, s)[::-1], agg.init(Js[0]), Js)
-    np.testing.assert_allclose(scanned, np.stack(outs), rtol=1e-10, atol=1e-12)
+    if seq["key"] in SCANNED:
+        _, scanned = jax.lax.scan(lambda s, J: agg.update(J, s)[::-1], agg.init(Js[0]), Js)
+        np.testing.assert_allclose(scanned, np.stack(outs), rtol=1e-10, atol=1e-12)
 
 
 RANDOM_SEQUENCES = [
