@@ -54,7 +54,7 @@ def _what_runs(config):
         what = (
             "jaxjd default suite: every method through the protocol (jit, vmap, pytrees, dtypes, "
             "the value policy), TorchJD's and LibMTL's outputs, the paper's properties, solvers, "
-            "engines, optax, scalarizers, the docs' examples and notebooks; about 7.5 minutes on "
+            "engines, optax, scalarizers and notebooks; about 7.5 minutes on "
             "2 cores. Long sweeps: -m slow."
         )
     else:

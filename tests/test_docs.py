@@ -26,17 +26,13 @@ def test_every_page_is_listed():
     }
 
 
-# Pages whose code the engine tests already cover run in the slow sweep (the default suite's
-# 8-minute budget on 2 cores).
-SLOW = {"examples/equinox.rst", "examples/flax.rst", "examples/sequences.rst"}
-
-
+# The pages' examples run in .ci/run's documentation step (every page, always) and in the slow
+# sweep, not in the default suite (its 8-minute budget on 2 cores; the library code they call
+# is tested there).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "page",
-    [
-        pytest.param(p, marks=pytest.mark.slow if p.relative_to(DOCS).as_posix() in SLOW else ())
-        for p in PAGES
-    ],
+    PAGES,
     ids=lambda p: p.relative_to(DOCS).as_posix(),
 )
 def test_page_examples_run(page):
