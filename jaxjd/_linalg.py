@@ -9,6 +9,13 @@ import jax.numpy as jnp
 from ._spmd import eigh
 
 
+def scaled_norm(x):
+    """``|x|_F`` without squaring raw entries (``x / max|x|`` first): 1e-20 squared is 0 and
+    1e20 squared is Inf in float32."""
+    top = jnp.max(jnp.abs(x))
+    return top * jnp.linalg.norm(x / jnp.where(top > 0, top, 1.0))
+
+
 def project_onto_simplex(y):
     """Euclidean projection onto the probability simplex (sort-based, jit-friendly)."""
     m = y.shape[0]

@@ -250,10 +250,13 @@ class AbstractWeighting(_Method):
         formed ``gramian`` from J scaled by a power of two because J J^T was out of range.
         By default ``2^(-p log2_t) w(gramian)`` (p: :attr:`scale_degree`) with the state as it
         is; a weighting whose state depends on the scale overrides this."""
-        w, new_state = self._weigh(gramian, state, key, *losses)
         p = self.scale_degree
-        if p is None:
-            raise NotImplementedError(f"{type(self).__name__} has no scale_degree.")
+        if p is None:  # aggregators only call it when rescalable: a subclass's mistake
+            raise TypeError(
+                f"{type(self).__name__} was given a rescaled Gramian but declares no "
+                "scale_degree: declare one or override _weigh_at_scale."
+            )
+        w, new_state = self._weigh(gramian, state, key, *losses)
         if p == 0:
             return w, new_state
         return w * jnp.exp2(-p * log2_t).astype(w.dtype), new_state
@@ -483,12 +486,6 @@ def _power_of_two_exponent(leaves, dtype):
     usable = (top > 0) & (top <= jnp.finfo(dtype).max)
     _, e = jnp.frexp(jnp.where(usable, top, 1.0))
     return e
-
-
-def power_of_two_scale(leaves, dtype):
-    """``2^-e`` (in ``dtype``) with ``2^e`` about ``max |J|`` over the leaves: multiplying by
-    it is exact and brings J near 1 (1 when J is zero or not finite)."""
-    return jnp.ldexp(jnp.ones((), dtype), -_power_of_two_exponent(leaves, dtype))
 
 
 def _scaled_gramian(jacobian):

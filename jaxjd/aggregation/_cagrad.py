@@ -7,16 +7,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._linalg import project_onto_simplex_pairwise
+from .._linalg import project_onto_simplex_pairwise, scaled_norm
 from .._tree import accumulation_dtype_of, combine
 from .._typing import Scalar
 from ..solvers import normalize_regularize
-from ._abstract import (
-    AbstractWeighting,
-    Aggregation,
-    GramianWeightedAggregator,
-    _power_of_two_exponent,
-)
+from ._abstract import AbstractWeighting, Aggregation, GramianWeightedAggregator
 from ._config import _triangular_factor
 from ._fields import as_dtype, choice, number, spelling, static_int, static_tol
 
@@ -92,8 +87,7 @@ class CAGradWeighting(AbstractWeighting):
         ``norm_eps`` (compared in logarithms: it may be out of range) gives zeros; a
         non-finite ``R`` NaN."""
         dtype = R.dtype
-        top = jnp.max(jnp.abs(R))
-        frob = top * jnp.linalg.norm(R / jnp.where(top > 0, top, 1.0))
+        frob = scaled_norm(R)
         log2_trace = 2.0 * jnp.log2(frob) - log2_scale
         norm_eps = as_dtype(self.norm_eps, dtype)
         keep = (frob > 0) & (log2_trace > jnp.log2(norm_eps))
@@ -167,8 +161,7 @@ class CAGrad(GramianWeightedAggregator):
             return super()._aggregate(jacobian, state, key, losses)
         leaves = jax.tree_util.tree_leaves(jax.lax.stop_gradient(jacobian))
         dtype = accumulation_dtype_of(*leaves)
-        R = _triangular_factor(leaves, dtype)  # of J scaled by 2^-e
-        e = _power_of_two_exponent(leaves, dtype)
+        R, e = _triangular_factor(leaves, dtype)  # of J scaled by 2^-e
         w = _weights_from_factor(weighting, R, (-2 * e).astype(dtype))
         return Aggregation(combine(w, jacobian), w, state)
 

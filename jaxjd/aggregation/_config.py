@@ -9,7 +9,12 @@ import jax.numpy as jnp
 from .._spmd import eigh
 from .._tree import accumulation_dtype_of, combine, gramian, num_objectives
 from .._typing import VectorLike
-from ._abstract import AbstractAggregator, Aggregation, gramian_in_range, power_of_two_scale
+from ._abstract import (
+    AbstractAggregator,
+    Aggregation,
+    _power_of_two_exponent,
+    gramian_in_range,
+)
 from ._fields import choice, sized, spelling, vector
 
 
@@ -64,7 +69,7 @@ class ConFIG(AbstractAggregator):
         else:
             p = sized(self.pref_vector, m, dtype, "pref_vector")
         if self.factor == "qr":
-            R = _triangular_factor(leaves, dtype)  # J^T = Q R (J scaled by a power of two)
+            R, _ = _triangular_factor(leaves, dtype)  # J^T = Q R (J scaled by a power of two)
             norms = jnp.sqrt(jnp.sum(R * R, axis=0))  # |g_i|
             inv_norm = _inverse_or_zero(norms)
             # U^T = Q R diag(1 / |g_i|): U's left singular vectors V and values S are those of
@@ -104,22 +109,23 @@ def _inverse_or_zero(norms):
 
 
 def _triangular_factor(leaves, dtype):
-    """``R`` (m x m) with ``J^T = Q R``, leaf by leaf (a QR of each leaf's rows, then of the
-    stacked factors), from J scaled by a power of two near ``max |J|``: ``R^T R`` is the
-    Gramian, but the condition number is J's, not its square (TorchJD's ConFIG takes the
+    """``(R, e)``: ``R`` (m x m) with ``2^-e J^T = Q R``, leaf by leaf (a QR of each leaf's
+    rows, then of the stacked factors), for ``2^e`` near ``max |J|``: ``R^T R`` is the Gramian
+    of ``2^-e J``, but the condition number is J's, not its square (TorchJD's ConFIG takes the
     pseudo-inverse of the matrix; an eigendecomposition of ``J J^T`` loses twice the digits)."""
-    factor = power_of_two_scale(leaves, dtype)
+    e = _power_of_two_exponent(leaves, dtype)
+    factor = jnp.ldexp(jnp.ones((), dtype), -e)
     m = leaves[0].shape[0]
     blocks = []
     for leaf in leaves:
         rows = jnp.reshape(leaf, (m, -1)).astype(dtype) * factor
         blocks.append(jnp.linalg.qr(rows.T, mode="r") if rows.shape[1] > m else rows.T)
     if len(blocks) == 1 and blocks[0].shape[0] == m:
-        return blocks[0]
+        return blocks[0], e
     stacked = jnp.concatenate(blocks, axis=0)
     if stacked.shape[0] < m:  # fewer coordinates than objectives: pad with zero rows
         stacked = jnp.concatenate([stacked, jnp.zeros((m - stacked.shape[0], m), dtype)])
-    return jnp.linalg.qr(stacked, mode="r")
+    return jnp.linalg.qr(stacked, mode="r"), e
 
 
 config = spelling(ConFIG, "config", reads="jacobian")

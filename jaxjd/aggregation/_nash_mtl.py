@@ -8,6 +8,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .._linalg import scaled_norm
 from .._spmd import solve
 from .._typing import Scalar
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
@@ -237,9 +238,7 @@ class NashMTLWeighting(AbstractWeighting):
         ``|g| = 1e-10``). TorchJD's stopping rules are evaluated on the true ``a``."""
         dtype = GTG.dtype
         m = GTG.shape[0]
-        # |GTG|_F without squaring its entries (1e-20 squared is 0 in float32)
-        top = jnp.max(jnp.abs(GTG))
-        nf_s = top * jnp.linalg.norm(GTG / jnp.where(top > 0, top, 1.0))
+        nf_s = scaled_norm(GTG)
         solvable = (nf_s > 0) & jnp.isfinite(nf_s)
         nf_s = jnp.where(solvable, nf_s, 1.0)
         G = GTG / nf_s
