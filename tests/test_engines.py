@@ -257,16 +257,16 @@ def test_columns_engine_never_holds_the_jacobian():
 
 
 def test_per_sample_structure_and_its_limits(x64):
-    """Which parameters the ghost engine treats from captured factors (dense weights, biases;
-    convolution kernels and embedding tables by their own op's per-sample VJP) and which fall back
-    (used twice, layer-norm scale); a scalar loss is refused with a pointer to the other
+    """Which parameters the ghost engine treats from captured factors (dense weights, biases,
+    layer-norm scales; convolution kernels and embedding tables by their own op's per-sample VJP)
+    and which fall back (used twice); a scalar loss is refused with a pointer to the other
     methods."""
     from jaxjd.engines import per_sample_gramian_parts
 
     expected = {
         "mlp": {"l1/b", "l1/w", "l2/b", "l2/w"},
         "cnn": {"conv", "head/b", "head/w"},
-        "embedding_layernorm": {"embed", "ln/bias", "out/b", "out/w"},
+        "embedding_layernorm": {"embed", "ln/bias", "ln/scale", "out/b", "out/w"},
         "shared_weight": set(),
     }
     for model, names in expected.items():
@@ -528,15 +528,15 @@ def test_per_sample_engine_keeps_equinox_linear_layers_on_the_fast_path(x64):
     for a, b in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(jd.combine(w, J))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
     # sequences (vmap over samples and positions) and T = 2 losses per sample: the weights stay
-    # structural (rows (B, L, d_in)); the biases, broadcast over two batch axes, fall back
+    # structural (rows (B, L, d_in)), and the biases (broadcast twice, over both batch axes)
     xs = jax.random.normal(jax.random.key(2), (6, 4, 3), jnp.float64)
 
     def per_sequence(p, x):
         return jnp.sum(jax.vmap(jax.vmap(eqx.combine(p, static)))(x) ** 2, axis=1)  # (B, 2)
 
     _, G, factors = parts(per_sequence, params, xs)
-    assert len(factors.plan.dense_t) == 3
-    assert factors.fallback == tuple(f".layers[{i}].bias" for i in range(3))
+    assert len(factors.plan.dense_t) == 3 and len(factors.plan.bias) == 3
+    assert factors.fallback == ()
     J = jax.tree_util.tree_map(
         lambda a: a.reshape(12, *a.shape[2:]), jax.jit(jax.jacrev(per_sequence))(params, xs)
     )
@@ -545,17 +545,116 @@ def test_per_sample_engine_keeps_equinox_linear_layers_on_the_fast_path(x64):
     update = weighted_grad_from_factors(w, factors)
     for a, b in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(jd.combine(w, J))):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
-    # a layer-norm scale (a product with the normalised input) still falls back, and says so
-    norm = eqx.nn.LayerNorm(3)
+    # a layer-norm scale (a product with the normalised input) and bias: structural too
+    norm = eqx.nn.LayerNorm(3, dtype=jnp.float64)
 
     def normed(p, x):
         return jnp.sum(jax.vmap(lambda r: eqx.combine(p["mlp"], static)(p["norm"](r)))(x) ** 2, 1)
 
     _, G2, factors2 = parts(normed, {"mlp": params, "norm": norm}, x)
-    assert factors2.fallback == ("['norm'].weight",)  # its bias is a broadcast add
+    assert factors2.fallback == () and len(factors2.plan.scale) == 1
     np.testing.assert_allclose(
         G2, jd.gramian(jax.jit(jax.jacrev(normed))({"mlp": params, "norm": norm}, x)), rtol=1e-9
     )
+
+
+def _ghost_equals_jacrev(losses, params, batch, rtol=1e-10):
+    """The per-sample engine's factors (jitted; returned for the caller's checks) after checking
+    its Gramian and weighted update against jacrev's."""
+    import equinox as eqx
+
+    from jaxjd.engines import per_sample_gramian_parts, weighted_grad_from_factors
+
+    _, G, factors = eqx.filter_jit(lambda p, b: per_sample_gramian_parts(losses, p, b))(
+        params, batch
+    )
+    J = jax.jit(jax.jacrev(losses))(params, batch)
+    J = jax.tree_util.tree_map(lambda a, p: a.reshape(G.shape[0], *p.shape), J, params)
+    scale = float(jnp.max(jnp.abs(G)))
+    np.testing.assert_allclose(G, jd.gramian(J), rtol=rtol, atol=rtol * scale)
+    w = jnp.linspace(0.5, 1.5, G.shape[0])
+    update = weighted_grad_from_factors(w, factors)
+    for a, b in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(jd.combine(w, J))):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))))
+    return factors
+
+
+def test_per_sample_engine_reads_equinox_and_flax_convolutions_and_embeddings(x64):
+    """equinox's Conv2d (kernel through conv_general_dilated, bias of shape (C, 1, 1) broadcast
+    again by the add), Embedding (a gather under two vmaps), LayerNorm, Linear; Flax NNX's Conv,
+    Embed, LayerNorm and Linear (biases reshaped to (1, ..., C)), with float32 parameters in a
+    float64 computation (each cast once): no parameter falls back, the Gramian and J^T w equal
+    jacrev's (#13 item 20). The equinox bias of shape (C, 1, 1) gave a finite wrong Gramian
+    (its cotangent was not summed over the spatial axes) before."""
+    import equinox as eqx
+
+    nnx = pytest.importorskip("flax.nnx")
+    k = jax.random.split(jax.random.key(3), 6)
+    f64 = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, t
+    )
+    model = f64(
+        {
+            "conv": eqx.nn.Conv2d(1, 4, 3, key=k[0]),
+            "embed": eqx.nn.Embedding(11, 4, key=k[1]),
+            "norm": eqx.nn.LayerNorm(4),
+            "head": eqx.nn.Linear(4, 2, key=k[2]),
+        }
+    )
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    images = jax.random.normal(k[3], (5, 1, 8, 8), jnp.float64)
+    tokens = jax.random.randint(k[4], (5, 7), 0, 11)
+
+    def eqx_losses(p, batch):  # (B, 2): T = 2 losses per sample
+        m = eqx.combine(p, static)
+
+        def one(image, toks):
+            h = jnp.mean(jnp.tanh(m["conv"](image)), axis=(1, 2))
+            h = h + jnp.mean(jax.vmap(m["embed"])(toks), axis=0)
+            return m["head"](m["norm"](h)) ** 2
+
+        return jax.vmap(one)(*batch)
+
+    factors = _ghost_equals_jacrev(eqx_losses, params, (images, tokens))
+    assert factors.fallback == () and len(factors.plan.local) == 2
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 4, (3, 3), padding="VALID", rngs=rngs)
+            self.embed = nnx.Embed(11, 4, rngs=rngs)
+            self.norm = nnx.LayerNorm(4, rngs=rngs)
+            self.head = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x, toks):
+            h = jnp.mean(jnp.tanh(self.conv(x)), axis=(1, 2)) + jnp.mean(self.embed(toks), 1)
+            return jnp.sum(self.head(self.norm(h)) ** 2, axis=1)
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(state)} == {jnp.dtype(jnp.float32)}
+
+    def nnx_losses(p, batch):
+        return nnx.merge(graphdef, p)(*batch)
+
+    images = jnp.moveaxis(images, 1, -1)  # NHWC, float64: the float32 parameters are cast
+    factors = _ghost_equals_jacrev(nnx_losses, state, (images, tokens), rtol=1e-5)
+    assert factors.fallback == () and len(factors.plan.local) == 2
+
+
+def test_per_sample_parameter_returned_through_a_jitted_identity_falls_back(x64):
+    """A parameter that leaves a jitted function as is (an output of its jaxpr, used outside
+    untracked) is read by no structural rule: it falls back and the Gramian is jacrev's."""
+    k = jax.random.split(jax.random.key(4), 2)
+    params = {"w": jax.random.normal(k[0], (3, 3)), "b": jax.random.normal(k[1], (3,))}
+    x = jax.random.normal(k[1], (4, 3))
+    ident = jax.jit(lambda a, c: (a, c + 1.0))
+
+    def losses(p, x):
+        w, b = ident(p["w"], p["b"])
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) * (w[0] + b), axis=1)
+
+    factors = _ghost_equals_jacrev(losses, params, x)
+    assert set(factors.fallback) == {"['w']", "['b']"}
 
 
 def test_per_sample_with_a_jitted_layer_called_twice(x64):

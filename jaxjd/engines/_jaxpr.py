@@ -18,7 +18,9 @@ class _Plan:
     # eqn id -> param index, for y = W @ x^T (W first, out-features first: equinox's Linear
     # under vmap); per-sample engine only
     dense_t: dict = field(default_factory=dict)
-    bias: dict = field(default_factory=dict)  # add-eqn id -> (param index, broadcast dims)
+    bias: dict = field(default_factory=dict)  # add-eqn id -> (param index, the leaf's axes)
+    # mul-eqn id -> (param index, the leaf's axes, the other operand's position); per sample
+    scale: dict = field(default_factory=dict)
     local: dict = field(default_factory=dict)  # eqn id -> (param index, eqn, param position)
     structural: set = field(default_factory=set)
 
@@ -91,10 +93,31 @@ def _dense_kind(eqn, pos, batch_size):
     return "other"
 
 
+def _carry_axes(eqn, axes):
+    """Where a broadcast parameter's axes (``axes[i]``: the axis of the operand holding the
+    leaf's axis i, ``None`` for the leaf's size-1 axes) sit in the output of a
+    ``broadcast_in_dim`` or of a ``reshape`` that only adds or drops size-1 axes; ``None`` for
+    any other reshape."""
+    src, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+    if eqn.primitive.name == "broadcast_in_dim":
+        dims = eqn.params["broadcast_dimensions"]
+        return tuple(None if a is None else int(dims[a]) for a in axes)
+    if eqn.params.get("dimensions") is not None:
+        return None
+    big_in = [i for i, s in enumerate(src) if s != 1]
+    big_out = [j for j, s in enumerate(out) if s != 1]
+    if [src[i] for i in big_in] != [out[j] for j in big_out]:
+        return None
+    where = dict(zip(big_in, big_out))
+    return tuple(None if a is None else where[a] for a in axes)
+
+
 def _analyse(closed, n_params, batch_size):
     """Which parameters can be treated structurally, and at which equations."""
     uses = {}  # param index -> list of (kind, eqn id, extra)
-    bias_of = {}  # broadcast output var -> (param index, broadcast eqn id, dims)
+    # a parameter broadcast (broadcast_in_dim, or a reshape adding size-1 axes: Flax's bias):
+    # var -> (param index, the var's axis of each of the leaf's axes, None where size 1)
+    bias_of = {}
 
     visits = {}  # eqn id -> how many times the evaluation reaches it (a jitted function called
     # twice shares its inner equations: capturing at them would mix the calls)
@@ -104,9 +127,43 @@ def _analyse(closed, n_params, batch_size):
             visits[id(eqn)] = visits.get(id(eqn), 0) + 1
             ins = [env.get(v) if _is_var(v) else None for v in eqn.invars]
             name = eqn.primitive.name
+            out = eqn.outvars[0].aval
             if name in ("jit", "pjit") and "jaxpr" in eqn.params:
                 inner = eqn.params["jaxpr"].jaxpr
-                walk(inner, {iv: p for iv, p in zip(inner.invars, ins) if p is not None})
+                for iv, v in zip(inner.invars, eqn.invars):
+                    if _is_var(v) and v in bias_of:
+                        bias_of[iv] = bias_of[v]
+                inner_env = {iv: p for iv, p in zip(inner.invars, ins) if p is not None}
+                walk(inner, inner_env)
+                passed_through(inner, inner_env, id(eqn))
+                continue
+            if (
+                name == "convert_element_type"
+                and ins[0] is not None
+                and jnp.issubdtype(out.dtype, jnp.inexact)
+            ):
+                # a cast parameter (float32 weights in a float64 or bfloat16 computation) stands
+                # for the parameter: its gradient is the cast's, cast back
+                env[eqn.outvars[0]] = ins[0]
+                uses.setdefault(ins[0], []).append(("cast", id(eqn)))
+                continue
+            src = eqn.invars[0] if eqn.invars else None
+            if (
+                name in ("broadcast_in_dim", "reshape")
+                and batch_size is not None
+                and (ins[0] is not None or (_is_var(src) and src in bias_of))
+            ):
+                if ins[0] is not None:
+                    p = ins[0]
+                    axes = tuple(i if s != 1 else None for i, s in enumerate(src.aval.shape))
+                else:
+                    p, axes = bias_of[src]
+                axes = _carry_axes(eqn, axes)
+                if axes is None:
+                    uses.setdefault(p, []).append(("other", id(eqn)))
+                else:
+                    bias_of[eqn.outvars[0]] = (p, axes)
+                    uses.setdefault(p, []).append(("broadcast", id(eqn)))
                 continue
             for pos, p in enumerate(ins):
                 if p is None:
@@ -119,35 +176,52 @@ def _analyse(closed, n_params, batch_size):
                     kind = dense
                 elif _is_local(eqn, pos, batch_size):
                     kind = "local"
-                elif name == "broadcast_in_dim" and batch_size is not None:
-                    dims = tuple(eqn.params["broadcast_dimensions"])
-                    out = eqn.outvars[0].aval
-                    if 0 not in dims and all(
-                        eqn.invars[0].aval.shape[i] == out.shape[d] for i, d in enumerate(dims)
-                    ):
-                        kind = "broadcast"
-                        bias_of[eqn.outvars[0]] = (p, dims)
                 uses.setdefault(p, []).append((kind, id(eqn), (eqn, pos)))
-            if name == "add":
-                for pos, v in enumerate(eqn.invars):
-                    if _is_var(v) and v in bias_of:
-                        other = eqn.invars[1 - pos].aval
-                        p, dims = bias_of[v]
-                        if other.ndim >= 1 and other.shape == eqn.outvars[0].aval.shape:
-                            uses.setdefault(p, []).append(("bias_add", id(eqn), dims))
-                        else:
-                            uses.setdefault(p, []).append(("other", id(eqn)))
-                continue
-            for v in eqn.invars:  # a broadcast bias used by anything but one add
-                if _is_var(v) and v in bias_of:
-                    uses.setdefault(bias_of[v][0], []).append(("other", id(eqn)))
+            for pos, v in enumerate(eqn.invars):
+                if not (_is_var(v) and v in bias_of):
+                    continue
+                # a broadcast parameter added to (a bias) or multiplying (a scale: layer norm's)
+                # a per-sample array (B, ...) (of the output's shape, or broadcast to it), the
+                # leaf's axes off the batch axis; the other axes are summed over
+                p, axes = bias_of[v]
+                other = eqn.invars[1 - pos].aval if len(eqn.invars) == 2 else None
+                keep = tuple(a for a in axes if a is not None)
+                if (
+                    name in ("add", "mul")
+                    and other is not None
+                    and other.ndim == out.ndim >= 1
+                    and all(o in (1, s) for o, s in zip(other.shape, out.shape))
+                    and out.shape[0] == batch_size
+                    and 0 not in keep
+                    and list(keep) == sorted(keep)
+                    and jnp.issubdtype(out.dtype, jnp.inexact)
+                ):
+                    kind = "bias_add" if name == "add" else "scale_mul"
+                    uses.setdefault(p, []).append((kind, id(eqn), (keep, 1 - pos)))
+                else:
+                    uses.setdefault(p, []).append(("other", id(eqn)))
 
-    walk(closed.jaxpr, {v: i for i, v in enumerate(closed.jaxpr.invars[:n_params])})
+    def passed_through(jaxpr, env, eqn_id):
+        """A parameter (or its broadcast) returned as is leaves the jaxpr untracked: no
+        structural reading of it."""
+        for v in jaxpr.outvars:
+            if _is_var(v) and (v in env or v in bias_of):
+                p = env[v] if v in env else bias_of[v][0]
+                uses.setdefault(p, []).append(("other", eqn_id))
+
+    env = {v: i for i, v in enumerate(closed.jaxpr.invars[:n_params])}
+    walk(closed.jaxpr, env)
+    visits[None] = 1
+    passed_through(closed.jaxpr, env, None)
     plan = _Plan()
     for p, us in uses.items():
         if any(visits[u[1]] > 1 for u in us):
             continue  # falls back: its equation runs more than once
+        us = [u for u in us if u[0] != "cast"]
         kinds = [u[0] for u in us]
+        chain = kinds[:-1] == ["broadcast"] * (len(kinds) - 1)
+        if not kinds:
+            continue
         if kinds == ["dense"]:
             plan.dense[us[0][1]] = p
             plan.structural.add(p)
@@ -157,8 +231,11 @@ def _analyse(closed, n_params, batch_size):
         elif kinds == ["local"]:
             plan.local[us[0][1]] = (p, *us[0][2])
             plan.structural.add(p)
-        elif kinds == ["broadcast", "bias_add"]:
-            plan.bias[us[1][1]] = (p, us[1][2])
+        elif chain and kinds[-1] == "bias_add":
+            plan.bias[us[-1][1]] = (p, us[-1][2][0])
+            plan.structural.add(p)
+        elif chain and kinds[-1] == "scale_mul":
+            plan.scale[us[-1][1]] = (p, *us[-1][2])
             plan.structural.add(p)
     return plan
 
@@ -223,6 +300,8 @@ class _Traced:
                 captured[k] = invals[1]
             if k in plan.local:
                 captured[k] = tuple(invals)
+            if k in plan.scale:
+                captured[k] = invals[plan.scale[k][2]]
             if k in perturbations:
                 return [outvals[0] + perturbations[k], *outvals[1:]]
             return outvals
@@ -232,7 +311,7 @@ class _Traced:
 
     def perturbation_zeros(self, plan):
         """Zeros shaped like the output of every equation the plan treats structurally."""
-        keys = {*plan.dense, *plan.dense_t, *plan.bias, *plan.local}
+        keys = {*plan.dense, *plan.dense_t, *plan.bias, *plan.scale, *plan.local}
         shapes = {}
 
         def hook(eqn, invals, outvals):

@@ -5,11 +5,13 @@ A dense use ``y = x @ W`` (x: ``(B, ..., d_in)``) gives sample b the gradient
 ``X_b^T D_b`` (``X_b``: its rows of x, ``D_b``: the matching rows of the cotangent of y), so
 ``<g_b, g_c> = sum (X_b X_c^T) * (D_b D_c^T)``: the Gramian needs only activations and output
 cotangents, which one backward pass of ``sum(losses)`` gives for every sample at once (the
-samples are independent). A bias added after a broadcast gives ``g_b = sum_l D_bl``. A
-convolution kernel or an embedding table gets sample b's gradient from its own op's VJP on
+samples are independent). A bias added after a broadcast (or a reshape adding size-1 axes) gives
+``g_b = sum_l D_bl``, a scale multiplying a per-sample ``u`` (layer norm's) ``sum_l D_bl u_bl``.
+A convolution kernel or an embedding table gets sample b's gradient from its own op's VJP on
 sample b's captured operands and cotangent (vmapped; no pass through the rest of the network).
-All are found by reading the function's jaxpr; every other parameter (used twice, a layer-norm
-scale, ...) falls back to per-sample gradients of that parameter only.
+All are found by reading the function's jaxpr (a parameter cast to another float dtype counts
+as the parameter); every other parameter (used twice, passed through a jitted function as is,
+...) falls back to per-sample gradients of that parameter only.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class PerSampleFactors(NamedTuple):
         leaves: the parameters' leaves.
         shape: ``(B, T)``.
         fallback: the key paths (``jax.tree_util.keystr``) of the parameters that fell back to
-            per-sample gradients (used twice, a layer-norm scale, ...): read it to see whether a
+            per-sample gradients (used twice, inside a loop, ...): read it to see whether a
             model stays on the fast path.
     """
 
@@ -125,10 +127,12 @@ def per_sample_gramian_parts(
             GT = jnp.einsum("bld,cmd,tble,ucme->btcu", X, X, D, D, optimize=True)
             G = G + GT.reshape(mg, mg)
     row_grads = {}
-    for k, (p, dims) in plan.bias.items():
+    for k, (p, keep) in plan.bias.items():  # sum the cotangent over the broadcast axes
         D = deltas[k]
-        axes = tuple(a + 1 for a in range(1, D.ndim - 1) if a not in dims)
-        row_grads[p] = rows(jnp.sum(D, axis=axes))
+        row_grads[p] = rows(jnp.sum(D, axis=_summed_axes(D, keep)))
+    for k, (p, keep, _) in plan.scale.items():  # ... times the other operand
+        D = deltas[k]
+        row_grads[p] = rows(jnp.sum(D * captured[k][None], axis=_summed_axes(D, keep)))
     for k, (p, eqn, pos) in plan.local.items():
         g = jax.vmap(
             lambda d, eqn=eqn, pos=pos, k=k: _local_per_sample(eqn, pos, captured[k], d, B)
@@ -182,6 +186,11 @@ def _dense_factors(plan, captured, deltas, k, B, T):
     if k in plan.dense_t:
         D = jnp.moveaxis(D, 1, -1)
     return X, D.reshape(T, B, X.shape[1], -1)
+
+
+def _summed_axes(D, keep):
+    """The axes of a cotangent ``(T, B, ...)`` not holding the leaf's (``keep``: the output's)."""
+    return tuple(a + 1 for a in range(1, D.ndim - 1) if a not in keep)
 
 
 def _local_per_sample(eqn, pos, invals, delta, B):
