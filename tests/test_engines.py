@@ -573,10 +573,12 @@ def _ghost_equals_jacrev(losses, params, batch, rtol=1e-10):
     scale = float(jnp.max(jnp.abs(G)))
     np.testing.assert_allclose(G, jd.gramian(J), rtol=rtol, atol=rtol * scale)
     w = jnp.linspace(0.5, 1.5, G.shape[0])
-    update = weighted_grad_from_factors(w, factors)
-    for a, b in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(jd.combine(w, J))):
+    update = jax.tree_util.tree_leaves(weighted_grad_from_factors(w, factors))
+    expected = jax.tree_util.tree_leaves(jd.combine(w, J))
+    scale = max(float(jnp.max(jnp.abs(b))) for b in expected)  # attention's key bias: ~0
+    for a, b in zip(update, expected):
         assert a.dtype == b.dtype
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
     return factors
 
 
@@ -584,8 +586,8 @@ def test_per_sample_engine_reads_equinox_and_flax_convolutions_and_embeddings(x6
     """equinox's Conv2d (kernel through conv_general_dilated, bias of shape (C, 1, 1) broadcast
     again by the add), Embedding (a gather under two vmaps), LayerNorm, Linear; Flax NNX's Conv,
     Embed, LayerNorm and Linear (biases reshaped to (1, ..., C)), with float32 parameters in a
-    float64 computation (each cast once): no parameter falls back, the Gramian and J^T w equal
-    jacrev's (#13 item 20). The equinox bias of shape (C, 1, 1) gave a finite wrong Gramian
+    float64 computation (each cast once); Flax's attention (kernels of rank 3): no parameter
+    falls back, the Gramian and J^T w equal jacrev's (#13 item 20). The equinox bias of shape (C, 1, 1) gave a finite wrong Gramian
     (its cotangent was not summed over the spatial axes) before."""
     import equinox as eqx
 
@@ -639,6 +641,26 @@ def test_per_sample_engine_reads_equinox_and_flax_convolutions_and_embeddings(x6
     images = jnp.moveaxis(images, 1, -1)  # NHWC, float64: the float32 parameters are cast
     factors = _ghost_equals_jacrev(nnx_losses, state, (images, tokens), rtol=1e-5)
     assert factors.fallback == () and len(factors.plan.local) == 2
+    # Flax's attention: kernels (in, heads, head_dim) and (heads, head_dim, out) contracted on
+    # their leading axes are dense uses, per sample and (per task) layerwise
+    attention = nnx.MultiHeadAttention(
+        2, 8, decode=False, rngs=nnx.Rngs(1), dtype=jnp.float64, param_dtype=jnp.float64
+    )
+    graphdef, state = nnx.split(attention, nnx.Param)
+    xs = jax.random.normal(k[5], (5, 6, 8), jnp.float64)
+
+    def per_sample(p, x):
+        return jnp.sum(jnp.tanh(nnx.merge(graphdef, p)(x)) ** 2, axis=(1, 2))
+
+    factors = _ghost_equals_jacrev(per_sample, state, xs)
+    assert factors.fallback == () and len(factors.plan.dense) == 4
+
+    def per_task(p, x):  # 8 objectives
+        return jnp.mean(jnp.tanh(nnx.merge(graphdef, p)(x)) ** 2, axis=(0, 1))
+
+    _, G = jax.jit(jd.value_and_gramian(per_task, method="layerwise"))(state, xs)
+    _, J = jax.jit(jd.value_and_jacobian(per_task))(state, xs)
+    np.testing.assert_allclose(G, jd.gramian(J), rtol=1e-10, atol=1e-10 * float(jnp.max(G)))
 
 
 def test_per_sample_parameter_returned_through_a_jitted_identity_falls_back(x64):

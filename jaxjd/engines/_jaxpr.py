@@ -5,6 +5,7 @@ their outputs (``_Traced``), so that one VJP gives the cotangents at every layer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import jax
@@ -15,6 +16,7 @@ from jax.extend import core as jcore
 @dataclass
 class _Plan:
     dense: dict = field(default_factory=dict)  # eqn id -> param index
+    d_in: dict = field(default_factory=dict)  # dense eqn id -> W's contracted size
     # eqn id -> param index, for y = W @ x^T (W first, out-features first: equinox's Linear
     # under vmap); per-sample engine only
     dense_t: dict = field(default_factory=dict)
@@ -68,18 +70,25 @@ def _is_local(eqn, pos, batch_size):
 
 
 def _dense_kind(eqn, pos, batch_size):
-    """``"dense"`` for ``y = x @ W`` (the 2-D parameter W on the right, contracted on its first
-    axis; per sample, x batched on axis 0), ``"dense_t"`` for ``y = W @ x^T`` (W on the left,
+    """``"dense"`` for ``y = x @ W`` (the parameter W on the right, contracted on its leading
+    axes with x's trailing ones: a Linear, or Flax's LinearGeneral and attention projections,
+    W ``(in..., out...)`` read as a matrix; per sample, x batched on axis 0), ``"dense_t"`` for ``y = W @ x^T`` (W on the left,
     contracted on its second axis, x batched on axis 0: equinox's Linear under vmap; per sample
     only), else ``"other"``."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     if lb or rb:
         return "other"
-    if pos == 1 and rhs.ndim == 2 and tuple(rc) == (0,) and tuple(lc) == (lhs.ndim - 1,):
+    kc = len(rc)  # W (in..., out...) contracted on its leading axes with x's trailing ones
+    if (
+        pos == 1
+        and 1 <= kc < rhs.ndim
+        and tuple(rc) == tuple(range(kc))
+        and tuple(lc) == tuple(range(lhs.ndim - kc, lhs.ndim))
+    ):
         if batch_size is None:
             return "dense" if jnp.issubdtype(lhs.dtype, jnp.inexact) else "other"
-        return "dense" if lhs.ndim >= 2 and lhs.shape[0] == batch_size else "other"
+        return "dense" if lhs.ndim > kc and lhs.shape[0] == batch_size else "other"
     if (
         pos == 0
         and batch_size is not None
@@ -224,6 +233,9 @@ def _analyse(closed, n_params, batch_size):
             continue
         if kinds == ["dense"]:
             plan.dense[us[0][1]] = p
+            eqn = us[0][2][0]
+            rc = eqn.params["dimension_numbers"][0][1]
+            plan.d_in[us[0][1]] = math.prod(eqn.invars[1].aval.shape[: len(rc)])
             plan.structural.add(p)
         elif kinds == ["dense_t"]:
             plan.dense_t[us[0][1]] = p

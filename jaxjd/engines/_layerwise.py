@@ -83,7 +83,7 @@ def task_gramian_vjp(
         G = jnp.zeros((m, m), acc)
         ghost, rows = {}, {}
         for k, p in plan.dense.items():
-            d_in = captured[k].shape[-1]
+            d_in = plan.d_in[k]
             X = captured[k].reshape(-1, d_in).astype(acc)
             D = deltas[k].reshape(m, X.shape[0], -1).astype(acc)
             R, d_out = X.shape[0], D.shape[-1]

@@ -1,7 +1,8 @@
 """The per-sample engine: Gramians without per-sample gradients (the "ghost" trick), for
 instance-wise risk minimisation on an ordinary JAX function ``losses(params, batch) -> (B,)``.
 
-A dense use ``y = x @ W`` (x: ``(B, ..., d_in)``) gives sample b the gradient
+A dense use ``y = x @ W`` (x: ``(B, ..., d_in)``; a W of higher rank contracted on its leading
+axes is read as a ``d_in x d_out`` matrix) gives sample b the gradient
 ``X_b^T D_b`` (``X_b``: its rows of x, ``D_b``: the matching rows of the cotangent of y), so
 ``<g_b, g_c> = sum (X_b X_c^T) * (D_b D_c^T)``: the Gramian needs only activations and output
 cotangents, which one backward pass of ``sum(losses)`` gives for every sample at once (the
@@ -181,7 +182,8 @@ def _dense_factors(plan, captured, deltas, k, B, T):
     """``X`` ``(B, L, d_in)`` and ``D`` ``(T, B, L, d_out)`` of a dense use: ``y = x @ W``, or
     ``y = W @ x^T`` (``plan.dense_t``: the cotangent has the out-features first, ``(T, d_out,
     B, ...)``, and sample b's gradient is the transpose, ``D_b^T X_b``)."""
-    X = captured[k].reshape(B, -1, captured[k].shape[-1])
+    d_in = plan.d_in[k] if k in plan.dense else captured[k].shape[-1]
+    X = captured[k].reshape(B, -1, d_in)
     D = deltas[k]
     if k in plan.dense_t:
         D = jnp.moveaxis(D, 1, -1)
@@ -226,7 +228,8 @@ def weighted_grad_from_factors(weights: Float[Array, " m"], factors: PerSampleFa
             g = jnp.einsum("b,bld,ble->de", W[:, 0], X, D[0], out_sharding=whole(X))
         else:
             g = jnp.einsum("bt,bld,tble->de", W, X, D, out_sharding=whole(X))
-        out[p] = (g.T if k in plan.dense_t else g).astype(leaves[p].dtype)
+        g = g.T if k in plan.dense_t else g
+        out[p] = g.reshape(leaves[p].shape).astype(leaves[p].dtype)
     for p, g in row_grads.items():
         wg = jnp.matmul(weights.astype(g.dtype), g, out_sharding=whole(g))
         out[p] = wg.reshape(leaves[p].shape).astype(leaves[p].dtype)
