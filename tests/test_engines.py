@@ -587,8 +587,9 @@ def test_per_sample_engine_reads_equinox_and_flax_convolutions_and_embeddings(x6
     again by the add), Embedding (a gather under two vmaps), LayerNorm, Linear; Flax NNX's Conv,
     Embed, LayerNorm and Linear (biases reshaped to (1, ..., C)), with float32 parameters in a
     float64 computation (each cast once); Flax's attention (kernels of rank 3): no parameter
-    falls back, the Gramian and J^T w equal jacrev's (#13 item 20). The equinox bias of shape (C, 1, 1) gave a finite wrong Gramian
-    (its cotangent was not summed over the spatial axes) before."""
+    falls back, the Gramian and J^T w equal jacrev's (#13 item 20). The equinox bias of shape
+    (C, 1, 1) gave a finite wrong Gramian (its cotangent was not summed over the spatial axes)
+    before."""
     import equinox as eqx
 
     nnx = pytest.importorskip("flax.nnx")

@@ -72,9 +72,9 @@ def _is_local(eqn, pos, batch_size):
 def _dense_kind(eqn, pos, batch_size):
     """``"dense"`` for ``y = x @ W`` (the parameter W on the right, contracted on its leading
     axes with x's trailing ones: a Linear, or Flax's LinearGeneral and attention projections,
-    W ``(in..., out...)`` read as a matrix; per sample, x batched on axis 0), ``"dense_t"`` for ``y = W @ x^T`` (W on the left,
-    contracted on its second axis, x batched on axis 0: equinox's Linear under vmap; per sample
-    only), else ``"other"``."""
+    W ``(in..., out...)`` read as a matrix; per sample, x batched on axis 0), ``"dense_t"`` for
+    ``y = W @ x^T`` (W on the left, contracted on its second axis, x batched on axis 0:
+    equinox's Linear under vmap; per sample only), else ``"other"``."""
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     if lb or rb:
