@@ -374,8 +374,8 @@ def test_float32_gives_float64s_answer_or_nan_at_every_scale(spec):
     PCD and MGDA with the l2 or loss+ normaliser gave a different or zero update once J J^T
     underflowed (1e-20), and Nash-MTL kept its initial weights from 1e-10 (its programs left
     float32's range: its weights scale as 1/|g|); now FairGrad and the l2/loss+ MGDA weigh the
-    rescaled Gramian and apply their degree, and
-    Nash-MTL and PCD take the scale into their programs and state."""
+    rescaled Gramian and apply their degree, Nash-MTL and PCD take the scale into their programs
+    and state, UPGrad and DualProj their norm_eps test, GradVac its eps (NaN at 1e20 before)."""
     J = _J(4, 7, seed=0)
     key = jax.random.key(0)
     outs = {}
@@ -399,8 +399,12 @@ def test_float32_gives_float64s_answer_or_nan_at_every_scale(spec):
             continue
         tol = max(1e-4, spec.loose.get("float32", 0.0))  # CAGrad's FISTA stops at 1e-3
         assert np.linalg.norm(got - ref) <= tol * size, (s, got, ref)
-    # the well-scaled J always gets an answer
+    # the well-scaled J always gets an answer; so does every scale, for a weighting that takes
+    # the rescaled Gramian (but PCD at 1e20, whose EMA of squared norms would overflow: NaN)
     assert np.all(np.isfinite(outs["float32"][0]))
+    if getattr(getattr(spec.build(), "weighting", None), "rescalable", False):
+        finite = np.all(np.isfinite(outs["float32"]), axis=1)
+        assert finite.all() or (spec.name == "pcd" and list(finite) == [True] * 6 + [False])
 
 
 def test_nash_mtl_and_pcd_keep_their_state_at_the_true_scale():

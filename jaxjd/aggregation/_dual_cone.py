@@ -13,9 +13,10 @@ from ._abstract import _prepared
 from ._fields import as_dtype, sized
 
 
-def conditioned(weighting, G):
+def conditioned(weighting, G, log2_t=None):
     """``(G', p)``: ``G' = G / tr(G) + reg_eps I`` (zeros when ``tr(G) <= norm_eps``) and the
-    preference ``p`` (default ``1/m``)."""
+    preference ``p`` (default ``1/m``); ``log2_t``: ``G`` is ``2^log2_t`` times the true
+    Gramian (the weights are the true one's: the trace test is on the true trace)."""
     m = G.shape[0]
     if weighting.pref_vector is None:
         pref = jnp.full((m,), 1.0 / m, G.dtype)
@@ -23,7 +24,7 @@ def conditioned(weighting, G):
         pref = sized(weighting.pref_vector, m, G.dtype, "pref_vector")
     norm_eps = as_dtype(weighting.norm_eps, G.dtype)
     reg_eps = as_dtype(weighting.reg_eps, G.dtype)
-    return normalize_regularize(G, norm_eps, reg_eps), pref
+    return normalize_regularize(G, norm_eps, reg_eps, log2_t), pref
 
 
 def checked(weights, info: ProjectionInfo):

@@ -55,6 +55,12 @@ class GradVacWeighting(AbstractWeighting):
         return GradVacState(jnp.zeros((m, m), dtype))
 
     def _weigh(self, G, state, key):
+        return self._weigh_at_scale(G, jnp.zeros((), G.dtype), state, key)
+
+    def _weigh_at_scale(self, G, log2_t, state, key):
+        # G is 2^log2_t times the true Gramian: the coefficients (ratios of norms) and the
+        # cosine targets are scale-free once eps is taken at the same scale (eps t on the
+        # products of norms, eps sqrt(t) on a norm).
         m = G.shape[0]
         dtype = state.targets.dtype
         G = G.astype(dtype)
@@ -64,6 +70,8 @@ class GradVacWeighting(AbstractWeighting):
             key = jax.random.key(0)
         norms = jnp.sqrt(jnp.maximum(jnp.diagonal(G), 0.0))
         beta, eps = as_dtype(self.beta, dtype), as_dtype(self.eps, dtype)
+        log2_t = log2_t.astype(dtype)
+        eps_prod, eps_norm = eps * jnp.exp2(log2_t), eps * jnp.exp2(log2_t / 2)
 
         def vaccinate(i, k, targets):
             order = jax.random.permutation(k, m)
@@ -73,11 +81,11 @@ class GradVacWeighting(AbstractWeighting):
                 j = order[t]
                 other = j != i
                 norm_i = jnp.sqrt(jnp.maximum(cG @ c, 0.0))
-                phi = cG[j] / (norm_i * norms[j] + eps)
+                phi = cG[j] / (norm_i * norms[j] + eps_prod)
                 hat = phi_hat[j]
                 root_phi = jnp.sqrt(jnp.maximum(1.0 - phi * phi, 0.0))
                 root_hat = jnp.sqrt(jnp.maximum(1.0 - hat * hat, 0.0))
-                step = norm_i * (hat * root_phi - phi * root_hat) / (norms[j] * root_hat + eps)
+                step = norm_i * (hat * root_phi - phi * root_hat) / (norms[j] * root_hat + eps_norm)
                 step = jnp.where(other & (phi < hat), step, 0.0)
                 c = c.at[j].add(step)
                 cG = cG + step * G[j]

@@ -75,17 +75,25 @@ def as_solver(
 
 
 def normalize_regularize(
-    G: Float[Array, "m m"], norm_eps: float | Array, reg_eps: float | Array
+    G: Float[Array, "m m"],
+    norm_eps: float | Array,
+    reg_eps: float | Array,
+    log2_t: Array | None = None,
 ) -> Float[Array, "m m"]:
     """TorchJD's conditioning: ``G / tr(G)`` (zeros when ``tr(G) <= norm_eps``) ``+ reg_eps I``;
-    NaN when a diagonal entry is negative (no Gramian).
+    NaN when a diagonal entry is negative (no Gramian). ``log2_t``: ``G`` is ``2^log2_t`` times
+    the true Gramian (J rescaled because J J^T left the range), and ``norm_eps`` is compared with
+    the true trace, in logarithms (``G / tr(G)`` needs no correction).
 
     The trace is summed in sorted order, so that it rounds alike for every order of the rows of
     J: in float32 a trace one ulp off changes the balance of ``G / tr(G)`` against ``reg_eps I``
     and, through cond(G), moves the weights by ~1e-5 (TorchJD's float32 permutation test
     allows 5e-7)."""
     trace = jnp.sum(jnp.sort(jnp.diagonal(G)))
-    small = trace <= norm_eps
+    if log2_t is None:
+        small = trace <= norm_eps
+    else:
+        small = jnp.log2(trace) - log2_t <= jnp.log2(jnp.asarray(norm_eps, G.dtype))
     safe = jnp.where(small, jnp.ones_like(trace), trace)
     Gn = jnp.where(small, jnp.zeros_like(G), G / safe)
     # A negative diagonal is no Gramian (the fallback would hide it): NaN, refused downstream.
