@@ -7,7 +7,8 @@ sample), jaxjd vs a plain step vs TorchJD (when installed), one CPU thread, medi
   backward passes; the layerwise engine skips the per-task weight gradients of wide layers, so
   its own floor is one forward plus m activation-cotangent passes. TorchJD = ``mtl_backward`` +
   ``jac_to_grad(..., UPGrad())`` + Adam; its plain step (sum of the losses) for reference.
-* IWRM: MLP 784-512-512-10 (B = 32, 64) and a small CNN; per-sample cross-entropy losses (B,).
+* IWRM: MLP 784-512-512-10 (B = 32, 64) and a small CNN (in plain JAX, and from equinox's
+  and Flax NNX's layers: eqx_cnn, nnx_cnn; TorchJD runs the same CNN); per-sample cross-entropy losses (B,).
   Plain step = grad of the mean + SGD. jaxjd = ``value_and_weighted_grad(..., upgrad_weighting(),
   method=...)`` + SGD for the ghost engine ("per_sample") and the materialised Jacobian.
   TorchJD = ``autogram.Engine`` Gramian + ``UPGradWeighting`` + ``losses.backward(w)``.
@@ -152,6 +153,9 @@ def iwrm_case(model, batch):
         def logits(p, x):
             return mlp(p, x, last_relu=False)
 
+    elif model in ("eqx_cnn", "nnx_cnn"):  # the same CNN from equinox's or Flax NNX's layers
+        params, logits = _library_cnn(model)
+        x = jax.random.normal(jax.random.key(1), (batch, 1, 28, 28))
     else:
         k = jax.random.split(key, 3)
         params = {
@@ -196,6 +200,47 @@ def iwrm_case(model, batch):
     times = time_steps(steps, (params, state, x, labels), repeats=7)
     times["torchjd"] = torch_iwrm(model, batch)
     return times
+
+
+def _library_cnn(model):
+    """``(params, logits)`` of the CNN below from equinox's (under vmap) or Flax NNX's layers:
+    what the per-sample engine must read from those libraries' jaxprs (no fallback)."""
+    if model == "eqx_cnn":
+        import equinox as eqx
+
+        k = jax.random.split(jax.random.key(0), 3)
+        net = [
+            eqx.nn.Conv2d(1, 8, 3, key=k[0]),
+            eqx.nn.Conv2d(8, 16, 3, key=k[1]),
+            eqx.nn.Linear(16 * 24 * 24, 10, key=k[2]),
+        ]
+        params, static = eqx.partition(net, eqx.is_inexact_array)
+
+        def logits(p, x):
+            c1, c2, out = eqx.combine(p, static)
+
+            def one(image):
+                h = jax.nn.relu(c2(jax.nn.relu(c1(image))))
+                return out(h.reshape(-1))
+
+            return jax.vmap(one)(x)
+
+        return params, logits
+    from flax import nnx
+
+    class CNN(nnx.Module):
+        def __init__(self, rngs):
+            self.c1 = nnx.Conv(1, 8, (3, 3), padding="VALID", rngs=rngs)
+            self.c2 = nnx.Conv(8, 16, (3, 3), padding="VALID", rngs=rngs)
+            self.out = nnx.Linear(16 * 24 * 24, 10, rngs=rngs)
+
+        def __call__(self, x):  # NCHW in, as the others
+            h = jnp.moveaxis(x, 1, -1)
+            h = jax.nn.relu(self.c2(jax.nn.relu(self.c1(h))))
+            return self.out(h.reshape(x.shape[0], -1))
+
+    graphdef, params = nnx.split(CNN(nnx.Rngs(0)), nnx.Param)
+    return params, lambda p, x: nnx.merge(graphdef, p)(x)
 
 
 def torch_iwrm(model, batch):
@@ -247,6 +292,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--iwrm", default=None, help="only these IWRM models (B = 32), e.g. cnn")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     lines = [
@@ -262,6 +308,7 @@ def main():
     ]
     print("\n".join(lines), flush=True)
     mtl_sizes = [(32, 128, 3, 64)] if args.quick else [(32, 128, 3, 64), (64, 512, 8, 128)]
+    mtl_sizes = [] if args.iwrm else mtl_sizes
     for width_in, width, tasks, batch in mtl_sizes:
         t = mtl_case(width_in, width, tasks, batch)
         floor = (1 + 2 * tasks) / 3
@@ -284,6 +331,10 @@ def main():
     print("\n".join(header), flush=True)
     lines += header
     iwrm_sizes = [("mlp", 32)] if args.quick else [("mlp", 32), ("mlp", 64), ("cnn", 32)]
+    if not args.quick:
+        iwrm_sizes += [("eqx_cnn", 32), ("nnx_cnn", 32)]
+    if args.iwrm:
+        iwrm_sizes = [(m, 32) for m in args.iwrm.split(",")]
     for model, batch in iwrm_sizes:
         t = iwrm_case(model, batch)
         row = (
