@@ -8,7 +8,8 @@ sample), jaxjd vs a plain step vs TorchJD (when installed), one CPU thread, medi
   its own floor is one forward plus m activation-cotangent passes. TorchJD = ``mtl_backward`` +
   ``jac_to_grad(..., UPGrad())`` + Adam; its plain step (sum of the losses) for reference.
 * IWRM: MLP 784-512-512-10 (B = 32, 64) and a small CNN (in plain JAX, and from equinox's
-  and Flax NNX's layers: eqx_cnn, nnx_cnn; TorchJD runs the same CNN); per-sample cross-entropy losses (B,).
+  and Flax NNX's layers: eqx_cnn, nnx_cnn; TorchJD runs the same CNN); per-sample
+  cross-entropy losses (B,).
   Plain step = grad of the mean + SGD. jaxjd = ``value_and_weighted_grad(..., upgrad_weighting(),
   method=...)`` + SGD for the ghost engine ("per_sample") and the materialised Jacobian.
   TorchJD = ``autogram.Engine`` Gramian + ``UPGradWeighting`` + ``losses.backward(w)``.
