@@ -345,7 +345,8 @@ def test_the_methods_with_another_scale_degree_are_the_expected_ones():
     }
     assert found == DEGREES
     rescalable = {s.name for s in REGISTRY if s.weighting and s.weighting().rescalable}
-    assert rescalable == {*DEGREES, *(s.name for s in SCALE_INVARIANT), "nash_mtl", "pcd"}
+    own_rule = {"nash_mtl", "pcd", "upgrad", "upgrad_pgd", "dualproj", "gradvac"}
+    assert rescalable == {*DEGREES, *(s.name for s in SCALE_INVARIANT), *own_rule}
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 3.0])
