@@ -148,42 +148,7 @@ def test_mean_over_microbatches_splits_every_batched_argument():
 # ----------------------------------------------------------------- the value policy, registry-wide
 from methods import BY_NAME, REGISTRY  # noqa: E402
 
-
-def _policy_run(method, J, J_bad, key):
-    """A clean step, then a step on ``J_bad`` from the state it left."""
-    state = method.init(J)
-    _, state = method.update(J, state, key=key)
-    return state, method.aggregate(J_bad, state, key=jax.random.fold_in(key, 1))
-
-
-@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
-def test_nan_or_inf_in_gives_nan_out_and_keeps_the_state(spec, x64):
-    """NaN or Inf anywhere in J: NaN weights where they depend on G (Mean, Sum, Constant and
-    Random weights do not: their update is NaN or Inf through J^T w), a non-finite update where
-    the bad entry is, and a stateful method's state as the last clean step left it. TrimmedMean
-    drops an infinite entry as the extreme it is (its purpose); a NaN propagates."""
-    method = spec.build()
-    J = jnp.asarray(_J(4, 7, seed=1))
-    bads = jnp.stack([J.at[1, 2].set(jnp.nan), J.at[0, 0].set(jnp.inf), J.at[3, 6].set(-jnp.inf)])
-    keys = jax.random.split(jax.random.key(2), 3)
-    state, out = jax.jit(jax.vmap(_policy_run, in_axes=(None, None, 0, 0)), static_argnums=0)(
-        method, J, bads, keys
-    )
-    bad_columns = [2, 0, 6]
-    weights_read_g = getattr(getattr(method, "weighting", None), "reads_gramian", True)
-    for i, col in enumerate(bad_columns):
-        update = np.asarray(out.update[i])
-        if spec.name == "trimmed_mean" and i > 0:
-            assert np.all(np.isfinite(update)), update  # +-Inf trimmed
-        else:
-            assert not np.isfinite(update[col]), (spec.name, i, update)  # Inf for a mean of Inf
-        if out.weights is not None and weights_read_g:
-            assert np.all(np.isnan(out.weights[i])), (spec.name, i, out.weights[i])
-        if method.stateful:
-            for new, old in zip(
-                jax.tree_util.tree_leaves(out.state), jax.tree_util.tree_leaves(state)
-            ):
-                np.testing.assert_array_equal(np.asarray(new)[i], np.asarray(old)[i])
+# NaN / Inf in, NaN out, the state kept: tests/test_policy_properties.py, every method.
 
 
 @pytest.mark.parametrize("factory", [jd.upgrad, jd.dualproj])

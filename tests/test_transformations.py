@@ -98,7 +98,20 @@ def test_vmap_of_vmap(spec, x64):
     close(out.update[1, 2], run(method, Js[1, 2], keys[1, 2]).update, "float64", spec)
 
 
-@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+# The methods that read J's leaves themselves (QR leaf by leaf, per-coordinate rules, Jacobian-
+# sized state) and one of each other code path (Gramian-weighted, stateless and stateful; weights
+# from m alone; a loss reader) by default; every method in the slow sweep.
+_PYTREE_DEFAULT = {"upgrad", "mean", "nash_mtl", "gradnorm", "config", "cagrad", "graddrop",
+                   "trimmed_mean", "excess_mtl", "moco", "db_mtl", "modo"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        pytest.param(s, id=s.name, marks=() if s.name in _PYTREE_DEFAULT else pytest.mark.slow)
+        for s in REGISTRY
+    ],
+)
 def test_pytree_equals_matrix(spec, x64):
     dtype = "float64"
     method = spec.build()
