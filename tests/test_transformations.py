@@ -10,8 +10,13 @@ from methods import BY_NAME, REGISTRY
 import jaxjd as jd
 
 KEY = jax.random.key(3)
+# Variants that run their base method's code with another option (MGDA's normalisers, ConFIG
+# through the Gramian) are in the slow sweep with the methods whose op-by-op run takes seconds.
+_EAGER_VARIANTS = {"mgda_loss", "mgda_l2", "config_gramian"}
 EAGER = [
-    pytest.param(spec, marks=pytest.mark.slow) if spec.slow_eager else spec
+    pytest.param(spec, marks=pytest.mark.slow)
+    if spec.slow_eager or spec.name in _EAGER_VARIANTS
+    else spec
     for spec in REGISTRY
     if spec.eager
 ]
