@@ -680,6 +680,29 @@ def test_per_sample_parameter_returned_through_a_jitted_identity_falls_back(x64)
     assert set(factors.fallback) == {"['w']", "['b']"}
 
 
+def test_engines_read_a_function_with_a_debug_callback(x64):
+    """A ``jax.debug.callback`` (an equation without outputs) on the input and on a weight: the
+    jaxpr reader passes it (the weight it reads falls back), every engine gives jacrev's
+    Gramian, and the callback still runs."""
+    from jaxjd.engines import per_sample_gramian_parts
+
+    k = jax.random.split(jax.random.key(6), 2)
+    params = {"w": jax.random.normal(k[0], (3, 2)), "b": jnp.ones(2)}
+    x = jax.random.normal(k[1], (4, 3))
+    seen = []
+
+    def losses(p, x):
+        jax.debug.callback(lambda *_: seen.append(1), x, p["w"])
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]), axis=1)
+
+    _, G_ref = explicit(losses, params, x)
+    for method in ("per_sample", "layerwise"):
+        _, G = jd.value_and_gramian(losses, method=method)(params, x)
+        np.testing.assert_allclose(G, G_ref, rtol=1e-12, atol=1e-14)
+    assert per_sample_gramian_parts(losses, params, x)[2].fallback == ("['w']",)
+    assert seen
+
+
 def test_per_sample_with_a_jitted_layer_called_twice(x64):
     """A jitted layer reused with two weights shares its inner equations: the ghost engine must
     not mix the two calls (both weights fall back) and still equal jacrev."""

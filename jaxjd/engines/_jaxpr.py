@@ -38,6 +38,8 @@ def _is_local(eqn, pos, batch_size):
     parameters). Per task (``batch_size=None``): any single-output primitive without an inner
     jaxpr and with a floating output, whose rows are its VJP on the stacked cotangents."""
     name = eqn.primitive.name
+    if not eqn.outvars:  # a callback
+        return False
     out = eqn.outvars[0].aval
     if batch_size is None:
         return (
@@ -136,7 +138,7 @@ def _analyse(closed, n_params, batch_size):
             visits[id(eqn)] = visits.get(id(eqn), 0) + 1
             ins = [env.get(v) if _is_var(v) else None for v in eqn.invars]
             name = eqn.primitive.name
-            out = eqn.outvars[0].aval
+            out = eqn.outvars[0].aval if eqn.outvars else None  # (a callback has none)
             if name in ("jit", "pjit") and "jaxpr" in eqn.params:
                 inner = eqn.params["jaxpr"].jaxpr
                 for iv, v in zip(inner.invars, eqn.invars):
@@ -149,6 +151,7 @@ def _analyse(closed, n_params, batch_size):
             if (
                 name == "convert_element_type"
                 and ins[0] is not None
+                and out is not None
                 and jnp.issubdtype(out.dtype, jnp.inexact)
             ):
                 # a cast parameter (float32 weights in a float64 or bfloat16 computation) stands
@@ -160,7 +163,9 @@ def _analyse(closed, n_params, batch_size):
             if (
                 name in ("broadcast_in_dim", "reshape")
                 and batch_size is not None
-                and (ins[0] is not None or (_is_var(src) and src in bias_of))
+                and src is not None
+                and _is_var(src)
+                and (ins[0] is not None or src in bias_of)
             ):
                 if ins[0] is not None:
                     p = ins[0]
@@ -198,6 +203,7 @@ def _analyse(closed, n_params, batch_size):
                 if (
                     name in ("add", "mul")
                     and other is not None
+                    and out is not None
                     and other.ndim == out.ndim >= 1
                     and all(o in (1, s) for o, s in zip(other.shape, out.shape))
                     and out.shape[0] == batch_size
