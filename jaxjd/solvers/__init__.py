@@ -90,10 +90,10 @@ def normalize_regularize(
     and, through cond(G), moves the weights by ~1e-5 (TorchJD's float32 permutation test
     allows 5e-7)."""
     trace = jnp.sum(jnp.sort(jnp.diagonal(G)))
-    if log2_t is None:
-        small = trace <= norm_eps
-    else:
-        small = jnp.log2(trace) - log2_t <= jnp.log2(jnp.asarray(norm_eps, G.dtype))
+    small = trace <= norm_eps
+    if log2_t is not None:  # (the same test, bit for bit, when G is not rescaled)
+        rescaled = jnp.log2(trace) - log2_t <= jnp.log2(jnp.asarray(norm_eps, G.dtype))
+        small = jnp.where(log2_t == 0, small, rescaled)
     safe = jnp.where(small, jnp.ones_like(trace), trace)
     Gn = jnp.where(small, jnp.zeros_like(G), G / safe)
     # A negative diagonal is no Gramian (the fallback would hide it): NaN, refused downstream.
