@@ -86,13 +86,16 @@ _VMAP2_DEFAULT = {"upgrad", "mgda", "aligned_mtl", "config", "pcgrad", "graddrop
                   "excess_mtl", "nash_mtl", "moco", "gradnorm", "trimmed_mean"}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        pytest.param(s, id=s.name, marks=() if s.name in _VMAP2_DEFAULT else pytest.mark.slow)
+def _default_or_slow(names):
+    """The registry as pytest params: the methods in ``names`` by default, the others in the
+    slow sweep."""
+    return [
+        pytest.param(s, id=s.name, marks=() if s.name in names else pytest.mark.slow)
         for s in REGISTRY
-    ],
-)
+    ]
+
+
+@pytest.mark.parametrize("spec", _default_or_slow(_VMAP2_DEFAULT))
 def test_vmap_of_vmap(spec, x64):
     method = spec.build()
     Js = jnp.stack(
@@ -110,13 +113,7 @@ _PYTREE_DEFAULT = {"upgrad", "mean", "nash_mtl", "gradnorm", "config", "cagrad",
                    "trimmed_mean", "excess_mtl", "moco", "db_mtl", "modo"}  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "spec",
-    [
-        pytest.param(s, id=s.name, marks=() if s.name in _PYTREE_DEFAULT else pytest.mark.slow)
-        for s in REGISTRY
-    ],
-)
+@pytest.mark.parametrize("spec", _default_or_slow(_PYTREE_DEFAULT))
 def test_pytree_equals_matrix(spec, x64):
     dtype = "float64"
     method = spec.build()
