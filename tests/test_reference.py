@@ -117,12 +117,14 @@ def test_every_case_is_covered():
 
 
 def _default_suite(case):
-    """Every default configuration on every matrix up to m = 20 (and UPGrad's on every
-    matrix), and every configuration on the matrices with m = 2, run by default; the other
-    configurations on other m (each (configuration, m) compiles anew) and the other methods at
-    m = 32 and 64 in the slow sweep."""
+    """Every default configuration on every matrix up to m = 20 (and UPGrad's up to m = 32),
+    and every configuration on the matrices with m = 2, run by default; the other configurations
+    on other m (each (configuration, m) compiles anew), UPGrad at m = 64 and the other methods
+    at m = 32 and 64 in the slow sweep."""
     m = case["shape"][0]
-    default = case["config"] == case["class"] and (m <= 20 or case["class"] == "UPGrad")
+    default = case["config"] == case["class"] and (
+        m <= 20 or (case["class"] == "UPGrad" and m <= 32)
+    )
     return m == 2 or default
 
 

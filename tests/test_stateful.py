@@ -168,7 +168,16 @@ SEQ_TOL = {"PCD": 1e-9, "ExcessMTL": 1e-9, "NashMTL": 1e-4}
 SCANNED = {next(s["key"] for s in SEQUENCES if s["class"] == c) for c in SEQ_TOL}
 
 
-@pytest.mark.parametrize("seq", SEQUENCES, ids=[s["key"] for s in SEQUENCES])
+@pytest.mark.parametrize(
+    "seq",
+    # every configuration on the 3 x 20 sequence by default, on the 5 x 40 one in the slow sweep
+    [
+        pytest.param(
+            s, id=s["key"], marks=() if s["key"].startswith("seq_3x") else pytest.mark.slow
+        )
+        for s in SEQUENCES
+    ],
+)
 def test_five_step_sequences(seq, x64):
     """Five calls on fresh state, carried explicitly and (one sequence per class) through
     lax.scan (same answer)."""

@@ -11,8 +11,11 @@ import jaxjd as jd
 
 KEY = jax.random.key(3)
 # Variants that run their base method's code with another option (MGDA's normalisers, ConFIG
-# through the Gramian) are in the slow sweep with the methods whose op-by-op run takes seconds.
-_EAGER_VARIANTS = {"mgda_loss", "mgda_l2", "config_gramian"}
+# through the Gramian) and the closed-form Gramian weightings (their jitted runs are checked
+# under vmap and against references) are in the slow sweep with the methods whose op-by-op run
+# takes seconds.
+_EAGER_VARIANTS = {"mgda_loss", "mgda_l2", "config_gramian", "mean", "sum", "constant", "imtl_g",
+                   "krum", "db_mtl", "modo", "sdmgrad"}  # fmt: skip
 EAGER = [
     pytest.param(spec, marks=pytest.mark.slow)
     if spec.slow_eager or spec.name in _EAGER_VARIANTS
@@ -80,10 +83,10 @@ def test_vmap_over_jacobians_and_states(spec, dtype):
 
 
 # One method per code path by default (the dual-cone solver, Frank-Wolfe, the eigen and QR
-# methods, random keys, Jacobian-sized and Gramian state, lane-by-lane Nash-MTL, the loss
-# readers); every method in the slow sweep.
-_VMAP2_DEFAULT = {"upgrad", "mgda", "aligned_mtl", "config", "pcgrad", "graddrop", "gradvac",
-                  "excess_mtl", "nash_mtl", "moco", "gradnorm", "trimmed_mean"}  # fmt: skip
+# methods, random keys, Jacobian-sized state and a loss reader (ExcessMTL), Gramian state,
+# lane-by-lane Nash-MTL, per-coordinate rules); every method in the slow sweep.
+_VMAP2_DEFAULT = {"upgrad", "mgda", "aligned_mtl", "config", "graddrop", "gradvac",
+                  "excess_mtl", "nash_mtl", "trimmed_mean"}  # fmt: skip
 
 
 def _default_or_slow(names):
