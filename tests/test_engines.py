@@ -684,6 +684,32 @@ def test_per_sample_parameter_returned_through_a_jitted_identity_falls_back(x64)
     assert set(factors.fallback) == {"['w']", "['b']"}
 
 
+def test_per_sample_engine_does_not_read_a_constant_of_batch_length_as_samples(x64):
+    """B = L: learned positions gathered at 0..L-1 and a dense layer on a constant (L, 3), both
+    broadcast over the batch. Their leading size is B by coincidence, but no row belongs to one
+    sample (every sample's loss reads every row): read per sample, the Gramian was finite and
+    wrong (entries off by 220 of 295). They fall back; the Gramian and J^T w are jacrev's."""
+    B = L = 5
+    k = jax.random.split(jax.random.key(7), 4)
+    params = {
+        "tok": jax.random.normal(k[0], (11, 4)),
+        "pos": jax.random.normal(k[1], (L, 4)),
+        "P": jax.random.normal(k[2], (3, 4)),
+        "w": jax.random.normal(k[3], (4, 1)),
+    }
+    tokens = jax.random.randint(k[0], (B, L), 0, 11)
+    C = jax.random.normal(k[1], (L, 3))
+
+    def losses(p, toks):
+        h = p["tok"][toks]  # (B, L, 4): per sample
+        h = h + p["pos"][jnp.arange(L)][None]
+        h = h + (C @ p["P"])[None]
+        return jnp.sum(jnp.tanh(h) @ p["w"], axis=(1, 2))
+
+    factors = _ghost_equals_jacrev(losses, params, tokens)
+    assert set(factors.fallback) == {"['pos']", "['P']"}
+
+
 def test_engines_read_a_function_with_a_debug_callback(x64):
     """A ``jax.debug.callback`` (an equation without outputs) on the input and on a weight: the
     jaxpr reader passes it (the weight it reads falls back), every engine gives jacrev's

@@ -31,7 +31,7 @@ def _is_var(v):
     return isinstance(v, jcore.Var) and not isinstance(v, jcore.Literal)
 
 
-def _is_local(eqn, pos, batch_size):
+def _is_local(eqn, pos, batch_size, is_batched=lambda v: True):
     """Per sample (``batch_size`` given): a convolution kernel or an embedding table, whose
     sample-b gradient is the op's own VJP on sample b's slice of the other operands and of the
     output cotangent (batch axis 0 in, 0 out, and no operand shape recorded in the op's
@@ -59,6 +59,7 @@ def _is_local(eqn, pos, batch_size):
             and dn.out_spec[0] == 0
             and eqn.params["batch_group_count"] == 1
             and others[0].shape[0] == batch_size
+            and is_batched(eqn.invars[0])
         )
     if name == "gather" and pos == 0:
         dn = eqn.params["dimension_numbers"]
@@ -66,12 +67,13 @@ def _is_local(eqn, pos, batch_size):
             not dn.operand_batching_dims
             and others[0].ndim >= 1
             and others[0].shape[0] == batch_size
+            and is_batched(eqn.invars[1])
             and 0 not in dn.offset_dims
         )
     return False
 
 
-def _dense_kind(eqn, pos, batch_size):
+def _dense_kind(eqn, pos, batch_size, is_batched=lambda v: True):
     """``"dense"`` for ``y = x @ W`` (the parameter W on the right, contracted on its leading
     axes with x's trailing ones: a Linear, or Flax's LinearGeneral and attention projections,
     W ``(in..., out...)`` read as a matrix; per sample, x batched on axis 0), ``"dense_t"`` for
@@ -90,7 +92,8 @@ def _dense_kind(eqn, pos, batch_size):
     ):
         if batch_size is None:
             return "dense" if jnp.issubdtype(lhs.dtype, jnp.inexact) else "other"
-        return "dense" if lhs.ndim > kc and lhs.shape[0] == batch_size else "other"
+        per_sample = lhs.ndim > kc and lhs.shape[0] == batch_size and is_batched(eqn.invars[0])
+        return "dense" if per_sample else "other"
     if (
         pos == 0
         and batch_size is not None
@@ -99,6 +102,7 @@ def _dense_kind(eqn, pos, batch_size):
         and rhs.ndim >= 2
         and tuple(rc) == (rhs.ndim - 1,)
         and rhs.shape[0] == batch_size
+        and is_batched(eqn.invars[1])
     ):
         return "dense_t"
     return "other"
@@ -133,6 +137,14 @@ def _analyse(closed, n_params, batch_size):
     visits = {}  # eqn id -> how many times the evaluation reaches it (a jitted function called
     # twice shares its inner equations: capturing at them would mix the calls)
 
+    # Per sample, the vars computed from the batch arguments: an activation, a convolution's
+    # input or an embedding's indices must be one of them to be read per sample (a constant
+    # whose leading size happens to equal B, such as the positions 0..L-1 with L = B, is not).
+    batched = set(closed.jaxpr.invars[n_params:])
+
+    def is_batched(v):
+        return batch_size is None or (_is_var(v) and v in batched)
+
     def walk(jaxpr, env):
         for eqn in jaxpr.eqns:
             visits[id(eqn)] = visits.get(id(eqn), 0) + 1
@@ -144,10 +156,17 @@ def _analyse(closed, n_params, batch_size):
                 for iv, v in zip(inner.invars, eqn.invars):
                     if _is_var(v) and v in bias_of:
                         bias_of[iv] = bias_of[v]
+                    if _is_var(v) and v in batched:
+                        batched.add(iv)
                 inner_env = {iv: p for iv, p in zip(inner.invars, ins) if p is not None}
                 walk(inner, inner_env)
                 passed_through(inner, inner_env, id(eqn))
+                for ov, iv in zip(eqn.outvars, inner.outvars):
+                    if _is_var(iv) and iv in batched:
+                        batched.add(ov)
                 continue
+            if any(_is_var(v) and v in batched for v in eqn.invars):
+                batched.update(eqn.outvars)
             if (
                 name == "convert_element_type"
                 and ins[0] is not None
@@ -183,12 +202,16 @@ def _analyse(closed, n_params, batch_size):
                 if p is None:
                     continue
                 kind = "other"
-                dense = _dense_kind(eqn, pos, batch_size) if name == "dot_general" else "other"
+                dense = (
+                    _dense_kind(eqn, pos, batch_size, is_batched)
+                    if name == "dot_general"
+                    else "other"
+                )
                 if name == "dot_general" and pos == 1:
                     kind = dense
                 elif dense == "dense_t":
                     kind = dense
-                elif _is_local(eqn, pos, batch_size):
+                elif _is_local(eqn, pos, batch_size, is_batched):
                     kind = "local"
                 uses.setdefault(p, []).append((kind, id(eqn), (eqn, pos)))
             for pos, v in enumerate(eqn.invars):
@@ -203,6 +226,7 @@ def _analyse(closed, n_params, batch_size):
                 if (
                     name in ("add", "mul")
                     and other is not None
+                    and is_batched(eqn.invars[1 - pos])
                     and out is not None
                     and other.ndim == out.ndim >= 1
                     and all(o in (1, s) for o, s in zip(other.shape, out.shape))

@@ -11,7 +11,9 @@ samples are independent). A bias added after a broadcast (or a reshape adding si
 A convolution kernel or an embedding table gets sample b's gradient from its own op's VJP on
 sample b's captured operands and cotangent (vmapped; no pass through the rest of the network).
 All are found by reading the function's jaxpr (a parameter cast to another float dtype counts
-as the parameter); every other parameter (used twice, passed through a jitted function as is,
+as the parameter; the activation, convolution input, embedding indices or per-sample operand
+must be computed from the batch arguments: a constant whose leading size happens to be B is no
+batch); every other parameter (used twice, passed through a jitted function as is,
 ...) falls back to per-sample gradients of that parameter only.
 """
 
