@@ -74,12 +74,15 @@ for name, r in results.items():
     )
 
 # %% [markdown]
-# UPGrad's updates are non-conflicting at every step by construction (to the monitor's 1e-6
-# tolerance); DualProj's regularisation can leave a tiny negative directional derivative; the
-# mean's are non-conflicting only when the task gradients happen to agree enough.
+# UPGrad's updates are non-conflicting at nearly every step. Not at every one: with TorchJD's
+# default ridge (`reg_eps = 1e-4` of the normalised Gramian) a task whose squared gradient norm
+# is thousands of times smaller than another's (here 'even' against 'value' in the first steps:
+# 0.49 against 2336) is slightly conflicted, 3 steps of 300 here; `jd.upgrad(reg_eps=0.0)` is the exact projection,
+# non-conflicting at every step. DualProj's regularisation does the same; the mean's updates are
+# non-conflicting only when the task gradients happen to agree enough.
 
 # %%
-assert np.all(results["upgrad"]["non_conflicting"])
+assert np.mean(results["upgrad"]["non_conflicting"]) >= 0.98
 assert np.mean(results["upgrad"]["non_conflicting"]) >= np.mean(results["mean"]["non_conflicting"])
 for r in results.values():
     assert np.all(r["test_acc"][-1] > 0.7)  # every method learns every task
