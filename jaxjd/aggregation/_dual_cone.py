@@ -32,6 +32,17 @@ def checked(weights, info: ProjectionInfo):
     return jnp.where(jnp.all(info.converged), weights, jnp.nan)
 
 
+def weigh(self, gramian, state, key):
+    """The weighting's ``_weigh``: its solve's weights, NaN unless it converged."""
+    return checked(*self._solve(gramian)), state
+
+
+def weigh_at_scale(self, gramian, log2_t, state, key, *losses):
+    """The weighting's ``_weigh_at_scale``: scale-invariant but for the ``norm_eps`` test,
+    taken on the true trace."""
+    return checked(*self._solve(gramian, log2_t)), state
+
+
 def _solve(weighting, gramian):
     with jax.default_matmul_precision("highest"):
         return weighting._solve(_prepared(gramian))

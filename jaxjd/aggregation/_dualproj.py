@@ -42,13 +42,8 @@ class DualProjWeighting(AbstractWeighting):
         V, info = project_onto_dual_cone(pref[None, :], G, solver=self.solver)
         return V[0], ProjectionInfo(*(x[0] for x in info))
 
-    def _weigh(self, gramian, state, key):
-        return _dual_cone.checked(*self._solve(gramian)), state
-
-    def _weigh_at_scale(self, gramian, log2_t, state, key):
-        # Scale-invariant but for the norm_eps test, taken on the true trace.
-        return _dual_cone.checked(*self._solve(gramian, log2_t)), state
-
+    _weigh = _dual_cone.weigh
+    _weigh_at_scale = _dual_cone.weigh_at_scale
     solve = _dual_cone.solve
 
 

@@ -31,7 +31,7 @@ def _is_var(v):
     return isinstance(v, jcore.Var) and not isinstance(v, jcore.Literal)
 
 
-def _is_local(eqn, pos, batch_size, is_batched=lambda v: True):
+def _is_local(eqn, pos, batch_size, is_batched):
     """Per sample (``batch_size`` given): a convolution kernel or an embedding table, whose
     sample-b gradient is the op's own VJP on sample b's slice of the other operands and of the
     output cotangent (batch axis 0 in, 0 out, and no operand shape recorded in the op's
@@ -73,7 +73,7 @@ def _is_local(eqn, pos, batch_size, is_batched=lambda v: True):
     return False
 
 
-def _dense_kind(eqn, pos, batch_size, is_batched=lambda v: True):
+def _dense_kind(eqn, pos, batch_size, is_batched):
     """``"dense"`` for ``y = x @ W`` (the parameter W on the right, contracted on its leading
     axes with x's trailing ones: a Linear, or Flax's LinearGeneral and attention projections,
     W ``(in..., out...)`` read as a matrix; per sample, x batched on axis 0), ``"dense_t"`` for
@@ -258,9 +258,9 @@ def _analyse(closed, n_params, batch_size):
             continue  # falls back: its equation runs more than once
         us = [u for u in us if u[0] != "cast"]
         kinds = [u[0] for u in us]
-        chain = kinds[:-1] == ["broadcast"] * (len(kinds) - 1)
         if not kinds:
             continue
+        chain = kinds[:-1] == ["broadcast"] * (len(kinds) - 1)
         if kinds == ["dense"]:
             plan.dense[us[0][1]] = p
             eqn = us[0][2][0]
