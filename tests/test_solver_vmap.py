@@ -216,3 +216,55 @@ def test_bpp_with_unrolled_solves_equals_lapack(m, monkeypatch, x64):
     V, ok, _ = jax.jit(lambda Gs: run(Gs))(Gs)  # a new function: traced again
     assert bool(ok.all()) and bool(ok_ref.all())
     np.testing.assert_allclose(np.asarray(V @ Gs), np.asarray(V_ref @ Gs), rtol=0, atol=1e-9)
+
+
+def test_pivoting_skips_inactive_lanes():
+    """``active=False``: the first solve only, no pivoting (the batched rule's path that does not
+    answer for a Gramian must not lengthen its loop); ``active=True`` is the plain run."""
+    from jaxjd.solvers._bpp import _pivot_all
+
+    G = jnp.asarray(gramians(1, 12, seed=3, ill=(0,))[0])
+    G = G / jnp.max(jnp.diagonal(G))
+    U = jnp.eye(12)
+    free = (U @ G) > 0  # a wrong guess everywhere: every lane has to pivot
+    run = jax.jit(lambda active: _pivot_all(U, G, 200, free=free, gather=False, active=active))
+    _, ok, it = run(jnp.asarray(True))
+    V_plain, _, it_plain = jax.jit(lambda: _pivot_all(U, G, 200, free=free, gather=False))()
+    assert bool(ok.all()) and int(it.max()) > 0
+    np.testing.assert_array_equal(np.asarray(it), np.asarray(it_plain))
+    _, _, it_off = run(jnp.asarray(False))
+    assert int(it_off.max()) == 0
+
+
+@pytest.mark.parametrize("m, seed", [(16, 3), pytest.param(32, 2, marks=pytest.mark.slow)])
+def test_accelerator_program_pivots_few_steps_on_mixed_batches(m, seed, monkeypatch):
+    """The program a vmapped batch runs on an accelerator (dense loops, unrolled small solves,
+    40 ADMM steps; forced on the CPU) on the benchmark families: every lane of the batch takes
+    every pivoting step until the slowest lane is done, so the slowest lane is the cost. On this
+    batch it needed 14 steps with the CPU's 6 ADMM steps (m = 16); now at most 6, with the
+    CPU program's update."""
+    import sys
+    from pathlib import Path
+
+    from jaxjd.solvers import _bpp
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_vmap import batch_of_gramians
+
+    Gs = batch_of_gramians(112 if m == 16 else 56, m, 200, seed)
+    weighting = jd.upgrad_weighting()
+    with jax.enable_x64(True):
+        exact = np.asarray(jax.jit(jax.vmap(weighting.solve))(jnp.asarray(Gs))[0])
+    Gs = jnp.asarray(Gs, jnp.float32)
+    V_ref, info_ref = jax.jit(jax.vmap(weighting.solve))(Gs)
+    monkeypatch.setattr(_bpp, "_UNROLL_ON_CPU", True)
+    monkeypatch.setattr(_bpp, "_BATCHED_WARM_ON_CPU", True)
+    dense = jd.upgrad_weighting(solver=jd.solvers.BPP(gather=False))
+    V, info = jax.jit(jax.vmap(dense.solve))(Gs)
+    assert bool(info.converged.all()) and bool(info_ref.converged.all())
+    assert int(info.iterations.max()) <= 6
+    # float32 weights of these Gramians (cond up to ~1e5 after UPGrad's ridge) are good to a
+    # few 1e-3 of the largest (the CPU program: 1.6e-3 on the m = 16 batch); both programs.
+    for X in (V, V_ref):
+        error = np.abs(np.asarray(X, np.float64) - exact).max(axis=1)
+        assert np.all(error <= 4e-3 * np.abs(exact).max(axis=1)), np.max(error)

@@ -41,7 +41,25 @@ _LANE_FRACTION = 8  # pending lanes advanced per loop iteration: about k / 8
 _WARM_MIN_M = 8
 
 
-def _warm_iterations(m: int) -> int:
+# For a vmapped batch of Gramians on an accelerator: 40 ADMM steps at every m. There an ADMM
+# step is one batched matrix product and an element-wise kernel, unrolled (no loop), while a
+# pivoting step is an iteration of a while loop (its predicate read back by the host, then the
+# gathers, the batched solve and the tests) that every lane of the batch takes until the
+# slowest lane is done: few lanes need many steps, but one is enough. Measured on the CPU
+# (float32, `jit(vmap(UPGrad))` over the benchmark families, 6 batches each, pivoting steps run
+# in sequence): 1024 x 16^2: 11-21 with 6 ADMM steps, 3-6 with 40; 256 x 32^2: 9-30 -> 2-7;
+# 64 x 64^2: 3-7 -> 2-4; 16 x 128^2: 3-5 -> 2-4 (on an H100/H200 a pivoting step of the
+# first two batches cost ~0.12 / ~0.25 ms: sessions 6-11). On the CPU, where every step is
+# paid in flops, the extra ADMM steps cost about what they save (timed: within +-20%), and a
+# single Gramian has too few lanes for a long tail: both keep the smaller counts.
+# (_BATCHED_WARM_ON_CPU: the accelerators' count on the CPU too, for tests and benchmarks.)
+_BATCHED_ACCELERATOR_WARM_ITERATIONS = 40
+_BATCHED_WARM_ON_CPU = False
+
+
+def _warm_iterations(m: int, batched: bool = False) -> int:
+    if batched and (_BATCHED_WARM_ON_CPU or jax.default_backend() != "cpu"):
+        return _BATCHED_ACCELERATOR_WARM_ITERATIONS
     return 6 if m < 32 else 10 if m <= 128 else 14
 
 
@@ -432,21 +450,29 @@ def _lane_ops(G, compact, refine, lcp=False):
     return start, step, finish
 
 
-def _first_free(U, G):
-    """The guessed free set of every lane: ADMM from m = _WARM_MIN_M, else the sign of G u."""
+def _first_free(U, G, batched=False):
+    """The guessed free set of every lane: ADMM from m = _WARM_MIN_M, else the sign of G u.
+    ``batched``: one of a vmapped batch of Gramians (see :func:`_warm_iterations`)."""
     m = G.shape[0]
-    return _warm_free(G, U, _warm_iterations(m)) if m >= _WARM_MIN_M else U @ G < 0
+    return _warm_free(G, U, _warm_iterations(m, batched)) if m >= _WARM_MIN_M else U @ G < 0
 
 
-def _pivot_all(U, G, max_iter, compact=None, free=None, gather=True, refine=1, lcp=False):
+def _pivot_all(
+    U, G, max_iter, compact=None, free=None, gather=True, refine=1, lcp=False, active=None
+):
     """Every right-hand side to its solution, from the guessed free sets ``free`` (computed
     here when not given). After the first solve, each loop iteration advances at most
     ``Q ~ k / 8`` pending lanes, gathered by a cumulative count: a lane that has converged costs
     nothing more (a plain vmapped loop would keep solving every lane until the slowest is done,
-    and each solve is a Cholesky factorisation)."""
+    and each solve is a Cholesky factorisation). ``active=False`` (a scalar, possibly traced):
+    no pivoting at all, only the first solve (the caller discards the answer: see
+    :func:`bpp`'s batched rule, where it keeps a Gramian that the other path solves from
+    lengthening this path's loop)."""
     start, step, finish = _lane_ops(G, compact, refine, lcp)
     k = U.shape[0]
     lanes = jax.vmap(start)(U, _first_free(U, G) if free is None else free)
+    if active is not None:
+        lanes = lanes._replace(bad=lanes.bad & active)
 
     def pending(lanes):
         return jnp.any(lanes.bad, axis=1) & (lanes.it < max_iter)
@@ -557,11 +583,11 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
 
     K = -(-m // 2)
 
-    def compact(U, G, H, free):
-        return _pivot_all(U, G, max_iter, (H, K), free, gather, refine)
+    def compact(U, G, H, free, active=None):
+        return _pivot_all(U, G, max_iter, (H, K), free, gather, refine, active=active)
 
-    def full(U, G, free=None):  # free=None: the guess is made inside
-        return _pivot_all(U, G, max_iter, free=free, gather=gather, refine=refine)
+    def full(U, G, free=None, active=None):  # free=None: the guess is made inside
+        return _pivot_all(U, G, max_iter, free=free, gather=gather, refine=refine, active=active)
 
     @jax.custom_batching.custom_vmap
     def split(U, G):
@@ -592,12 +618,18 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
         if not U_batched:
             U = jnp.broadcast_to(U, (axis_size, *U.shape))
         if m < _COMPACT_MIN_M:
-            return jax.vmap(full)(U, G), (True, True, True)
-        free, H, ok = jax.vmap(_plan)(U, G)
-        out = jax.vmap(compact)(U, G, H, free)
+            free = jax.vmap(lambda U, G: _first_free(U, G, batched=True))(U, G)
+            return jax.vmap(full)(U, G, free), (True, True, True)
+        free, H, ok = jax.vmap(lambda U, G: _plan(U, G, batched=True))(U, G)
+        # Each path runs on the whole batch (dense work), but pivots only the Gramians it
+        # answers for: the others would only lengthen its loop, which runs until its slowest
+        # lane is done (measured, float32, 1024 Gramians of 16 x 16 whose dual systems are
+        # unreliable for the ill-conditioned ones: the half-size loop ran 15 steps for them
+        # where the Gramians it answers for needed 6, then the full-size loop 15 more).
+        out = jax.vmap(compact)(U, G, H, free, ok)
 
         def with_full(out):
-            out_full = jax.vmap(full)(_after(U, out[0]), G, free)
+            out_full = jax.vmap(full)(_after(U, out[0]), G, free, ~ok)
             return jax.tree_util.tree_map(
                 lambda c, f: jnp.where(jnp.reshape(ok, (-1,) + (1,) * (c.ndim - 1)), c, f),
                 out,
@@ -610,7 +642,7 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
     return split(U, G)
 
 
-def _plan(U, G):
+def _plan(U, G, batched=False):
     """What both paths need: ``(free, H, ok)``, the guessed free sets, ``H = G^{-1}`` and
     whether G is well enough conditioned for the half-size systems, which cost 8x fewer flops
     per Cholesky than full-size ones. The dual systems need G^{-1}, judged by two upper bounds
@@ -628,7 +660,7 @@ def _plan(U, G):
     limit = _DUAL_COND_LIMIT[jnp.finfo(G.dtype).bits >= 64]
     ok = jnp.isfinite(bound) & (bound > 0) & (bound < limit) & jnp.all(jnp.isfinite(H))
     # The guess's factorisations come after H's (see _after).
-    return _first_free(U, _after(G, H)), H, ok
+    return _first_free(U, _after(G, H), batched), H, ok
 
 
 def _after(x, *deps):
