@@ -35,9 +35,9 @@ from _common import device_name, emit, median_times, write_table
 
 import jaxjd as jd
 import jaxjd.solvers._bpp as bpp_module
+from jaxjd._families import FAMILIES
 from jaxjd.aggregation import _dual_cone
 from jaxjd.solvers._base import row_scales
-from jaxjd._families import FAMILIES
 
 
 def batch_of_gramians(B, m, n, seed):
@@ -130,7 +130,8 @@ def main():
                 emit(
                     lines,
                     f"| {dtype} | {B} | {m} | {u_txt} | {statistics.median(floors) * 1e3:.3f} | "
-                    f"{med * 1e3:.3f} / {worst * 1e3:.3f} | {worst / med:.2f} | {ok} | {its} | {steps} |",
+                    f"{med * 1e3:.3f} / {worst * 1e3:.3f} | {worst / med:.2f} | {ok} | {its} | "
+                    f"{steps} |",
                 )
     write_table(lines, args.out)
 

@@ -228,10 +228,11 @@ def test_pivoting_skips_inactive_lanes():
     U = jnp.eye(12)
     free = (U @ G) > 0  # a wrong guess everywhere: every lane has to pivot
     run = jax.jit(lambda active: _pivot_all(U, G, 200, free=free, gather=False, active=active))
-    _, ok, it = run(jnp.asarray(True))
+    V, ok, it = run(jnp.asarray(True))
     V_plain, _, it_plain = jax.jit(lambda: _pivot_all(U, G, 200, free=free, gather=False))()
     assert bool(ok.all()) and int(it.max()) > 0
     np.testing.assert_array_equal(np.asarray(it), np.asarray(it_plain))
+    np.testing.assert_array_equal(np.asarray(V), np.asarray(V_plain))
     _, _, it_off = run(jnp.asarray(False))
     assert int(it_off.max()) == 0
 
@@ -256,15 +257,13 @@ def test_accelerator_program_pivots_few_steps_on_mixed_batches(m, seed, monkeypa
     with jax.enable_x64(True):
         exact = np.asarray(jax.jit(jax.vmap(weighting.solve))(jnp.asarray(Gs))[0])
     Gs = jnp.asarray(Gs, jnp.float32)
-    V_ref, info_ref = jax.jit(jax.vmap(weighting.solve))(Gs)
     monkeypatch.setattr(_bpp, "_UNROLL_ON_CPU", True)
     monkeypatch.setattr(_bpp, "_BATCHED_WARM_ON_CPU", True)
     dense = jd.upgrad_weighting(solver=jd.solvers.BPP(gather=False))
     V, info = jax.jit(jax.vmap(dense.solve))(Gs)
-    assert bool(info.converged.all()) and bool(info_ref.converged.all())
+    assert bool(info.converged.all())
     assert int(info.iterations.max()) <= 6
     # float32 weights of these Gramians (cond up to ~1e5 after UPGrad's ridge) are good to a
-    # few 1e-3 of the largest (the CPU program: 1.6e-3 on the m = 16 batch); both programs.
-    for X in (V, V_ref):
-        error = np.abs(np.asarray(X, np.float64) - exact).max(axis=1)
-        assert np.all(error <= 4e-3 * np.abs(exact).max(axis=1)), np.max(error)
+    # few 1e-3 of the largest (the CPU program: 1.6e-3 on the m = 16 batch, this one 1.3e-4).
+    error = np.abs(np.asarray(V, np.float64) - exact).max(axis=1)
+    assert np.all(error <= 4e-3 * np.abs(exact).max(axis=1)), np.max(error)
