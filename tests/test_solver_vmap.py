@@ -26,8 +26,12 @@ def gramians(B, m, seed=0, ill=()):
     return np.stack(Gs)
 
 
-@pytest.mark.parametrize("ill", [(), (2,)], ids=["well_conditioned", "one_ill_conditioned"])
+@pytest.mark.parametrize(
+    "ill", [(), (2,), (0, 2, 3)], ids=["well_conditioned", "one_ill_conditioned", "three_ill"]
+)
 def test_vmapped_projection_equals_the_loop(ill, x64):
+    """Also with three Gramians for the full-size path, which the CPU's program runs
+    ``ceil(5 / 8) = 1`` Gramian at a time: three chunks, each answer scattered to its place."""
     Gs = jnp.asarray(gramians(5, 20, ill=ill))
     U = jnp.eye(20)
     V, info = jax.jit(jax.vmap(lambda G: jd.project_onto_dual_cone(U, G)))(Gs)

@@ -628,6 +628,9 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
         # where the Gramians it answers for needed 6, then the full-size loop 15 more).
         out = jax.vmap(compact)(U, G, H, free, ok)
 
+        if gather:
+            return _full_by_chunks(full, U, G, free, ok, out), (True, True, True)
+
         def with_full(out):
             out_full = jax.vmap(full)(_after(U, out[0]), G, free, ~ok)
             return jax.tree_util.tree_map(
@@ -640,6 +643,36 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1):
         return out, (True, True, True)
 
     return split(U, G)
+
+
+def _full_by_chunks(full, U, G, free, ok, out):
+    """The gathering program's full-size path in a vmapped batch: only the Gramians that need
+    it (``~ok``), gathered ``ceil(B / 8)`` at a time, each chunk one batched run, the answers
+    scattered into ``out``. Where work is what costs (the CPU) the batch no longer pays a
+    full-size first solve for every Gramian when one needs it (64 x 64^2, float32: the worst
+    batch 320 ms against a median of 120 ms)."""
+    B = G.shape[0]
+    chunk = -(-B // _LANE_FRACTION)
+    need = ~ok
+    rank = jnp.cumsum(need.astype(jnp.int32)) - 1
+    count = jnp.sum(need.astype(jnp.int32))
+
+    def body(state):
+        c, out = state
+        low = c * chunk
+        slot = jnp.where(need & (rank >= low) & (rank < low + chunk), rank - low, chunk)
+        # The chunk's Gramians, then B (out of range: read as B - 1, written nowhere).
+        idx = (
+            jnp.full((chunk,), B, jnp.int32)
+            .at[slot]
+            .set(jnp.arange(B, dtype=jnp.int32), mode="drop")
+        )
+        take = jnp.minimum(idx, B - 1)
+        res = jax.vmap(full)(_after(U[take], out[0]), G[take], free[take], idx < B)
+        out = tuple(o.at[idx].set(r, mode="drop") for o, r in zip(out, res))
+        return c + 1, out
+
+    return jax.lax.while_loop(lambda state: state[0] * chunk < count, body, (0, tuple(out)))[1]
 
 
 def _plan(U, G, batched=False):
