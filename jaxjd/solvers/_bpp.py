@@ -654,8 +654,8 @@ def _full_by_chunks(full, U, G, free, ok, out):
     B = G.shape[0]
     chunk = -(-B // _LANE_FRACTION)
     need = ~ok
-    rank = jnp.cumsum(need.astype(jnp.int32)) - 1
-    count = jnp.sum(need.astype(jnp.int32))
+    rank = jnp.cumsum(need, dtype=jnp.int32) - 1  # (int32 also under x64)
+    count = jnp.sum(need, dtype=jnp.int32)
 
     def body(state):
         c, out = state
@@ -672,7 +672,9 @@ def _full_by_chunks(full, U, G, free, ok, out):
         out = tuple(o.at[idx].set(r, mode="drop") for o, r in zip(out, res))
         return c + 1, out
 
-    return jax.lax.while_loop(lambda state: state[0] * chunk < count, body, (0, tuple(out)))[1]
+    return jax.lax.while_loop(
+        lambda state: state[0] * chunk < count, body, (jnp.asarray(0, jnp.int32), tuple(out))
+    )[1]
 
 
 def _plan(U, G, batched=False):
