@@ -35,28 +35,14 @@ from _common import device_name, emit, median_times, write_table
 
 import jaxjd as jd
 import jaxjd.solvers._bpp as bpp_module
-from jaxjd._families import FAMILIES
+from jaxjd._families import gramian_batch
 from jaxjd.aggregation import _dual_cone
-from jaxjd.solvers._base import row_scales
-
-
-def batch_of_gramians(B, m, n, seed):
-    names = list(FAMILIES)
-    rng = np.random.default_rng(seed)
-    Gs = []
-    for b in range(B):
-        a = FAMILIES[names[(b + seed) % len(names)]](rng, m, n)
-        Gs.append(a @ a.T)
-    return np.stack(Gs)
+from jaxjd.solvers import _equilibrated
 
 
 def _half_size_ok(G):
     """Whether BPP takes the half-size path for UPGrad's default conditioning of ``G``."""
-    m = G.shape[0]
-    Gn, _ = _dual_cone.conditioned(jd.upgrad_weighting(), G)
-    d = row_scales(Gn)
-    Ge = Gn / d[:, None] / d[None, :]
-    Ge = jnp.where(jnp.eye(m, dtype=bool), 1.0, 0.5 * (Ge + Ge.T))
+    d, Ge, _ = _equilibrated(_dual_cone.conditioned(jd.upgrad_weighting(), G)[0])
     return bpp_module._plan(jnp.diag(d), Ge, batched=True)[2]
 
 
@@ -111,7 +97,7 @@ def main():
                 floor = jax.jit(lambda G: jnp.einsum("bij,bj->bi", G, G[:, 0]))
                 times, floors, ok, its, steps = [], [], True, 0, 0
                 for seed in range(args.seeds):
-                    G = jnp.asarray(batch_of_gramians(B, m, args.n, seed).astype(dtype))
+                    G = jnp.asarray(gramian_batch(B, m, args.n, seed).astype(dtype))
                     info = solve(G)[1]
                     ok &= bool(info.converged.all())
                     its = max(its, int(info.iterations.max()))

@@ -88,3 +88,14 @@ def family_matrices(m, n, seeds=(0, 1, 2)):
         for seed in seeds if name == "conflicting" else seeds[:1]:
             out.append((name, seed, fn(np.random.default_rng([seed, m, n]), m, n)))
     return out
+
+
+def gramian_batch(B, m, n, seed):
+    """``(B, m, m)`` Gramians ``J J^T``, one family per Gramian, cycling (from ``seed``)."""
+    names = list(FAMILIES)
+    rng = np.random.default_rng(seed)
+    Gs = []
+    for b in range(B):
+        a = FAMILIES[names[(b + seed) % len(names)]](rng, m, n)
+        Gs.append(a @ a.T)
+    return np.stack(Gs)

@@ -248,15 +248,10 @@ def test_accelerator_program_pivots_few_steps_on_mixed_batches(m, seed, monkeypa
     every pivoting step until the slowest lane is done, so the slowest lane is the cost. On this
     batch it needed 14 steps with the CPU's 6 ADMM steps (m = 16); now at most 6, with the
     CPU program's update."""
-    import sys
-    from pathlib import Path
-
+    from jaxjd._families import gramian_batch
     from jaxjd.solvers import _bpp
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-    from bench_vmap import batch_of_gramians
-
-    Gs = batch_of_gramians(112 if m == 16 else 56, m, 200, seed)
+    Gs = gramian_batch(112 if m == 16 else 56, m, 200, seed)
     weighting = jd.upgrad_weighting()
     with jax.enable_x64(True):
         exact = np.asarray(jax.jit(jax.vmap(weighting.solve))(jnp.asarray(Gs))[0])

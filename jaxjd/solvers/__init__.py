@@ -168,16 +168,24 @@ def _looks_like_a_gramian(G, Ge):
     return jnp.all(jnp.abs(Ge - Ge.T) <= tol) & jnp.all(jnp.abs(G) <= bound)
 
 
+def _equilibrated(G):
+    """``(d, Ge, valid)``: ``d = sqrt(diag G)`` (1 for zero rows), ``Ge = G / (d d^T)`` exactly
+    symmetric with a unit diagonal (zero rows keep a zero diagonal): the Gramian the solver sees;
+    ``valid``: whether ``G`` passes :func:`_looks_like_a_gramian`."""
+    m = G.shape[0]
+    d = row_scales(G)
+    Ge = G / d[:, None] / d[None, :]
+    valid = _looks_like_a_gramian(G, Ge)
+    Ge = 0.5 * (Ge + Ge.T)
+    Ge = jnp.where(jnp.eye(m, dtype=bool), jnp.where(jnp.diagonal(G) > 0, 1.0, 0.0), Ge)
+    return d, Ge, valid
+
+
 def _project(U, G, solver):
     m = G.shape[0]
     batch = U.shape[:-1]
     flat = jnp.reshape(U, (-1, m))
-    d = row_scales(G)
-    Ge = G / d[:, None] / d[None, :]
-    valid = _looks_like_a_gramian(G, Ge)
-    # Exactly symmetric with a unit diagonal (zero rows keep a zero diagonal).
-    Ge = 0.5 * (Ge + Ge.T)
-    Ge = jnp.where(jnp.eye(m, dtype=bool), jnp.where(jnp.diagonal(G) > 0, 1.0, 0.0), Ge)
+    d, Ge, valid = _equilibrated(G)
     Ve, converged, iterations = solver.solve(flat * d[None, :], Ge)
     V = Ve / d[None, :]
     res = kkt_residual(G, flat, V)

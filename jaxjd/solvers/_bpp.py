@@ -87,7 +87,8 @@ def _first_true(mask, ranks, fill):
     ``fill`` for the slots left over: a scatter of the ranks (sorting, or comparing every rank
     with every slot, costs several times more under vmap on CPU)."""
     slots = fill.shape[0]
-    return fill.at[jnp.where(mask, ranks, slots)].set(jnp.arange(mask.shape[0]), mode="drop")
+    indices = jnp.arange(mask.shape[0], dtype=fill.dtype)
+    return fill.at[jnp.where(mask, ranks, slots)].set(indices, mode="drop")
 
 
 # Largest order of the systems solved by unrolled elimination rather than library Cholesky calls,
@@ -660,13 +661,9 @@ def _full_by_chunks(full, U, G, free, ok, out):
     def body(state):
         c, out = state
         low = c * chunk
-        slot = jnp.where(need & (rank >= low) & (rank < low + chunk), rank - low, chunk)
         # The chunk's Gramians, then B (out of range: read as B - 1, written nowhere).
-        idx = (
-            jnp.full((chunk,), B, jnp.int32)
-            .at[slot]
-            .set(jnp.arange(B, dtype=jnp.int32), mode="drop")
-        )
+        in_chunk = need & (rank >= low) & (rank < low + chunk)
+        idx = _first_true(in_chunk, rank - low, jnp.full((chunk,), B, jnp.int32))
         take = jnp.minimum(idx, B - 1)
         res = jax.vmap(full)(_after(U[take], out[0]), G[take], free[take], idx < B)
         out = tuple(o.at[idx].set(r, mode="drop") for o, r in zip(out, res))
