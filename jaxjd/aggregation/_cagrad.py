@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 from jaxtyping import Array, Float
 
 from .._linalg import project_onto_simplex_pairwise, scaled_norm
@@ -28,10 +29,18 @@ class CAGradWeighting(AbstractWeighting):
     ``min_{w in simplex} b^T w + phi sqrt(w^T G_n w)``, then ``weights = 1/m + (phi / q) w`` with
     ``q = sqrt(w^T G_n w)`` (zeros when ``q < norm_eps``).
 
-    The convex problem is solved by accelerated projected gradient on the simplex (FISTA with
-    backtracking and adaptive restart; a sort-free O(m^2) projection) until the gradient mapping
-    is below ``tol`` (default 1e-12 in float64, 1e-6 in float32) or its rounding floor, or
-    ``max_iter`` iterations.
+    The convex problem is solved exactly on a face of the simplex: on a support ``S``, the KKT
+    conditions give ``w`` affine in ``t = q / phi`` and ``t`` from a quadratic (closed form, one
+    ``(m+1)``-square solve), and block pivoting on the signs finds ``S``; a candidate is taken
+    only when it passes a KKT test (relative to the size of the gradient's terms). Where
+    pivoting does not settle (degenerate faces, float32 rounding), accelerated projected
+    gradient on the simplex (FISTA with backtracking and adaptive restart; a sort-free O(m^2)
+    projection) runs until the gradient mapping is below ``tol`` (default 1e-12 in float64,
+    1e-6 in float32) or its rounding floor, ``max_iter`` iterations, or 20 restarts in a row (no
+    progress left in the arithmetic), trying the support of its iterate as it changes. On the
+    benchmark families (float64, m = 2..32), the pivoting alone ends most solves and the loop
+    runs at most about 100 iterations, where it alone ran up to ``max_iter``
+    (``benchmarks/results/cagrad.md``): a few sequential steps, which accelerators need.
 
     The aggregator :class:`CAGrad` (``factor="qr"``, the default) runs the same solve on the
     triangular factor ``R`` of ``J^T = Q R`` (as ConFIG does) instead of ``G = R^T R``:
@@ -77,7 +86,7 @@ class CAGradWeighting(AbstractWeighting):
         def norm(w):
             return jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
 
-        return self._solve(lambda w: Gn @ w, norm, G.shape[0], G.dtype), state
+        return self._solve(lambda w: Gn @ w, norm, G.shape[0], G.dtype, Gn), state
 
     def weights_from_factor(
         self, R: Float[Array, "m m"], log2_scale: Float[Array, ""]
@@ -93,61 +102,233 @@ class CAGradWeighting(AbstractWeighting):
         keep = (frob > 0) & (log2_trace > jnp.log2(norm_eps))
         Rn = jnp.where(keep, R / jnp.where(keep, frob, 1.0), 0.0)
         m = R.shape[1]
-        w = self._solve(lambda w: Rn.T @ (Rn @ w), lambda w: jnp.linalg.norm(Rn @ w), m, dtype)
+        w = self._solve(
+            lambda w: Rn.T @ (Rn @ w), lambda w: jnp.linalg.norm(Rn @ w), m, dtype, Rn.T @ Rn
+        )
         return jnp.where(jnp.all(jnp.isfinite(R)), w, jnp.nan)
 
-    def _solve(self, apply, norm, m, dtype):
-        """The weights from the normalised Gramian's product ``apply(w) = G_n w`` and
-        ``norm(w) = sqrt(w^T G_n w)``."""
+    def _solve(self, apply, norm, m, dtype, gram):
+        """The weights from the normalised Gramian's product ``apply(w) = G_n w``,
+        ``norm(w) = sqrt(w^T G_n w)`` and ``gram``, ``G_n`` itself (for the exact solve on a
+        support)."""
         ones = jnp.full((m,), 1.0 / m, dtype)
-        b = apply(ones)
         phi = as_dtype(self.c, dtype) * norm(ones)
-        tiny = jnp.finfo(dtype).tiny
         tol = self.tol if self.tol is not None else (1e-12 if dtype == jnp.float64 else 1e-6)
-
-        def f(w):
-            return b @ w + phi * norm(w)
-
-        def grad(w):
-            q = jnp.maximum(norm(w), jnp.sqrt(tiny))
-            return b + phi * apply(w) / q
-
-        def cond(state):
-            _, _, _, _, it, gap = state
-            return (gap > tol) & (it < self.max_iter)
-
-        def body(state):
-            w, y, t, L, it, _ = state
-            gy, fy = grad(y), f(y)
-
-            def bt_cond(L):
-                z = project_onto_simplex_pairwise(y - gy / L)
-                d = z - y
-                return (f(z) > fy + gy @ d + 0.5 * L * d @ d + 1e-15 * jnp.abs(fy)) & (L < 1e30)
-
-            L = jax.lax.while_loop(bt_cond, lambda L: 2.0 * L, L)
-            w_new = project_onto_simplex_pairwise(y - gy / L)
-            restart = f(w_new) > f(w)
-            t_new = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)))
-            y_new = jnp.where(restart, w, w_new + ((t - 1.0) / t_new) * (w_new - w))
-            w_new = jnp.where(restart, w, w_new)
-            step = project_onto_simplex_pairwise(w_new - grad(w_new) / L)
-            gap = jnp.max(jnp.abs(w_new - step)) * L
-            # The gradient mapping cannot fall below the rounding of the projection (an ulp of
-            # w, times L): stop there too (float32 would otherwise run max_iter iterations).
-            gap = jnp.where(gap <= 16 * jnp.finfo(dtype).eps * L, 0.0, gap)
-            return w_new, y_new, jnp.where(restart, 1.0, t_new), 0.9 * L, it + 1, gap
-
-        L0 = jnp.asarray(1.0, dtype)
-        one = jnp.asarray(1.0, dtype)
-        init = (ones, ones, one, L0, jnp.asarray(0), jnp.asarray(jnp.inf, dtype))
-        w, *_ = jax.lax.while_loop(cond, body, init)
+        w, _, _ = _minimize(apply, norm, gram, phi, tol, self.max_iter)
         q = norm(w)
         ok = q >= as_dtype(self.norm_eps, dtype)
         w = jnp.where(ok, ones + (phi / jnp.where(ok, q, 1.0)) * w, 0.0)
         c = as_dtype(self.c, dtype)
         divisor = (1.0, 1.0 + c * c, 1.0 + c)[self.rescale]
         return w / divisor
+
+
+REFINE = 3
+
+
+def _on_support(gram, b, phi, support):
+    r"""The minimiser of ``b^T w + phi |R w|`` (``R^T R = G``) over the simplex's face
+    ``{w >= 0, 1^T w = 1, w_i = 0 off the support}``, from its KKT conditions.
+
+    With ``t = |R w| / phi`` they read ``G_SS w_S + t b_S = nu 1``, ``1^T w_S = 1``: the
+    minimiser of ``w^T G w / 2 + t b^T w`` on the face, ``w(t) = alpha + t beta`` (one
+    ``(m+1)``-square solve, two right-hand sides). Then ``|R w(t)|^2 = phi^2 t^2`` is a
+    quadratic in ``t``; its smallest positive root, where ``|R w(t)| - phi t`` falls through 0,
+    is ``t = 2 a_0 / (-a_1 + sqrt(a_1^2 - 4 a_2 a_0))``. Returns two candidates (clipped to
+    the face; from two solutions of the same system, below) and the next support of block
+    pivoting (the support itself where the face has no positive root). Nothing here checks the
+    signs (``w`` on the support, the multipliers off it): the caller verifies the candidates."""
+    m = b.shape[0]
+    dtype = b.dtype
+    s = support.astype(dtype)
+    eps = jnp.finfo(dtype).eps
+    top = jnp.max(jnp.diagonal(gram))
+
+    def kkt(ridge):
+        K = jnp.zeros((m + 1, m + 1), dtype)
+        K = K.at[:m, :m].set(gram * s[:, None] * s[None, :] + jnp.diag(1.0 - s + ridge * s))
+        return K.at[:m, m].set(-s).at[m, :m].set(s)
+
+    # Two solutions of the face's system (a ridge at G's rounding level keeps singular faces
+    # solvable; the caller's KKT test is on G itself): by its own LU (backward stable, also on
+    # ill-conditioned faces), and by an LU with a ridge sqrt(eps) max G_ii refined against it
+    # (REFINE steps; its conditioning splits the weights of dependent rows, which the face
+    # does not determine, as a ridge does: evenly between equal rows, where the first splits
+    # them by its rounding). The caller prefers the second where both pass its test.
+    rhs = jnp.zeros((m + 1, 2), dtype).at[m, 0].set(1.0).at[:m, 1].set(-b * s)
+    K = kkt(m * eps * top)
+    factor = jax.scipy.linalg.lu_factor(kkt(jnp.sqrt(eps) * top))
+    even = jax.scipy.linalg.lu_solve(factor, rhs)
+    for _ in range(REFINE):
+        even = even + jax.scipy.linalg.lu_solve(factor, rhs - K @ even)
+
+    def candidate(sol):
+        alpha, beta = sol[:m, 0], sol[:m, 1]
+        G_beta = gram @ beta
+        a0 = alpha @ gram @ alpha
+        a1 = 2.0 * alpha @ G_beta
+        a2 = beta @ G_beta - phi * phi
+        root = jnp.sqrt(jnp.maximum(a1 * a1 - 4.0 * a2 * a0, 0.0))
+        t = 2.0 * a0 / (root - a1)
+        nu = sol[m, 0] + t * sol[m, 1]
+        raw = alpha + t * beta
+        w = jnp.maximum(raw, 0.0) * s
+        # the next support (block pivoting): drop the negative weights, add the indices whose
+        # multiplier (G w + t b - nu)_j is negative
+        below = gram @ raw + t * b - nu < -16 * eps * (jnp.abs(gram) @ jnp.abs(raw))
+        pivoted = jnp.where(support, raw > 0, below)
+        # (no positive root, or NaN: the face holds no stationary point; no pivoting from it)
+        valid = (t > 0) & jnp.all(jnp.isfinite(raw))
+        return w / jnp.sum(w), jnp.where(valid, pivoted, support)
+
+    w, pivoted = candidate(jnp.linalg.solve(K, rhs))
+    return jnp.stack([candidate(even)[0], w]), pivoted
+
+
+# Pivoting steps: from the full support before the loop, and from the loop's support at each
+# iteration where that support changed; block pivots while they help, and BUDGET more.
+PIVOTS_FIRST = 10
+PIVOTS_STEP = 2
+BUDGET = 3
+STALL = 20
+
+
+def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
+    r"""``argmin_{w in simplex} b^T w + phi sqrt(w^T G w)`` with ``b = G 1 / m``; also the
+    number of iterations and of loop steps in sequence (iterations, backtracking and pivoting
+    steps: what a GPU runs one after the other).
+
+    An active-set solve first: the exact minimiser on a support (:func:`_on_support`), pivoted
+    from the full support (block pivoting while the number of sign violations falls, then one
+    index at a time, Murty's rule, against cycles), taken when it passes the KKT test below.
+    Where pivoting does not settle (degenerate faces, float32 rounding), accelerated projected
+    gradient (FISTA with backtracking and adaptive restart) runs until its gradient mapping is
+    below ``tol`` or its rounding floor; it identifies the minimiser's support, and each
+    iteration whose support changed tries that support too (``PIVOTS_STEP`` pivots).
+
+    KKT test of a candidate ``w`` (on the simplex, the gradient ``g = b + phi G w / q`` is
+    smallest wherever ``w_i > 0``): ``g_i <= min_j g_j + tol s`` there, with
+    ``s = | |G| 1/m |_inf + phi | |G| w |_inf / q`` the size of the terms of ``g`` (which cancel
+    to near zero where ``q`` is small), and ``q`` well above its rounding (the norm must be
+    differentiable there); or, for a support that pivoting keeps (every sign condition holds as
+    computed), ``sqrt(eps) s`` (the face's solve is then as exact as its conditioning allows).
+    (``on_support=False``: the plain loop, for comparisons.)"""
+    m = gram.shape[0]
+    dtype = gram.dtype
+    eps = jnp.finfo(dtype).eps
+    ones = jnp.full((m,), 1.0 / m, dtype)
+    b = apply(ones)
+    tiny = jnp.finfo(dtype).tiny
+    size = jnp.abs(gram)
+    top = jnp.sqrt(jnp.max(jnp.diagonal(gram)))  # the largest |R e_i|
+    smallest_q = 64 * eps * top
+    zero = jnp.zeros((), jnp.int32)
+
+    def f(w):
+        return b @ w + phi * norm(w)
+
+    def grad(w):
+        q = jnp.maximum(norm(w), jnp.sqrt(tiny))
+        return b + phi * apply(w) / q
+
+    def mapping(w, L):
+        """The gradient mapping's size, zero below the rounding of the projection (an ulp of w,
+        times L; float32 would otherwise run max_iter iterations)."""
+        step = project_onto_simplex_pairwise(w - grad(w) / L)
+        gap = jnp.max(jnp.abs(w - step)) * L
+        return jnp.where(gap <= 16 * eps * L, 0.0, gap)
+
+    def test(candidate, support, pivoted):
+        """Whether ``candidate`` passes the KKT test."""
+        q = norm(candidate)
+        smooth = q > smallest_q  # (a face whose minimum-norm point is 0 gives t = 0, q ~ 0)
+        q = jnp.where(smooth, q, 1.0)
+        g = b + phi * apply(candidate) / q
+        slack = jnp.max(jnp.where(candidate > 0, g, -jnp.inf)) - jnp.min(g)
+        scale = jnp.max(size @ ones) + phi * jnp.max(size @ candidate) / q
+        verified = slack <= jnp.maximum(tol, 16 * eps) * scale  # (False on NaN)
+        # a support that pivoting keeps (every sign condition holds as computed): its face's
+        # solve is as exact as the face's conditioning allows; taken with a wider margin when
+        # q is well resolved (else the 1/q in s would make any margin vacuous)
+        margin = jnp.maximum(tol, jnp.minimum(jnp.sqrt(eps), 1e5 * eps))
+        resolved = q >= jnp.sqrt(eps) * top
+        kept = jnp.all(pivoted == support) & resolved & (slack <= margin * scale)
+        return smooth & (verified | kept)
+
+    def attempt(support):
+        candidates, pivoted = _on_support(gram, b, phi, support)
+        passed = jnp.stack([test(c, support, pivoted) for c in candidates])
+        return jnp.where(passed[0], candidates[0], candidates[1]), jnp.any(passed), pivoted
+
+    def exact(w, gap, pivots):
+        """``(w, gap, steps)``: the verified minimiser found by pivoting from the support of
+        ``w`` (and gap 0), else ``w`` and ``gap``."""
+        if not on_support:
+            return w, gap, zero
+
+        def pivot_cond(carry):
+            _, taken, _, _, _, k = carry
+            return ~taken & (k < pivots)
+
+        def pivot(carry):
+            w, _, support, best, budget, k = carry
+            candidate, taken, pivoted = attempt(support)
+            wrong = pivoted != support
+            count = jnp.sum(wrong, dtype=jnp.int32)
+            budget = jnp.where(count < best, BUDGET, budget - 1)
+            last = jnp.max(jnp.where(wrong, jnp.arange(m), -1))
+            murty = support ^ (jnp.arange(m) == last)
+            support = jnp.where(budget >= 0, pivoted, murty)
+            # (a support that pivoting keeps is final: a taken candidate, or none)
+            k = jnp.where(count == 0, pivots, k + 1)
+            w = jnp.where(taken, candidate, w)
+            return w, taken, support, jnp.minimum(best, count), budget, k
+
+        first = jnp.asarray(m + 1, jnp.int32)
+        carry = (w, jnp.asarray(False), w > 0, first, jnp.asarray(BUDGET, jnp.int32), zero)
+        w, taken, *_, k = jax.lax.while_loop(pivot_cond, pivot, carry)
+        return w, jnp.where(taken, 0.0, gap), jnp.minimum(k, pivots)
+
+    def cond(state):
+        it, gap = state[4], state[5]
+        return (gap > tol) & (it < max_iter)
+
+    def body(state):
+        w, y, t, L, it, _, tried, steps, stuck = state
+        gy, fy = grad(y), f(y)
+
+        def bt_cond(carry):
+            L, _ = carry
+            z = project_onto_simplex_pairwise(y - gy / L)
+            d = z - y
+            return (f(z) > fy + gy @ d + 0.5 * L * d @ d + 1e-15 * jnp.abs(fy)) & (L < 1e30)
+
+        L, steps = jax.lax.while_loop(bt_cond, lambda c: (2.0 * c[0], c[1] + 1), (L, steps + 1))
+        w_new = project_onto_simplex_pairwise(y - gy / L)
+        restart = f(w_new) > f(w)
+        t_new = jnp.where(restart, 1.0, 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t)))
+        y_new = jnp.where(restart, w, w_new + ((t - 1.0) / t_new) * (w_new - w))
+        w_new = jnp.where(restart, w, w_new)
+        # Restarts in a row: plain projected steps do not decrease f, which only rounding (or
+        # the kink of the norm at q = 0) can do, as backtracking ensures descent: STALL of
+        # them in a row leave no progress to make, stop.
+        stuck = jnp.where(restart, stuck + 1, 0)
+        gap = jnp.where(stuck >= STALL, 0.0, mapping(w_new, L))
+        support = w_new > 0
+        # (a support tried already gives the same candidates again: skipped)
+        w_new, gap, pivoted = jax.lax.cond(
+            jnp.any(support != tried),
+            lambda: exact(w_new, gap, PIVOTS_STEP),
+            lambda: (w_new, gap, zero),
+        )
+        t_new = jnp.where(restart, 1.0, t_new)
+        return w_new, y_new, t_new, 0.9 * L, it + 1, gap, support, steps + pivoted, stuck
+
+    one = jnp.asarray(1.0, dtype)
+    w0, gap0, steps = exact(ones, jnp.asarray(jnp.inf, dtype), PIVOTS_FIRST)
+    init = (w0, w0, one, one, zero, gap0, jnp.ones((m,), bool), steps, zero)
+    w, *_, iterations, _, _, steps, _ = jax.lax.while_loop(cond, body, init)
+    return w, iterations, steps
 
 
 class CAGrad(GramianWeightedAggregator):
