@@ -37,10 +37,10 @@ class CAGradWeighting(AbstractWeighting):
     gradient on the simplex (FISTA with backtracking and adaptive restart; a sort-free O(m^2)
     projection) runs until the gradient mapping is below ``tol`` (default 1e-12 in float64,
     1e-6 in float32) or its rounding floor, ``max_iter`` iterations, or 20 restarts in a row (no
-    progress left in the arithmetic), trying the support of its iterate as it changes. On the
-    benchmark families (float64, m = 2..32), the pivoting alone ends most solves and the loop
-    runs at most about 100 iterations, where it alone ran up to ``max_iter``
-    (``benchmarks/results/cagrad.md``): a few sequential steps, which accelerators need.
+    progress left in the arithmetic), trying the supports its iterate settles on. On the
+    benchmark families (float64, m = 3..32), pivoting alone ends the median solve and the worst
+    took 3,125 sequential steps, where the loop alone ran to ``max_iter``
+    (``benchmarks/results/cagrad.md``): few sequential steps are what accelerators need.
 
     The aggregator :class:`CAGrad` (``factor="qr"``, the default) runs the same solve on the
     triangular factor ``R`` of ``J^T = Q R`` (as ConFIG does) instead of ``G = R^T R``:
@@ -126,7 +126,7 @@ class CAGradWeighting(AbstractWeighting):
 REFINE = 3
 
 
-def _on_support(gram, b, phi, support):
+def _on_support(gram, b, phi, support, even=False):
     r"""The minimiser of ``b^T w + phi |R w|`` (``R^T R = G``) over the simplex's face
     ``{w >= 0, 1^T w = 1, w_i = 0 off the support}``, from its KKT conditions.
 
@@ -134,10 +134,10 @@ def _on_support(gram, b, phi, support):
     minimiser of ``w^T G w / 2 + t b^T w`` on the face, ``w(t) = alpha + t beta`` (one
     ``(m+1)``-square solve, two right-hand sides). Then ``|R w(t)|^2 = phi^2 t^2`` is a
     quadratic in ``t``; its smallest positive root, where ``|R w(t)| - phi t`` falls through 0,
-    is ``t = 2 a_0 / (-a_1 + sqrt(a_1^2 - 4 a_2 a_0))``. Returns two candidates (clipped to
-    the face; from two solutions of the same system, below) and the next support of block
-    pivoting (the support itself where the face has no positive root). Nothing here checks the
-    signs (``w`` on the support, the multipliers off it): the caller verifies the candidates."""
+    is ``t = 2 a_0 / (-a_1 + sqrt(a_1^2 - 4 a_2 a_0))``. Returns the candidate (clipped to the
+    face) and the next support of block pivoting (the support itself where the face has no
+    positive root). Nothing here checks the signs (``w`` on the support, the multipliers off
+    it): the caller verifies the candidate."""
     m = b.shape[0]
     dtype = b.dtype
     s = support.astype(dtype)
@@ -149,18 +149,20 @@ def _on_support(gram, b, phi, support):
         K = K.at[:m, :m].set(gram * s[:, None] * s[None, :] + jnp.diag(1.0 - s + ridge * s))
         return K.at[:m, m].set(-s).at[m, :m].set(s)
 
-    # Two solutions of the face's system (a ridge at G's rounding level keeps singular faces
-    # solvable; the caller's KKT test is on G itself): by its own LU (backward stable, also on
-    # ill-conditioned faces), and by an LU with a ridge sqrt(eps) max G_ii refined against it
-    # (REFINE steps; its conditioning splits the weights of dependent rows, which the face
-    # does not determine, as a ridge does: evenly between equal rows, where the first splits
-    # them by its rounding). The caller prefers the second where both pass its test.
+    # The face's system, with a ridge at G's rounding level (singular faces stay solvable; the
+    # caller's KKT test is on G itself), by its own LU: backward stable, also on ill-conditioned
+    # faces. even=True: by an LU with a ridge sqrt(eps) max G_ii refined against it (REFINE
+    # steps), whose conditioning splits the weights of dependent rows, which the face does not
+    # determine, as a ridge does: evenly between equal rows (the first splits them by rounding).
     rhs = jnp.zeros((m + 1, 2), dtype).at[m, 0].set(1.0).at[:m, 1].set(-b * s)
     K = kkt(m * eps * top)
-    factor = jax.scipy.linalg.lu_factor(kkt(jnp.sqrt(eps) * top))
-    even = jax.scipy.linalg.lu_solve(factor, rhs)
-    for _ in range(REFINE):
-        even = even + jax.scipy.linalg.lu_solve(factor, rhs - K @ even)
+    if even:
+        factor = jax.scipy.linalg.lu_factor(kkt(jnp.sqrt(eps) * top))
+        sol = jax.scipy.linalg.lu_solve(factor, rhs)
+        for _ in range(REFINE):
+            sol = sol + jax.scipy.linalg.lu_solve(factor, rhs - K @ sol)
+    else:
+        sol = jnp.linalg.solve(K, rhs)
 
     def candidate(sol):
         alpha, beta = sol[:m, 0], sol[:m, 1]
@@ -181,12 +183,11 @@ def _on_support(gram, b, phi, support):
         valid = (t > 0) & jnp.all(jnp.isfinite(raw))
         return w / jnp.sum(w), jnp.where(valid, pivoted, support)
 
-    w, pivoted = candidate(jnp.linalg.solve(K, rhs))
-    return jnp.stack([candidate(even)[0], w]), pivoted
+    return candidate(sol)
 
 
-# Pivoting steps: from the full support before the loop, and from the loop's support at each
-# iteration where that support changed; block pivots while they help, and BUDGET more.
+# Pivoting steps: from the full support before the loop, and from a support the loop keeps;
+# block pivots while they help, and BUDGET more. STALL: restarts in a row that end the loop.
 PIVOTS_FIRST = 10
 PIVOTS_STEP = 2
 BUDGET = 3
@@ -203,15 +204,18 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
     index at a time, Murty's rule, against cycles), taken when it passes the KKT test below.
     Where pivoting does not settle (degenerate faces, float32 rounding), accelerated projected
     gradient (FISTA with backtracking and adaptive restart) runs until its gradient mapping is
-    below ``tol`` or its rounding floor; it identifies the minimiser's support, and each
-    iteration whose support changed tries that support too (``PIVOTS_STEP`` pivots).
+    below ``tol``, its rounding floor or ``STALL`` restarts in a row; it identifies the
+    minimiser's support, and a support it keeps for two iterations is tried once
+    (``PIVOTS_STEP`` pivots from it).
 
     KKT test of a candidate ``w`` (on the simplex, the gradient ``g = b + phi G w / q`` is
     smallest wherever ``w_i > 0``): ``g_i <= min_j g_j + tol s`` there, with
     ``s = | |G| 1/m |_inf + phi | |G| w |_inf / q`` the size of the terms of ``g`` (which cancel
     to near zero where ``q`` is small), and ``q`` well above its rounding (the norm must be
     differentiable there); or, for a support that pivoting keeps (every sign condition holds as
-    computed), ``sqrt(eps) s`` (the face's solve is then as exact as its conditioning allows).
+    computed) and ``q >= sqrt(eps) |R|``, ``min(sqrt(eps), 1e5 eps) s`` (the face's solve is
+    then as exact as its conditioning allows). The taken face is solved again by
+    ``_on_support(even=True)``, kept where it passes the same test (equal rows share evenly).
     (``on_support=False``: the plain loop, for comparisons.)"""
     m = gram.shape[0]
     dtype = gram.dtype
@@ -255,11 +259,6 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
         kept = jnp.all(pivoted == support) & resolved & (slack <= margin * scale)
         return smooth & (verified | kept)
 
-    def attempt(support):
-        candidates, pivoted = _on_support(gram, b, phi, support)
-        passed = jnp.stack([test(c, support, pivoted) for c in candidates])
-        return jnp.where(passed[0], candidates[0], candidates[1]), jnp.any(passed), pivoted
-
     def exact(w, gap, pivots):
         """``(w, gap, steps)``: the verified minimiser found by pivoting from the support of
         ``w`` (and gap 0), else ``w`` and ``gap``."""
@@ -267,34 +266,44 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
             return w, gap, zero
 
         def pivot_cond(carry):
-            _, taken, _, _, _, k = carry
-            return ~taken & (k < pivots)
+            taken, settled, k = carry[1], carry[-2], carry[-1]
+            return ~taken & ~settled & (k < pivots)
 
         def pivot(carry):
-            w, _, support, best, budget, k = carry
-            candidate, taken, pivoted = attempt(support)
+            w, _, support, _, best, budget, _, k = carry
+            candidate, pivoted = _on_support(gram, b, phi, support)
+            taken = test(candidate, support, pivoted)
             wrong = pivoted != support
             count = jnp.sum(wrong, dtype=jnp.int32)
             budget = jnp.where(count < best, BUDGET, budget - 1)
             last = jnp.max(jnp.where(wrong, jnp.arange(m), -1))
             murty = support ^ (jnp.arange(m) == last)
-            support = jnp.where(budget >= 0, pivoted, murty)
-            # (a support that pivoting keeps is final: a taken candidate, or none)
-            k = jnp.where(count == 0, pivots, k + 1)
             w = jnp.where(taken, candidate, w)
-            return w, taken, support, jnp.minimum(best, count), budget, k
+            following = jnp.where(budget >= 0, pivoted, murty)
+            # (a support that pivoting keeps is final: a taken candidate, or none)
+            settled = count == 0
+            return w, taken, following, support, jnp.minimum(best, count), budget, settled, k + 1
 
         first = jnp.asarray(m + 1, jnp.int32)
-        carry = (w, jnp.asarray(False), w > 0, first, jnp.asarray(BUDGET, jnp.int32), zero)
-        w, taken, *_, k = jax.lax.while_loop(pivot_cond, pivot, carry)
-        return w, jnp.where(taken, 0.0, gap), jnp.minimum(k, pivots)
+        support = w > 0
+        no = jnp.asarray(False)
+        carry = (w, no, support, support, first, jnp.asarray(BUDGET, jnp.int32), no, zero)
+        w, taken, _, support, *_, k = jax.lax.while_loop(pivot_cond, pivot, carry)
+
+        def evenly():
+            """The taken face solved again, splitting dependent rows evenly (when it passes)."""
+            candidate, _ = _on_support(gram, b, phi, support, even=True)
+            return jnp.where(test(candidate, support, support), candidate, w)
+
+        w = jax.lax.cond(taken, evenly, lambda: w)
+        return w, jnp.where(taken, 0.0, gap), k
 
     def cond(state):
         it, gap = state[4], state[5]
         return (gap > tol) & (it < max_iter)
 
     def body(state):
-        w, y, t, L, it, _, tried, steps, stuck = state
+        w, y, t, L, it, _, previous, tried, steps, stuck = state
         gy, fy = grad(y), f(y)
 
         def bt_cond(carry):
@@ -314,20 +323,23 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
         # them in a row leave no progress to make, stop.
         stuck = jnp.where(restart, stuck + 1, 0)
         gap = jnp.where(stuck >= STALL, 0.0, mapping(w_new, L))
+        # The support is tried when the loop kept it for two iterations (not while it changes
+        # at every step) and it was not tried already (the same candidates again).
         support = w_new > 0
-        # (a support tried already gives the same candidates again: skipped)
+        new = jnp.all(support == previous) & jnp.any(support != tried)
         w_new, gap, pivoted = jax.lax.cond(
-            jnp.any(support != tried),
-            lambda: exact(w_new, gap, PIVOTS_STEP),
-            lambda: (w_new, gap, zero),
+            new, lambda: exact(w_new, gap, PIVOTS_STEP), lambda: (w_new, gap, zero)
         )
+        tried = jnp.where(new, support, tried)
         t_new = jnp.where(restart, 1.0, t_new)
-        return w_new, y_new, t_new, 0.9 * L, it + 1, gap, support, steps + pivoted, stuck
+        state = w_new, y_new, t_new, 0.9 * L, it + 1, gap, support, tried, steps + pivoted, stuck
+        return state
 
     one = jnp.asarray(1.0, dtype)
     w0, gap0, steps = exact(ones, jnp.asarray(jnp.inf, dtype), PIVOTS_FIRST)
-    init = (w0, w0, one, one, zero, gap0, jnp.ones((m,), bool), steps, zero)
-    w, *_, iterations, _, _, steps, _ = jax.lax.while_loop(cond, body, init)
+    full = jnp.ones((m,), bool)
+    init = (w0, w0, one, one, zero, gap0, full, full, steps, zero)
+    w, *_, iterations, _, _, _, steps, _ = jax.lax.while_loop(cond, body, init)
     return w, iterations, steps
 
 
