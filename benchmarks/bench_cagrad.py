@@ -23,7 +23,7 @@ from _common import device_name, emit, median_times, write_table
 
 import jaxjd as jd
 from jaxjd._families import family_matrices
-from jaxjd.aggregation._cagrad import _minimize
+from jaxjd.aggregation._cagrad import _minimize, _of_factor
 
 SIZES = [(3, 1000), (8, 1000), (16, 1000), (32, 1000), (64, 1000)]
 CS = (0.5, 2.0)
@@ -34,17 +34,10 @@ def _solver(on_support, tol):
 
     @jax.jit
     def solve(R, c):
-        Rn = R / jnp.linalg.norm(R)
-        m = R.shape[1]
-
-        def norm(w):
-            return jnp.linalg.norm(Rn @ w)
-
-        phi = c * norm(jnp.full((m,), 1.0 / m, R.dtype))
         with jax.default_matmul_precision("highest"):
-            return _minimize(
-                lambda w: Rn.T @ (Rn @ w), norm, Rn.T @ Rn, phi, tol, 20_000, on_support
-            )
+            apply, norm, gram = _of_factor(R / jnp.linalg.norm(R))
+            phi = c * norm(jnp.full((R.shape[1],), 1.0 / R.shape[1], R.dtype))
+            return _minimize(apply, norm, gram, phi, tol, 20_000, on_support)
 
     return solve
 

@@ -10,32 +10,25 @@ from helpers import reference, reference_cases
 
 import jaxjd as jd
 from jaxjd._families import family_matrices
-from jaxjd.aggregation._cagrad import _minimize
+from jaxjd.aggregation._cagrad import _minimize, _of_gramian
 from jaxjd.solvers import normalize_regularize
 
 
 def _problem(G, c):
-    """TorchJD's normalisation: ``G / tr(G)``, ``b = G_n 1/m``, ``phi = c |R 1/m|``."""
-    m = G.shape[0]
-    Gn = normalize_regularize(G, 1e-4, jnp.zeros((), G.dtype))
-
-    def norm(w):
-        return jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
-
-    phi = c * norm(jnp.full((m,), 1.0 / m, G.dtype))
-    return Gn, norm, phi
+    """TorchJD's normalisation (``G / tr(G)``) as the weighting's, and ``phi = c |R 1/m|``."""
+    apply, norm, gram = _of_gramian(normalize_regularize(G, 1e-4, jnp.zeros((), G.dtype)))
+    phi = c * norm(jnp.full((G.shape[0],), 1.0 / G.shape[0], G.dtype))
+    return apply, norm, gram, phi
 
 
 @jax.jit
 def _solve(G, c, tol):
-    Gn, norm, phi = _problem(G, c)
-    return _minimize(lambda w: Gn @ w, norm, Gn, phi, tol, 20_000)
+    return _minimize(*_problem(G, c), tol, 20_000)
 
 
 @jax.jit
 def _solve_by_the_loop_alone(G, c, tol):
-    Gn, norm, phi = _problem(G, c)
-    return _minimize(lambda w: Gn @ w, norm, Gn, phi, tol, 20_000, on_support=False)
+    return _minimize(*_problem(G, c), tol, 20_000, on_support=False)
 
 
 def _objective(G, w, c):

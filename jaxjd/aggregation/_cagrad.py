@@ -82,11 +82,7 @@ class CAGradWeighting(AbstractWeighting):
     def _weigh(self, G, state, key):
         norm_eps = as_dtype(self.norm_eps, G.dtype)
         Gn = normalize_regularize(G, norm_eps, jnp.zeros((), G.dtype))
-
-        def norm(w):
-            return jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))
-
-        return self._solve(lambda w: Gn @ w, norm, G.shape[0], G.dtype, Gn), state
+        return self._solve(_of_gramian(Gn), G.shape[0], G.dtype), state
 
     def weights_from_factor(
         self, R: Float[Array, "m m"], log2_scale: Float[Array, ""]
@@ -102,15 +98,13 @@ class CAGradWeighting(AbstractWeighting):
         keep = (frob > 0) & (log2_trace > jnp.log2(norm_eps))
         Rn = jnp.where(keep, R / jnp.where(keep, frob, 1.0), 0.0)
         m = R.shape[1]
-        w = self._solve(
-            lambda w: Rn.T @ (Rn @ w), lambda w: jnp.linalg.norm(Rn @ w), m, dtype, Rn.T @ Rn
-        )
+        w = self._solve(_of_factor(Rn), m, dtype)
         return jnp.where(jnp.all(jnp.isfinite(R)), w, jnp.nan)
 
-    def _solve(self, apply, norm, m, dtype, gram):
-        """The weights from the normalised Gramian's product ``apply(w) = G_n w``,
-        ``norm(w) = sqrt(w^T G_n w)`` and ``gram``, ``G_n`` itself (for the exact solve on a
-        support)."""
+    def _solve(self, problem, m, dtype):
+        """The weights from ``problem = (apply, norm, gram)`` (:func:`_of_gramian`,
+        :func:`_of_factor`)."""
+        apply, norm, gram = problem
         ones = jnp.full((m,), 1.0 / m, dtype)
         phi = as_dtype(self.c, dtype) * norm(ones)
         tol = self.tol if self.tol is not None else (1e-12 if dtype == jnp.float64 else 1e-6)
@@ -123,10 +117,21 @@ class CAGradWeighting(AbstractWeighting):
         return w / divisor
 
 
+def _of_gramian(Gn):
+    """``(apply, norm, gram)`` of the normalised Gramian: ``w -> G_n w``,
+    ``w -> sqrt(w^T G_n w)`` and ``G_n``."""
+    return (lambda w: Gn @ w), (lambda w: jnp.sqrt(jnp.maximum(w @ Gn @ w, 0.0))), Gn
+
+
+def _of_factor(Rn):
+    """The same from a factor (``R_n^T R_n = G_n``): ``q = |R_n w|`` keeps J's precision."""
+    return (lambda w: Rn.T @ (Rn @ w)), (lambda w: jnp.linalg.norm(Rn @ w)), Rn.T @ Rn
+
+
 REFINE = 3
 
 
-def _on_support(gram, b, phi, support, even=False):
+def _on_support(gram, size, top, b, phi, support, even=False):
     r"""The minimiser of ``b^T w + phi |R w|`` (``R^T R = G``) over the simplex's face
     ``{w >= 0, 1^T w = 1, w_i = 0 off the support}``, from its KKT conditions.
 
@@ -137,17 +142,15 @@ def _on_support(gram, b, phi, support, even=False):
     is ``t = 2 a_0 / (-a_1 + sqrt(a_1^2 - 4 a_2 a_0))``. Returns the candidate (clipped to the
     face) and the next support of block pivoting (the support itself where the face has no
     positive root). Nothing here checks the signs (``w`` on the support, the multipliers off
-    it): the caller verifies the candidate."""
+    it): the caller verifies the candidate. (``size = |G|``, ``top = max_i G_ii``.)"""
     m = b.shape[0]
     dtype = b.dtype
     s = support.astype(dtype)
     eps = jnp.finfo(dtype).eps
-    top = jnp.max(jnp.diagonal(gram))
 
     def kkt(ridge):
-        K = jnp.zeros((m + 1, m + 1), dtype)
-        K = K.at[:m, :m].set(gram * s[:, None] * s[None, :] + jnp.diag(1.0 - s + ridge * s))
-        return K.at[:m, m].set(-s).at[m, :m].set(s)
+        face = gram * s[:, None] * s[None, :] + jnp.diag(1.0 - s + ridge * s)
+        return jnp.block([[face, -s[:, None]], [s[None, :], jnp.zeros((1, 1), dtype)]])
 
     # The face's system, with a ridge at G's rounding level (singular faces stay solvable; the
     # caller's KKT test is on G itself), by its own LU: backward stable, also on ill-conditioned
@@ -177,7 +180,7 @@ def _on_support(gram, b, phi, support, even=False):
         w = jnp.maximum(raw, 0.0) * s
         # the next support (block pivoting): drop the negative weights, add the indices whose
         # multiplier (G w + t b - nu)_j is negative
-        below = gram @ raw + t * b - nu < -16 * eps * (jnp.abs(gram) @ jnp.abs(raw))
+        below = gram @ raw + t * b - nu < -16 * eps * (size @ jnp.abs(raw))
         pivoted = jnp.where(support, raw > 0, below)
         # (no positive root, or NaN: the face holds no stationary point; no pivoting from it)
         valid = (t > 0) & jnp.all(jnp.isfinite(raw))
@@ -224,8 +227,10 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
     b = apply(ones)
     tiny = jnp.finfo(dtype).tiny
     size = jnp.abs(gram)
-    top = jnp.sqrt(jnp.max(jnp.diagonal(gram)))  # the largest |R e_i|
+    diagonal = jnp.max(jnp.diagonal(gram))
+    top = jnp.sqrt(diagonal)  # the largest |R e_i|
     smallest_q = 64 * eps * top
+    b_size = jnp.max(size @ ones)  # the size of b's terms
     zero = jnp.zeros((), jnp.int32)
 
     def f(w):
@@ -249,7 +254,7 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
         q = jnp.where(smooth, q, 1.0)
         g = b + phi * apply(candidate) / q
         slack = jnp.max(jnp.where(candidate > 0, g, -jnp.inf)) - jnp.min(g)
-        scale = jnp.max(size @ ones) + phi * jnp.max(size @ candidate) / q
+        scale = b_size + phi * jnp.max(size @ candidate) / q
         verified = slack <= jnp.maximum(tol, 16 * eps) * scale  # (False on NaN)
         # a support that pivoting keeps (every sign condition holds as computed): its face's
         # solve is as exact as the face's conditioning allows; taken with a wider margin when
@@ -271,7 +276,7 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
 
         def pivot(carry):
             w, _, support, _, best, budget, _, k = carry
-            candidate, pivoted = _on_support(gram, b, phi, support)
+            candidate, pivoted = _on_support(gram, size, diagonal, b, phi, support)
             taken = test(candidate, support, pivoted)
             wrong = pivoted != support
             count = jnp.sum(wrong, dtype=jnp.int32)
@@ -292,7 +297,7 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
 
         def evenly():
             """The taken face solved again, splitting dependent rows evenly (when it passes)."""
-            candidate, _ = _on_support(gram, b, phi, support, even=True)
+            candidate, _ = _on_support(gram, size, diagonal, b, phi, support, even=True)
             return jnp.where(test(candidate, support, support), candidate, w)
 
         w = jax.lax.cond(taken, evenly, lambda: w)
