@@ -55,6 +55,30 @@ def test_bpp_kkt_float64(J, reg):
             assert (J @ d.T).min() >= -bound
 
 
+
+@pytest.mark.parametrize(
+    "n, rank, seed, reg",
+    [(2, 1, 615211241, 1e-4), (24, 16, 1932674049, 0.0)],
+    ids=["rank1_reg", "singular"],
+)
+def test_half_size_path_is_refined_to_rounding(n, rank, seed, reg):
+    """Two m = 16 Gramians that hypothesis found: the half-size (dual) systems left KKT
+    residuals of 1.1e-12 (cond(G) 1e4, no pivoting step) and 2.1e-9 (reg_eps = 0, cond 5e8).
+    The default refinement step runs there (and corrects with the free rows of the residual
+    only: with the active rows it stalled at 3e-11 on the second)."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((16, rank)) @ rng.standard_normal((rank, n))
+    a *= rng.choice([-3.0, -1.0, 0.5, 2.0], size=(16, 1))
+    with jax.enable_x64(True):
+        G = conditioned_gramian(a, reg)
+        U = jnp.eye(16) / 16
+        _, info = jd.project_onto_dual_cone(U, G)
+        assert bool(info.converged.all())
+        assert float(info.kkt_residual.max()) <= 1e-14
+        # An explicit refine=0 keeps the unrefined answer (what the default used to return).
+        _, raw = jd.project_onto_dual_cone(U, G, solver=jd.solvers.BPP(refine=0))
+        assert float(raw.kkt_residual.max()) > 1e-13
+
 @settings(max_examples=8, deadline=None)
 @given(J=jacobians())
 def test_pgd_agrees_with_bpp(J):

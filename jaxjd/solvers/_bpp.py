@@ -362,12 +362,13 @@ def _warm_free(G, U, iterations):
     return jnp.where(usable, T > 0, C < 0)
 
 
-def _lane_ops(G, compact, refine, lcp=False):
-    """``start(u, free)`` (the first solve from a guessed free set), ``step(u, lane)`` and
-    ``finish(u, lane)`` (``refine`` steps of iterative refinement on the final free set, then
-    the weights) for one right-hand side. ``lcp=True``: each lane's vector is ``c`` itself
-    (the complementarity problem ``s >= 0, G s + c >= 0, s^T (G s + c) = 0``, full-size path
-    only) and ``finish`` returns ``s``."""
+def _lane_ops(G, compact, lcp=False):
+    """For one right-hand side: ``start(u, free)`` (the first solve from a guessed free set),
+    ``step(u, lane)`` (one pivoting step), ``natural`` and ``refine_step`` (the residual and
+    one step of iterative refinement on the final free set; see :func:`_refined`) and
+    ``finish`` (the weights). ``lcp=True``: each lane's vector is ``c`` itself (the
+    complementarity problem ``s >= 0, G s + c >= 0, s^T (G s + c) = 0``, full-size path only)
+    and ``finish`` returns ``s``."""
     m = G.shape[0]
     eps = jnp.finfo(G.dtype).eps
     gmax = jnp.maximum(jnp.max(jnp.diagonal(G)), jnp.finfo(G.dtype).tiny)
@@ -413,42 +414,85 @@ def _lane_ops(G, compact, refine, lcp=False):
         s, lam = solve(u, free)
         return _Lane(free, s, lam, infeasible(u, s, lam, free), lane.it + 1, best, budget)
 
-    def finish(u, lane):
-        # Iterative refinement on the final free set: each step solves for the residual of
-        # G_FF s_F = -c_F with the same (possibly half-size) systems, which takes the error from
-        # about cond(G) eps to about m eps (the dual systems go through G^{-1}, whose own error
-        # is about cond(G) eps: one step squares that factor). In float32 the residual is
-        # computed to about twice the precision, so the forward error of s becomes ~eps.
-        if refine:
-            wide = G.dtype == jnp.float32 and not lcp
-            c = None if wide else (u if lcp else G @ u)
+    wide = G.dtype == jnp.float32 and not lcp
 
-            def natural(s):  # complementarity residual, kept per lane: a refinement step on a
-                # numerically singular system (cond ~ 1 / (m eps)) can make things worse
-                # lambda, which must vanish on F; in float32 rounded once from a wider product
-                r = _residual_wide(G, s, u) if wide else G @ s + c
-                free_part = jnp.maximum(jnp.abs(r), -s)  # lambda_F = 0 and s_F >= 0
-                return jnp.max(jnp.where(lane.free, free_part, jnp.maximum(-r, 0.0))), r
+    def natural(u, free, s):
+        """``(res, r)``: the complementarity residual relative to ``max(|u|, |u + s|)`` (what
+        :func:`kkt_residual` measures, in the equilibrated units) and ``r = G s + c``, which
+        must vanish on F (in float32 rounded once from a wider product)."""
+        if wide:
+            r = _residual_wide(G, s, u)
+        else:
+            r = G @ s + (u if lcp else G @ u)
+        part = jnp.where(free, jnp.maximum(jnp.abs(r), -s), jnp.maximum(-r, 0.0))
+        v = s if lcp else u + s
+        scale = jnp.maximum(jnp.max(jnp.abs(u)), jnp.max(jnp.abs(v)))
+        return jnp.max(part) / jnp.maximum(scale, jnp.finfo(G.dtype).tiny), r
 
-            s = lane.s
-            res, r = natural(s)
-            for _ in range(refine):
-                delta, _ = solve(u, lane.free, r)
-                s_new = s + delta
-                res_new, r_new = natural(s_new)
-                better = res_new < res
-                s = jnp.where(better, s_new, s)
-                r = jnp.where(better, r_new, r)
-                res = jnp.minimum(res, res_new)
-            lam = jnp.where(lane.free, jnp.zeros_like(r), r)
-            lane = lane._replace(s=s, lam=lam)
+    def refine_step(u, free, s, r, res):
+        # One step of iterative refinement on the final free set: the correction solves
+        # G_FF delta_F = -r_F with the same (possibly half-size) systems. Only r_F enters: the
+        # dual system would otherwise carry r_A = lambda_A, which is not small, into G^{-1}'s
+        # error (measured, float64, cond 1e8: the residual stalled at 3e-11; 2e-16 with r_F).
+        # A step on a numerically singular system can make things worse: kept per lane only
+        # where the residual drops.
+        delta, _ = solve(u, free, jnp.where(free, r, 0.0))
+        res_new, r_new = natural(u, free, s + delta)
+        better = res_new < res
+        return (
+            jnp.where(better, s + delta, s),
+            jnp.where(better, r_new, r),
+            jnp.minimum(res, res_new),
+        )
+
+    def finish(u, lane, s, r):
+        lam = jnp.where(lane.free, jnp.zeros_like(r), r)
         # NaN/Inf anywhere (G, u or the solves) gives NaN weights and converged = False; the
         # test is explicit because XLA's fast max(NaN, 0) may return 0.
-        finite = jnp.all(jnp.isfinite(lane.s) & jnp.isfinite(lane.lam) & jnp.isfinite(u))
-        v = jnp.where(finite, (0.0 if lcp else u) + jnp.maximum(lane.s, 0.0), jnp.nan)
+        finite = jnp.all(jnp.isfinite(s) & jnp.isfinite(lam) & jnp.isfinite(u))
+        v = jnp.where(finite, (0.0 if lcp else u) + jnp.maximum(s, 0.0), jnp.nan)
         return v, ~jnp.any(lane.bad) & finite, lane.it
 
-    return start, step, finish
+    return start, step, natural, refine_step, finish
+
+
+def _refined(U, lanes, ops, refine, adaptive, active=None):
+    """The weights of every lane after at most ``refine`` steps of iterative refinement (see
+    ``refine_step``), which take the KKT residual from about cond(G) eps to about m eps (in
+    float32 with the residual computed to about twice the precision, so the forward error of s
+    becomes ~eps). ``adaptive``: a step runs only while some lane's residual is above
+    ``4 m eps`` (a while loop, so that it stays a skipped step under vmap too): in float64
+    the full-size systems leave ~m eps already, the half-size dual ones up to cond(G) eps.
+    ``active=False``: this problem's lanes never ask for a step (see :func:`_pivot_all`)."""
+    _, _, natural, refine_step, finish = ops
+    m = U.shape[-1]
+    res, r = jax.vmap(natural)(U, lanes.free, lanes.s)
+    s = lanes.s
+    if refine:
+        target = 4.0 * m * float(jnp.finfo(U.dtype).eps)
+        step = jax.vmap(refine_step)
+
+        def more(state):
+            i, _, _, _, res = state
+            need = res > target
+            return (i < refine) & jnp.any(need if active is None else need & active)
+
+        def body(state):
+            # The free sets are carried and touched (``& (i >= 0)``, always true): were they
+            # loop-invariant, XLA would hoist the gathers and factorisations of the step's solve
+            # out of the loop and run them even when no step is taken (measured: a skipped
+            # step cost as much as a taken one).
+            i, free, s, r, res = state
+            free = free & (i >= 0)
+            return (i + 1, free, *step(U, free, s, r, res))
+
+        if adaptive:
+            state = (jnp.asarray(0, jnp.int32), lanes.free, s, r, res)
+            _, _, s, r, res = jax.lax.while_loop(more, body, state)
+        else:
+            for _ in range(refine):
+                s, r, res = step(U, lanes.free, s, r, res)
+    return jax.vmap(finish)(U, lanes, s, r)
 
 
 def _first_free(U, G, batched=False):
@@ -459,7 +503,16 @@ def _first_free(U, G, batched=False):
 
 
 def _pivot_all(
-    U, G, max_iter, compact=None, free=None, gather=True, refine=1, lcp=False, active=None
+    U,
+    G,
+    max_iter,
+    compact=None,
+    free=None,
+    gather=True,
+    refine=1,
+    lcp=False,
+    active=None,
+    adaptive=False,
 ):
     """Every right-hand side to its solution, from the guessed free sets ``free`` (computed
     here when not given). After the first solve, each loop iteration advances at most
@@ -468,8 +521,9 @@ def _pivot_all(
     and each solve is a Cholesky factorisation). ``active=False`` (a scalar, possibly traced):
     no pivoting at all, only the first solve (the caller discards the answer: see
     :func:`bpp`'s batched rule, where it keeps a Gramian that the other path solves from
-    lengthening this path's loop)."""
-    start, step, finish = _lane_ops(G, compact, refine, lcp)
+    lengthening this path's loop). ``refine``, ``adaptive``: see :func:`_refined`."""
+    ops = _lane_ops(G, compact, lcp)
+    start, step = ops[:2]
     k = U.shape[0]
     lanes = jax.vmap(start)(U, _first_free(U, G) if free is None else free)
     if active is not None:
@@ -503,7 +557,7 @@ def _pivot_all(
             return jax.tree_util.tree_map(lambda a, n: a.at[idx].set(n), lanes, new)
 
         lanes = jax.lax.while_loop(lambda lanes: jnp.any(pending(lanes)), body, lanes)
-    return jax.vmap(finish)(U, lanes)
+    return _refined(U, lanes, ops, refine, adaptive, active)
 
 
 def lcp(c, G, *, max_iter=None, refine=1):
@@ -538,11 +592,14 @@ class BPP(AbstractSolver):
             as not converged unless their KKT residual is acceptable).
         gather: see above.
         refine: steps of iterative refinement on the final free sets; ``None`` (default):
-            one in float32, none in float64. One step is one more batched solve. In float32 it
-            takes the KKT residual from ~1e-4 to ~1e-5 on ill-conditioned Gramians and makes
-            UPGrad and DualProj meet TorchJD's float32 permutation-invariance test (atol = rtol
-            = 5e-7; 20x over it without); in float64 it takes ~1e-13 to ~1e-15 for ~25% more
-            time on a CPU.
+            one in float32; in float64 one only when some lane's KKT residual is above
+            ``4 m eps`` after pivoting (the half-size dual systems leave up to cond(G) eps:
+            1e-12 measured at m = 16 with TorchJD's regularisation, 2e-9 on a singular Gramian;
+            the full-size ones ~m eps, and then the step is skipped at no cost). One step is one
+            more batched solve. In float32 it takes the KKT residual from ~1e-4 to ~1e-5 on
+            ill-conditioned Gramians and makes UPGrad and DualProj meet TorchJD's float32
+            permutation-invariance test (atol = rtol = 5e-7; 20x over it without); in float64
+            it takes the residual to ~1e-15. An integer: that many steps, always.
     """
 
     max_iter: int | None = eqx.field(default=None, static=True)
@@ -572,23 +629,35 @@ class BPP(AbstractSolver):
         gather = jax.default_backend() == "cpu" if self.gather is None else self.gather
         refine = self.refine
         if refine is None:
-            refine = 0 if jnp.finfo(G.dtype).bits >= 64 else 1
+            adaptive = jnp.finfo(G.dtype).bits >= 64
+            return bpp(U, G, max_iter=self.max_iter, gather=gather, adaptive=adaptive)
         return bpp(U, G, max_iter=self.max_iter, gather=gather, refine=refine)
 
 
-def bpp(U, G, *, max_iter=None, gather=True, refine=1):
+def bpp(U, G, *, max_iter=None, gather=True, refine=1, adaptive=False):
     """Exact dual-cone projection of every row of ``U`` by block principal pivoting:
-    ``(V, converged, iterations)``."""
+    ``(V, converged, iterations)``. ``refine``, ``adaptive``: see :func:`_refined`."""
     m = G.shape[0]
     max_iter = default_max_iter(m) if max_iter is None else max_iter
 
     K = -(-m // 2)
 
     def compact(U, G, H, free, active=None):
-        return _pivot_all(U, G, max_iter, (H, K), free, gather, refine, active=active)
+        return _pivot_all(
+            U, G, max_iter, (H, K), free, gather, refine, active=active, adaptive=adaptive
+        )
 
     def full(U, G, free=None, active=None):  # free=None: the guess is made inside
-        return _pivot_all(U, G, max_iter, free=free, gather=gather, refine=refine, active=active)
+        return _pivot_all(
+            U,
+            G,
+            max_iter,
+            free=free,
+            gather=gather,
+            refine=refine,
+            active=active,
+            adaptive=adaptive,
+        )
 
     @jax.custom_batching.custom_vmap
     def split(U, G):
