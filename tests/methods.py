@@ -109,8 +109,9 @@ REGISTRY = [
     Spec("fairgrad", lambda: jd.fairgrad(alpha=1.0), lambda: jd.fairgrad_weighting(alpha=1.0),
          (agg.FairGrad, agg.FairGradWeighting, "fairgrad", "fairgrad_weighting"),
          slow_eager=True, eager=False),
-    # CAGrad's first-order solver stops on the gradient mapping: its weights are accurate to
-    # ~1e-7 (float64) and ~1e-3 (float32, 3e-4 absolute seen on a vmapped batch).
+    # CAGrad's solve is exact on a face of the simplex when its pivoting settles; otherwise its
+    # first-order fallback stops on the gradient mapping: weights accurate to ~1e-7 (float64)
+    # and ~1e-3 (float32, 3e-4 absolute seen on a vmapped batch before the exact solve).
     Spec("cagrad", lambda: jd.cagrad(c=0.5), lambda: jd.cagrad_weighting(c=0.5),
          (agg.CAGrad, agg.CAGradWeighting, "cagrad", "cagrad_weighting"),
          loose={"float64": 1e-7, "float32": 1e-3}, slow_eager=True, eager=False),

@@ -363,7 +363,7 @@ def test_float32_gives_float64s_answer_or_nan_at_every_scale(spec):
         if size < 1e-30:  # the true update is below float32's range: zero is its rounding
             assert np.linalg.norm(got) <= 1e-30, (s, got)
             continue
-        tol = max(1e-4, spec.loose.get("float32", 0.0))  # CAGrad's FISTA stops at 1e-3
+        tol = max(1e-4, spec.loose.get("float32", 0.0))  # CAGrad's fallback loop: 1e-3
         assert np.linalg.norm(got - ref) <= tol * size, (s, got, ref)
     # the well-scaled J always gets an answer; so does every scale, for a weighting that takes
     # the rescaled Gramian (but PCD at 1e20, whose EMA of squared norms would overflow: NaN)

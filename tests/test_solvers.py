@@ -34,7 +34,10 @@ def jacobians(draw):
     return a
 
 
-@settings(max_examples=30, deadline=None)
+# derandomize: the same examples on every run (CI must not fail at random); a random search
+# of 2,400 examples passed on 2026-11-28, after it had found the two Gramians of
+# test_half_size_path_is_refined_to_rounding and a Gramian that norm_eps zeroes.
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(J=jacobians(), reg=st.sampled_from([1e-4, 0.0]))
 def test_bpp_kkt_float64(J, reg):
     with jax.enable_x64(True):
@@ -49,11 +52,12 @@ def test_bpp_kkt_float64(J, reg):
         # rounding in G v grows with them: the bounds scale with max |v|.
         scale = max(1.0, float(np.abs(np.asarray(V)).max()))
         assert dual >= -1e-14 and primal >= -1e-12 * scale and slack <= 1e-12 * scale**2
-        if reg == 0.0:  # exact projections are non-conflicting: J (J^T v) >= 0
+        # Exact projections are non-conflicting: J (J^T v) >= 0 (unless |G| < norm_eps, which
+        # normalize_regularize zeroes as TorchJD does: then v = u whatever J).
+        if reg == 0.0 and bool(jnp.any(G != 0)):
             d = np.asarray(V) @ J
             bound = 1e-10 * np.linalg.norm(J) ** 2 * np.abs(np.asarray(V)).max()
             assert (J @ d.T).min() >= -bound
-
 
 
 @pytest.mark.parametrize(
@@ -79,7 +83,8 @@ def test_half_size_path_is_refined_to_rounding(n, rank, seed, reg):
         _, raw = jd.project_onto_dual_cone(U, G, solver=jd.solvers.BPP(refine=0))
         assert float(raw.kkt_residual.max()) > 1e-13
 
-@settings(max_examples=8, deadline=None)
+
+@settings(max_examples=8, deadline=None, derandomize=True)
 @given(J=jacobians())
 def test_pgd_agrees_with_bpp(J):
     with jax.enable_x64(True):
