@@ -70,11 +70,8 @@ def test_half_size_path_is_refined_to_rounding(n, rank, seed, reg):
     residuals of 1.1e-12 (cond(G) 1e4, no pivoting step) and 2.1e-9 (reg_eps = 0, cond 5e8).
     The default refinement step runs there (and corrects with the free rows of the residual
     only: with the active rows it stalled at 3e-11 on the second)."""
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((16, rank)) @ rng.standard_normal((rank, n))
-    a *= rng.choice([-3.0, -1.0, 0.5, 2.0], size=(16, 1))
     with jax.enable_x64(True):
-        G = conditioned_gramian(a, reg)
+        G = _found_gramian(n, rank, seed, reg)
         U = jnp.eye(16) / 16
         _, info = jd.project_onto_dual_cone(U, G)
         assert bool(info.converged.all())
@@ -82,6 +79,29 @@ def test_half_size_path_is_refined_to_rounding(n, rank, seed, reg):
         # An explicit refine=0 keeps the unrefined answer (what the default used to return).
         _, raw = jd.project_onto_dual_cone(U, G, solver=jd.solvers.BPP(refine=0))
         assert float(raw.kkt_residual.max()) > 1e-13
+
+
+def _found_gramian(n, rank, seed, reg, m=16):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
+    a *= rng.choice([-3.0, -1.0, 0.5, 2.0], size=(m, 1))
+    return conditioned_gramian(a, reg)
+
+
+def test_refinement_step_under_vmap_runs_only_where_needed():
+    """Under vmap the step is a while loop with a batched predicate: the two Gramians above get
+    it, a well-conditioned one (whose residual is already at rounding) keeps its answer."""
+    with jax.enable_x64(True):
+        well = conditioned_gramian(np.random.default_rng(0).standard_normal((16, 40)))
+        Gs = jnp.stack(
+            [_found_gramian(2, 1, 615211241, 1e-4), _found_gramian(24, 16, 1932674049, 0.0), well]
+        )
+        U = jnp.eye(16) / 16
+        V, info = jax.jit(jax.vmap(lambda G: jd.project_onto_dual_cone(U, G)))(Gs)
+        assert bool(info.converged.all())
+        assert float(info.kkt_residual.max()) <= 1e-14
+        alone, _ = jax.jit(lambda G: jd.project_onto_dual_cone(U, G))(well)
+        np.testing.assert_allclose(V[2], alone, rtol=1e-14, atol=1e-16)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
