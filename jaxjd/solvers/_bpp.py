@@ -467,32 +467,33 @@ def _refined(U, lanes, ops, refine, adaptive, active=None):
     residuals of 1e-13, +35% time on one CPU thread.)
     ``active=False``: this problem's lanes never ask for a step (see :func:`_pivot_all`)."""
     _, _, natural, refine_step, finish = ops
+    if not refine:  # the solves' own multipliers (zero on F): no residual to compute
+        return jax.vmap(finish)(U, lanes, lanes.s, lanes.lam)
     res, r = jax.vmap(natural)(U, lanes.free, lanes.s)
     s = lanes.s
-    if refine:
-        target = 1000.0 * float(jnp.finfo(U.dtype).eps)
-        step = jax.vmap(refine_step)
+    target = 1000.0 * float(jnp.finfo(U.dtype).eps)
+    step = jax.vmap(refine_step)
 
-        def more(state):
-            i, _, _, _, res = state
-            need = res > target
-            return (i < refine) & jnp.any(need if active is None else need & active)
+    def more(state):
+        i, _, _, _, res = state
+        need = res > target
+        return (i < refine) & jnp.any(need if active is None else need & active)
 
-        def body(state):
-            # The free sets are carried and touched (``& (i >= 0)``, always true): were they
-            # loop-invariant, XLA would hoist the gathers and factorisations of the step's solve
-            # out of the loop and run them even when no step is taken (measured: a skipped
-            # step cost as much as a taken one).
-            i, free, s, r, res = state
-            free = free & (i >= 0)
-            return (i + 1, free, *step(U, free, s, r, res))
+    def body(state):
+        # The free sets are carried and touched (``& (i >= 0)``, always true): were they
+        # loop-invariant, XLA would hoist the gathers and factorisations of the step's solve
+        # out of the loop and run them even when no step is taken (measured: a skipped
+        # step cost as much as a taken one).
+        i, free, s, r, res = state
+        free = free & (i >= 0)
+        return (i + 1, free, *step(U, free, s, r, res))
 
-        if adaptive:
-            state = (jnp.asarray(0, jnp.int32), lanes.free, s, r, res)
-            _, _, s, r, res = jax.lax.while_loop(more, body, state)
-        else:
-            for _ in range(refine):
-                s, r, res = step(U, lanes.free, s, r, res)
+    if adaptive:
+        state = (jnp.asarray(0, jnp.int32), lanes.free, s, r, res)
+        _, _, s, r, res = jax.lax.while_loop(more, body, state)
+    else:
+        for _ in range(refine):
+            s, r, res = step(U, lanes.free, s, r, res)
     return jax.vmap(finish)(U, lanes, s, r)
 
 
@@ -597,12 +598,11 @@ class BPP(AbstractSolver):
             ``1000 eps`` = 2.2e-13 after pivoting (the half-size dual systems leave up to
             cond(G) eps: 1e-12 measured at m = 16 with TorchJD's regularisation, 2e-9 on a
             singular Gramian; the full-size ones ~m eps, and then the step is skipped at no
-            cost). One step is one
-            more batched solve. In float32 it takes the KKT residual from ~1e-4 to ~1e-5 on
-            ill-conditioned Gramians and makes UPGrad and DualProj meet TorchJD's float32
-            permutation-invariance test (atol = rtol = 5e-7; 20x over it without); in float64
-            it takes the residual to ~1e-15, so no answer is above 2.2e-13 unless the step
-            could not lower it. An integer: that many steps, always.
+            cost). One step is one more batched solve. In float32 it takes the KKT residual
+            from ~1e-4 to ~1e-5 on ill-conditioned Gramians and makes UPGrad and DualProj meet
+            TorchJD's float32 permutation-invariance test (atol = rtol = 5e-7; 20x over it
+            without); in float64 it takes the residual to ~1e-15, so no answer is above 2.2e-13
+            unless the step could not lower it. An integer: that many steps, always.
     """
 
     max_iter: int | None = eqx.field(default=None, static=True)
