@@ -78,7 +78,15 @@ def test_interior_solution_meets_kkt_to_rounding(x64):
     assert np.ptp(g) <= 1e-14 * np.abs(g).max() + 1e-16
 
 
-@pytest.mark.parametrize("name", ["tall_6x2", "tall_10x3", "duprows_4x8"])
+@pytest.mark.parametrize(
+    "name",
+    # the tall matrices (each ~4 s of compilation) in the slow sweep, for the default suite's time
+    [
+        pytest.param("tall_6x2", marks=pytest.mark.slow),
+        pytest.param("tall_10x3", marks=pytest.mark.slow),
+        "duprows_4x8",
+    ],
+)
 def test_degenerate_faces_match_torchjd(name, x64):
     """More rows than rank: on the full support, 0 is in the face's affine hull, the face's
     root is t = 0 and ``q = |R w|`` only rounding (2.8e-10 through J's factor). Its KKT test is

@@ -62,9 +62,16 @@ def test_mgda_normalizers_match_libmtl(case, x64):
 
 @pytest.mark.parametrize(
     "case",
-    # c = 0.9 in the slow sweep (each c compiles anew)
+    # c = 0.9 and the scaled matrices with rescale 1 and 2 in the slow sweep (each c and m
+    # compiles anew)
     [
-        pytest.param(c, id=c["key"], marks=() if c["c"] < 0.5 else pytest.mark.slow)
+        pytest.param(
+            c,
+            id=c["key"],
+            marks=()
+            if c["c"] < 0.5 and not ("scaled" in c["key"] and c["rescale"])
+            else pytest.mark.slow,
+        )
         for c in INDEX["cases"]
         if c["method"] == "CAGrad"
     ],

@@ -117,14 +117,13 @@ def test_every_case_is_covered():
 
 
 def _default_suite(case):
-    """Every default configuration on every matrix up to m = 20 (and UPGrad's up to m = 32),
-    and every configuration on the matrices with m = 2, run by default; the other configurations
-    on other m (each (configuration, m) compiles anew), UPGrad at m = 64 and the other methods
-    at m = 32 and 64 in the slow sweep."""
+    """Every default configuration on every matrix up to m = 20, and every configuration on
+    the matrices with m = 2, run by default; the other configurations on other m (each
+    (configuration, m) compiles anew) and every method at m = 32 and 64 in the slow sweep
+    (UPGrad at m = 32 left the default suite in session 16: 5 s of compilation, for its time
+    budget; the solver's own tests cover m >= 16)."""
     m = case["shape"][0]
-    default = case["config"] == case["class"] and (
-        m <= 20 or (case["class"] == "UPGrad" and m <= 32)
-    )
+    default = case["config"] == case["class"] and m <= 20
     return m == 2 or default
 
 
