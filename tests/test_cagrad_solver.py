@@ -40,7 +40,8 @@ def _objective(G, w, c):
     return b @ w + phi * np.sqrt(max(w @ Gn @ w, 0.0))
 
 
-@pytest.mark.parametrize("m", [3, 8])
+# m = 8 in the slow sweep (a count; for the default suite's time)
+@pytest.mark.parametrize("m", [3, pytest.param(8, marks=pytest.mark.slow)])
 def test_exact_solve_takes_few_iterations_and_is_at_least_as_good(m, x64):
     """Over the benchmark families (float64, c = 0.5 and 2): at most 60 iterations of the loop
     (the loop alone ran up to 20,000: its gradient mapping could not reach 1e-12), in all 10x
