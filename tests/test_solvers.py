@@ -21,17 +21,22 @@ def kkt(G, U, V):
     return s.min(), lam.min(), np.abs((s * lam).sum(-1)).max()
 
 
+def _matrix(m, n, rank, seed, conflicting):
+    """A rank-``rank`` m x n matrix; ``conflicting``: some rows flipped and rescaled."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
+    if conflicting:
+        a *= rng.choice([-3.0, -1.0, 0.5, 2.0], size=(m, 1))
+    return a
+
+
 @st.composite
 def jacobians(draw):
     m = draw(st.sampled_from([1, 2, 3, 5, 8, 16]))  # few shapes: few compilations
     n = draw(st.integers(1, 40))
     rank = draw(st.integers(1, min(m, n)))
     seed = draw(st.integers(0, 2**31 - 1))
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
-    if draw(st.booleans()):  # conflicting: flip and rescale some rows
-        a *= rng.choice([-3.0, -1.0, 0.5, 2.0], size=(m, 1))
-    return a
+    return _matrix(m, n, rank, seed, draw(st.booleans()))
 
 
 # derandomize: the same examples on every run (CI must not fail at random); a random search
@@ -82,10 +87,8 @@ def test_half_size_path_is_refined_to_rounding(n, rank, seed, reg):
 
 
 def _found_gramian(n, rank, seed, reg, m=16):
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))
-    a *= rng.choice([-3.0, -1.0, 0.5, 2.0], size=(m, 1))
-    return conditioned_gramian(a, reg)
+    """A Gramian of the generator above (conflicting rows), as hypothesis drew it."""
+    return conditioned_gramian(_matrix(m, n, rank, seed, True), reg)
 
 
 def test_refinement_step_under_vmap_runs_only_where_needed():
