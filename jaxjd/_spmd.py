@@ -128,6 +128,16 @@ def one_matrix_at_a_time(fn):
 
 cholesky = one_matrix_at_a_time(jnp.linalg.cholesky)
 """``jnp.linalg.cholesky``, see :func:`one_matrix_at_a_time`."""
+cholesky_lower = one_matrix_at_a_time(lambda a: jax.lax.linalg.cholesky(a, symmetrize_input=False))
+"""The Cholesky factor from the lower triangle alone (no symmetrisation: for matrices that are
+symmetric by construction, one pass less over them), see :func:`one_matrix_at_a_time`."""
+lower_inverse = one_matrix_at_a_time(
+    lambda chol: jax.lax.linalg.triangular_solve(
+        chol, jnp.eye(chol.shape[-1], dtype=chol.dtype), left_side=True, lower=True
+    )
+)
+"""``L^{-1}`` for a lower triangular ``L`` (one triangular solve against the identity), see
+:func:`one_matrix_at_a_time`."""
 cho_solve = one_matrix_at_a_time(lambda chol, b: jax.scipy.linalg.cho_solve((chol, True), b))
 """``jax.scipy.linalg.cho_solve((chol, True), b)``, see :func:`one_matrix_at_a_time`."""
 solve = one_matrix_at_a_time(jnp.linalg.solve)

@@ -107,6 +107,44 @@ def test_refinement_step_under_vmap_runs_only_where_needed():
         np.testing.assert_allclose(V[2], alone, rtol=1e-14, atol=1e-16)
 
 
+@pytest.mark.parametrize("compact", [True, False])
+def test_lanes_factorised_in_chunks_give_the_same_answers(compact, monkeypatch, x64):
+    """Above ``_CHUNK_BYTES`` of lane systems, the first solve and the refinement step run in
+    sequential chunks of lanes (20 lanes here: 3 chunks of 7, one padding lane dropped): the
+    same weights, flags and step counts as one batch, on the half-size and full-size paths."""
+    from jaxjd.solvers import _bpp
+
+    rng = np.random.default_rng(3)
+    m = 20
+    G = conditioned_gramian(rng.standard_normal((m, 30)) + rng.choice([-1.5, 1.0], (m, 1)))
+    G = G / jnp.sqrt(jnp.outer(jnp.diagonal(G), jnp.diagonal(G)))
+    U = jnp.diag(jnp.asarray(rng.uniform(0.5, 2.0, m)))
+    size = -(-m // 2) if compact else m
+
+    def solver():  # a new function each time: jit's cache would hand back the first trace
+        def solve(U, G):
+            if compact:
+                return _bpp.bpp(U, G, refine=1)
+            free = _bpp._first_free(U, G)
+            return _bpp._pivot_all(U, G, _bpp.default_max_iter(m), free=free, refine=1)
+
+        return jax.jit(solve)
+
+    one = solver()(U, G)
+    monkeypatch.setattr(_bpp, "_CHUNK_BYTES", 7 * size * size * 8)
+    calls = []
+    original = _bpp._lane_map
+    monkeypatch.setattr(_bpp, "_lane_map", lambda fn, n, *a: calls.append(n) or original(fn, n, *a))
+    chunked_fn = solver()
+    assert "scan" in str(chunked_fn.trace(U, G).jaxpr)
+    chunked = chunked_fn(U, G)
+    assert size in calls  # (bpp traces both paths: the full-size one has its own chunks)
+    np.testing.assert_allclose(chunked[0], one[0], rtol=1e-13, atol=1e-15)
+    np.testing.assert_array_equal(chunked[1], one[1])
+    np.testing.assert_array_equal(chunked[2], one[2])
+    assert bool(one[1].all()) and float(jd.kkt_residual(G, U, one[0]).max()) <= 1e-13
+
+
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(J=jacobians())
 def test_pgd_agrees_with_bpp(J):

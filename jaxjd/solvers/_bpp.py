@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
-from .._spmd import cho_solve, cholesky
+from .._spmd import cho_solve, cholesky, cholesky_lower, lower_inverse
 from ._base import AbstractSolver
 
 _BACKUP_BUDGET = 3
@@ -58,9 +58,17 @@ _BATCHED_WARM_ON_CPU = False
 
 
 def _warm_iterations(m: int, batched: bool = False) -> int:
+    """ADMM steps for the guess. One Gramian: 6 below m = 32, 14 up to 128, 20 beyond. Measured
+    (session 17, float64, one CPU thread, the benchmark families at m = 64 / 128 / 256, the
+    pivoting steps left in total over the m lanes): 10 -> 14 steps at m = 128 took low_rank
+    41 -> 15, ill_conditioned 76 -> 22, per_sample 105 -> 53, time -6% to -8% on those and
+    +1% to +5% on the others; 14 -> 20 at m = 256: per_sample 160 -> 66, low_rank 18 -> 0,
+    ill_conditioned 26 -> 2 (time -13% on per_sample, -9% on imbalanced, -3% to +6% on the
+    others). A pivoting step costs a gathered factorisation per lane; an ADMM step one product
+    with all lanes."""
     if batched and (_BATCHED_WARM_ON_CPU or jax.default_backend() != "cpu"):
         return _BATCHED_ACCELERATOR_WARM_ITERATIONS
-    return 6 if m < 32 else 10 if m <= 128 else 14
+    return 6 if m < 32 else 14 if m <= 128 else 20
 
 
 # Largest estimated condition number for which the dual half-size systems are used: (float32,
@@ -134,7 +142,7 @@ def _spd_solve(M, b, with_pivots=False):
     not numerically positive definite), whose product is ``det M``."""
     K = M.shape[-1]
     if not _unrolled(K):
-        chol = cholesky(M)
+        chol = cholesky_lower(M)
         x = cho_solve(chol, b)
         return (x, jnp.diagonal(chol) ** 2) if with_pivots else x
     vector = b.ndim == 1
@@ -147,6 +155,19 @@ def _spd_solve(M, b, with_pivots=False):
         y = y - jnp.where(rows < j, A[:, j], 0.0)[:, None] * xj[None, :]
     x = x[:, 0] if vector else x
     return (x, jnp.diagonal(A)) if with_pivots else x
+
+
+def _spd_inverse(M):
+    """``M^{-1}`` for a symmetric positive definite ``M``: ``W^T W`` with ``W = L^{-1}`` (one
+    triangular solve and one matrix product, as LAPACK's potri: the second triangular solve of
+    a Cholesky solve against the identity costs several times the product on the CPU).
+    Symmetric by construction up to the product's rounding, then symmetrised. Unrolled
+    elimination where :func:`_spd_solve` uses it."""
+    if _unrolled(M.shape[-1]):
+        return _spd_solve(M, jnp.eye(M.shape[-1], dtype=M.dtype))
+    W = lower_inverse(cholesky_lower(M))
+    Minv = W.T @ W
+    return 0.5 * (Minv + Minv.T)
 
 
 def _masked_solve(G, c, free, ridge):
@@ -347,7 +368,7 @@ def _warm_free(G, U, iterations):
     pivots = _spd_pivots(Gs + 1e-4 * mean * eye)
     rho = jnp.exp(jnp.sum(jnp.log(pivots)) / m)
     rho = jnp.where(jnp.isfinite(rho) & (rho > 0), rho, jnp.maximum(mean, 1.0))
-    Minv = _spd_solve(Gs + rho * eye, eye)
+    Minv = _spd_inverse(Gs + rho * eye)
     C = Us @ Gs  # G is symmetric: row i is G u_i
 
     # The step: s = (G + rho I)^{-1} (rho (z - w) - c); t = 1.6 s - 0.6 z + w (relaxation);
@@ -456,7 +477,41 @@ def _lane_ops(G, compact, lcp=False):
     return start, step, natural, refine_step, finish
 
 
-def _refined(U, lanes, ops, refine, adaptive, active=None):
+# Largest batch of lane systems (bytes) factorised in one call. A bigger batch goes through
+# ``_lane_map`` in equal chunks, one after the other: glibc serves allocations above 32 MiB by
+# fresh mmaps that page-fault on every call, and a batch that fits the caches is factorised
+# faster (measured, one CPU thread, Cholesky plus one solve of 256 systems of 128 x 128:
+# float64 37 ms in one batch, 20 ms in chunks of 64; float32 22 ms -> 12 ms in chunks of 128).
+_CHUNK_BYTES = 1 << 23
+
+
+def _lane_map(fn, size, *args):
+    """``jax.vmap(fn)(*args)`` over the leading (lane) axis, in sequential chunks of lanes whose
+    ``size x size`` systems take at most ``_CHUNK_BYTES`` together. The lanes are padded to a
+    whole number of equal chunks (zeros: a zero right-hand side; the padding's answers are
+    dropped), so that no remainder batch runs beside the loop (see :func:`_after`)."""
+    leaves = jax.tree_util.tree_leaves(args)
+    k = leaves[0].shape[0]
+    itemsize = max(jnp.dtype(x.dtype).itemsize for x in leaves)
+    most = max(1, _CHUNK_BYTES // (size * size * itemsize))
+    if k <= most:
+        return jax.vmap(fn)(*args)
+    count = -(-k // most)
+    chunk = -(-k // count)
+    pad = count * chunk - k
+
+    def split(x):
+        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+        return x.reshape(count, chunk, *x.shape[1:])
+
+    def body(_, xs):
+        return None, jax.vmap(fn)(*xs)
+
+    _, out = jax.lax.scan(body, None, jax.tree_util.tree_map(split, args))
+    return jax.tree_util.tree_map(lambda y: y.reshape(count * chunk, *y.shape[2:])[:k], out)
+
+
+def _refined(U, lanes, ops, refine, adaptive, active=None, size=None):
     """The weights of every lane after at most ``refine`` steps of iterative refinement (see
     ``refine_step``), which take the KKT residual from about cond(G) eps to about m eps (in
     float32 with the residual computed to about twice the precision, so the forward error of s
@@ -472,7 +527,10 @@ def _refined(U, lanes, ops, refine, adaptive, active=None):
     res, r = jax.vmap(natural)(U, lanes.free, lanes.s)
     s = lanes.s
     target = 1000.0 * float(jnp.finfo(U.dtype).eps)
-    step = jax.vmap(refine_step)
+    size = U.shape[1] if size is None else size
+
+    def step(U, free, s, r, res):
+        return _lane_map(refine_step, size, U, free, s, r, res)
 
     def more(state):
         i, _, _, _, res = state
@@ -527,7 +585,8 @@ def _pivot_all(
     ops = _lane_ops(G, compact, lcp)
     start, step = ops[:2]
     k = U.shape[0]
-    lanes = jax.vmap(start)(U, _first_free(U, G) if free is None else free)
+    size = U.shape[1] if compact is None else compact[1]
+    lanes = _lane_map(start, size, U, _first_free(U, G) if free is None else free)
     if active is not None:
         lanes = lanes._replace(bad=lanes.bad & active)
 
@@ -559,7 +618,7 @@ def _pivot_all(
             return jax.tree_util.tree_map(lambda a, n: a.at[idx].set(n), lanes, new)
 
         lanes = jax.lax.while_loop(lambda lanes: jnp.any(pending(lanes)), body, lanes)
-    return _refined(U, lanes, ops, refine, adaptive, active)
+    return _refined(U, lanes, ops, refine, adaptive, active, size)
 
 
 def lcp(c, G, *, max_iter=None, refine=1):
@@ -752,13 +811,11 @@ def _plan(U, G, batched=False):
     per Cholesky than full-size ones. The dual systems need G^{-1}, judged by two upper bounds
     of cond(G): ``tr(G^16)^(1/16) tr(H^16)^(1/16)`` (at most m^(1/8) too large) and
     ``tr(G) tr(H)``; otherwise every lane takes the full-size primal path."""
-    m = G.shape[0]
-    eye = jnp.eye(m, dtype=G.dtype)
     # Cholesky, not _spd_solve, even for small m: with H from unrolled elimination, lanes of
     # rank-deficient float32 Gramians (reg_eps = 1e-4) cycled to max_iter on the dual path
     # (measured: 11 of 16384 lanes in a vmapped batch of 1024 16 x 16).
-    chol_G = cholesky(G)
-    H = cho_solve(chol_G, eye)
+    W = lower_inverse(cholesky(G))
+    H = W.T @ W
     H = 0.5 * (H + H.T)
     bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), jnp.prod(_lambda_bounds(jnp.stack([G, H]))))
     limit = _DUAL_COND_LIMIT[jnp.finfo(G.dtype).bits >= 64]
