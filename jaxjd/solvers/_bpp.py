@@ -21,6 +21,7 @@ A PSD but singular G (duplicated or zero rows, with ``reg_eps = 0``) is handled 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import equinox as eqx
@@ -485,15 +486,16 @@ def _lane_ops(G, compact, lcp=False):
 _CHUNK_BYTES = 1 << 23
 
 
-def _lane_map(fn, size, *args):
+def _lane_map(fn, size, *args, copies=1):
     """``jax.vmap(fn)(*args)`` over the leading (lane) axis, in sequential chunks of lanes whose
-    ``size x size`` systems take at most ``_CHUNK_BYTES`` together. The lanes are padded to a
+    ``size x size`` systems take at most ``_CHUNK_BYTES`` together (``copies`` of each: the
+    size of an enclosing vmap, whose batch every chunk carries). The lanes are padded to a
     whole number of equal chunks (zeros: a zero right-hand side; the padding's answers are
     dropped), so that no remainder batch runs beside the loop (see :func:`_after`)."""
     leaves = jax.tree_util.tree_leaves(args)
     k = leaves[0].shape[0]
     itemsize = max(jnp.dtype(x.dtype).itemsize for x in leaves)
-    most = max(1, _CHUNK_BYTES // (size * size * itemsize))
+    most = max(1, _CHUNK_BYTES // (copies * size * size * itemsize))
     if k <= most:
         return jax.vmap(fn)(*args)
     count = -(-k // most)
@@ -511,7 +513,7 @@ def _lane_map(fn, size, *args):
     return jax.tree_util.tree_map(lambda y: y.reshape(count * chunk, *y.shape[2:])[:k], out)
 
 
-def _refined(U, lanes, ops, refine, adaptive, active=None, size=None):
+def _refined(U, lanes, ops, refine, adaptive, active=None, size=None, copies=1):
     """The weights of every lane after at most ``refine`` steps of iterative refinement (see
     ``refine_step``), which take the KKT residual from about cond(G) eps to about m eps (in
     float32 with the residual computed to about twice the precision, so the forward error of s
@@ -530,7 +532,7 @@ def _refined(U, lanes, ops, refine, adaptive, active=None, size=None):
     size = U.shape[1] if size is None else size
 
     def step(U, free, s, r, res):
-        return _lane_map(refine_step, size, U, free, s, r, res)
+        return _lane_map(refine_step, size, U, free, s, r, res, copies=copies)
 
     def more(state):
         i, _, _, _, res = state
@@ -573,6 +575,7 @@ def _pivot_all(
     lcp=False,
     active=None,
     adaptive=False,
+    copies=1,
 ):
     """Every right-hand side to its solution, from the guessed free sets ``free`` (computed
     here when not given). After the first solve, each loop iteration advances at most
@@ -586,7 +589,8 @@ def _pivot_all(
     start, step = ops[:2]
     k = U.shape[0]
     size = U.shape[1] if compact is None else compact[1]
-    lanes = _lane_map(start, size, U, _first_free(U, G) if free is None else free)
+    guess = _first_free(U, G) if free is None else free
+    lanes = _lane_map(start, size, U, guess, copies=copies)
     if active is not None:
         lanes = lanes._replace(bad=lanes.bad & active)
 
@@ -618,7 +622,7 @@ def _pivot_all(
             return jax.tree_util.tree_map(lambda a, n: a.at[idx].set(n), lanes, new)
 
         lanes = jax.lax.while_loop(lambda lanes: jnp.any(pending(lanes)), body, lanes)
-    return _refined(U, lanes, ops, refine, adaptive, active, size)
+    return _refined(U, lanes, ops, refine, adaptive, active, size, copies)
 
 
 def lcp(c, G, *, max_iter=None, refine=1):
@@ -704,12 +708,22 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1, adaptive=False):
 
     K = -(-m // 2)
 
-    def compact(U, G, H, free, active=None):
+    # ``copies``: the size of the batch of Gramians being solved together (see _lane_map).
+    def compact(U, G, H, free, active=None, copies=1):
         return _pivot_all(
-            U, G, max_iter, (H, K), free, gather, refine, active=active, adaptive=adaptive
+            U,
+            G,
+            max_iter,
+            (H, K),
+            free,
+            gather,
+            refine,
+            active=active,
+            adaptive=adaptive,
+            copies=copies,
         )
 
-    def full(U, G, free=None, active=None):  # free=None: the guess is made inside
+    def full(U, G, free=None, active=None, copies=1):  # free=None: the guess is made inside
         return _pivot_all(
             U,
             G,
@@ -719,6 +733,7 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1, adaptive=False):
             refine=refine,
             active=active,
             adaptive=adaptive,
+            copies=copies,
         )
 
     @jax.custom_batching.custom_vmap
@@ -751,20 +766,20 @@ def bpp(U, G, *, max_iter=None, gather=True, refine=1, adaptive=False):
             U = jnp.broadcast_to(U, (axis_size, *U.shape))
         if m < _COMPACT_MIN_M:
             free = jax.vmap(lambda U, G: _first_free(U, G, batched=True))(U, G)
-            return jax.vmap(full)(U, G, free), (True, True, True)
+            return jax.vmap(partial(full, copies=axis_size))(U, G, free), (True, True, True)
         free, H, ok = jax.vmap(lambda U, G: _plan(U, G, batched=True))(U, G)
         # Each path runs on the whole batch (dense work), but pivots only the Gramians it
         # answers for: the others would only lengthen its loop, which runs until its slowest
         # lane is done (measured, float32, 1024 Gramians of 16 x 16 whose dual systems are
         # unreliable for the ill-conditioned ones: the half-size loop ran 15 steps for them
         # where the Gramians it answers for needed 6, then the full-size loop 15 more).
-        out = jax.vmap(compact)(U, G, H, free, ok)
+        out = jax.vmap(partial(compact, copies=axis_size))(U, G, H, free, ok)
 
         if gather:
             return _full_by_chunks(full, U, G, free, ok, out), (True, True, True)
 
         def with_full(out):
-            out_full = jax.vmap(full)(_after(U, out[0]), G, free, ~ok)
+            out_full = jax.vmap(partial(full, copies=axis_size))(_after(U, out[0]), G, free, ~ok)
             return jax.tree_util.tree_map(
                 lambda c, f: jnp.where(jnp.reshape(ok, (-1,) + (1,) * (c.ndim - 1)), c, f),
                 out,
@@ -796,7 +811,9 @@ def _full_by_chunks(full, U, G, free, ok, out):
         in_chunk = need & (rank >= low) & (rank < low + chunk)
         idx = _first_true(in_chunk, rank - low, jnp.full((chunk,), B, jnp.int32))
         take = jnp.minimum(idx, B - 1)
-        res = jax.vmap(full)(_after(U[take], out[0]), G[take], free[take], idx < B)
+        res = jax.vmap(partial(full, copies=chunk))(
+            _after(U[take], out[0]), G[take], free[take], idx < B
+        )
         out = tuple(o.at[idx].set(r, mode="drop") for o, r in zip(out, res))
         return c + 1, out
 
