@@ -134,7 +134,12 @@ def test_lanes_factorised_in_chunks_give_the_same_answers(compact, monkeypatch, 
     monkeypatch.setattr(_bpp, "_CHUNK_BYTES", 7 * size * size * 8)
     calls = []
     original = _bpp._lane_map
-    monkeypatch.setattr(_bpp, "_lane_map", lambda fn, n, *a: calls.append(n) or original(fn, n, *a))
+
+    def counted(fn, n, *args, **kwargs):
+        calls.append(n)
+        return original(fn, n, *args, **kwargs)
+
+    monkeypatch.setattr(_bpp, "_lane_map", counted)
     chunked_fn = solver()
     assert "scan" in str(chunked_fn.trace(U, G).jaxpr)
     chunked = chunked_fn(U, G)
