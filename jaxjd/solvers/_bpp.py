@@ -834,7 +834,12 @@ def _plan(U, G, batched=False):
     W = lower_inverse(cholesky(G))
     H = W.T @ W
     H = 0.5 * (H + H.T)
-    bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), jnp.prod(_lambda_bounds(jnp.stack([G, H]))))
+    # The repeated squarings in float32 (rescaled to unit trace at every step, so nothing
+    # overflows; rounding moves the bound by ~1e-6 relative, far inside its m^(1/8) slack):
+    # in float64 that takes 4-6% off the whole solve at m = 128 on one CPU thread, 1-3% at 256.
+    pair = jnp.stack([G, H]).astype(jnp.float32)
+    squared = _lambda_bounds(pair).astype(G.dtype)
+    bound = jnp.minimum(jnp.trace(G) * jnp.trace(H), jnp.prod(squared))
     limit = _DUAL_COND_LIMIT[jnp.finfo(G.dtype).bits >= 64]
     ok = jnp.isfinite(bound) & (bound > 0) & (bound < limit) & jnp.all(jnp.isfinite(H))
     # The guess's factorisations come after H's (see _after).
