@@ -150,6 +150,35 @@ def test_lanes_factorised_in_chunks_give_the_same_answers(compact, monkeypatch, 
     assert bool(one[1].all()) and float(jd.kkt_residual(G, U, one[0]).max()) <= 1e-13
 
 
+def test_float32_refinement_reuses_the_lanes_factors(monkeypatch):
+    """Where the refinement step always runs (float32) and the lanes' half-size factors are
+    small, the step reuses each lane's last Cholesky factor (one factorisation less in the
+    program) and gives the same answers as refactorising."""
+    from jaxjd.solvers import _bpp
+
+    rng = np.random.default_rng(5)
+    m = 24
+    J = rng.standard_normal((m, 40)) + rng.choice([-1.5, 1.0], (m, 1)) * rng.standard_normal(40)
+    G = conditioned_gramian(jnp.asarray(J, jnp.float32))
+    G = G / jnp.sqrt(jnp.outer(jnp.diagonal(G), jnp.diagonal(G)))
+    U = jnp.diag(jnp.asarray(rng.uniform(0.5, 2.0, m), jnp.float32))
+
+    def program():
+        fn = jax.jit(lambda U, G: _bpp.bpp(U, G, refine=1))  # a new function: a new trace
+        return fn, str(fn.trace(U, G).jaxpr).count("cholesky")
+
+    kept, kept_count = program()
+    monkeypatch.setattr(_bpp, "_KEEP_BYTES", 0)
+    again, again_count = program()
+    assert kept_count < again_count
+    a, b = kept(U, G), again(U, G)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[2], b[2])
+    assert bool(a[1].all()) and int(a[2].sum()) > 0  # some lanes pivoted: their factors moved
+    assert float(jd.kkt_residual(G, U, a[0]).max()) <= 1e-5
+
+
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(J=jacobians())
 def test_pgd_agrees_with_bpp(J):
