@@ -500,6 +500,7 @@ def _lane_ops(G, compact, lcp=False, keep=False):
 # fresh mmaps that page-fault on every call, and a batch that fits the caches is factorised
 # faster (measured, one CPU thread, Cholesky plus one solve of 256 systems of 128 x 128:
 # float64 37 ms in one batch, 20 ms in chunks of 64; float32 22 ms -> 12 ms in chunks of 128).
+# CPU only: on an accelerator one batched call is what is cheap, and chunks would run in turn.
 _CHUNK_BYTES = 1 << 23
 
 
@@ -508,7 +509,7 @@ _CHUNK_BYTES = 1 << 23
 # of the pivoting loop, about what reusing them saves beyond a few MiB. Measured, one CPU
 # thread, float32 with its one step: m = 64 -10% to -15%, m = 128 -8% to -13%, m = 256 (16 MiB
 # of factors) -4% to +11%; float64, where the step rarely runs: +6% to +12% at m = 64 / 128,
-# +33% to +37% at m = 256.
+# +33% to +37% at m = 256. CPU only, as the chunks (not measured on an accelerator).
 _KEEP_BYTES = 1 << 22
 
 
@@ -517,12 +518,13 @@ def _lane_map(fn, size, *args, copies=1):
     ``size x size`` systems take at most ``_CHUNK_BYTES`` together (``copies`` of each: the
     size of an enclosing vmap, whose batch every chunk carries). The lanes are padded to a
     whole number of equal chunks (zeros: a zero right-hand side; the padding's answers are
-    dropped), so that no remainder batch runs beside the loop (see :func:`_after`)."""
+    dropped), so that no remainder batch runs beside the loop (see :func:`_after`). On the CPU
+    only (see ``_CHUNK_BYTES``)."""
     leaves = jax.tree_util.tree_leaves(args)
     k = leaves[0].shape[0]
     itemsize = max(jnp.dtype(x.dtype).itemsize for x in leaves)
     most = max(1, _CHUNK_BYTES // (copies * size * size * itemsize))
-    if k <= most:
+    if k <= most or jax.default_backend() != "cpu":
         return jax.vmap(fn)(*args)
     count = -(-k // most)
     chunk = -(-k // count)
@@ -620,6 +622,7 @@ def _pivot_all(
         and refine > 0
         and not adaptive
         and not _unrolled(size)
+        and jax.default_backend() == "cpu"
         and copies * k * size * size * itemsize <= _KEEP_BYTES
     )
     ops = _lane_ops(G, compact, lcp, keep)
