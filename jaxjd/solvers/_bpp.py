@@ -158,17 +158,22 @@ def _spd_solve(M, b, with_pivots=False):
     return (x, jnp.diagonal(A)) if with_pivots else x
 
 
-def _spd_inverse(M):
-    """``M^{-1}`` for a symmetric positive definite ``M``: ``W^T W`` with ``W = L^{-1}`` (one
+def _inverse_from_factor(chol):
+    """``M^{-1}`` from the Cholesky factor ``L`` of ``M``: ``W^T W`` with ``W = L^{-1}`` (one
     triangular solve and one matrix product, as LAPACK's potri: the second triangular solve of
     a Cholesky solve against the identity costs several times the product on the CPU).
-    Symmetric by construction up to the product's rounding, then symmetrised. Unrolled
-    elimination where :func:`_spd_solve` uses it."""
-    if _unrolled(M.shape[-1]):
-        return _spd_solve(M, jnp.eye(M.shape[-1], dtype=M.dtype))
-    W = lower_inverse(cholesky_lower(M))
+    Symmetric by construction up to the product's rounding, then symmetrised."""
+    W = lower_inverse(chol)
     Minv = W.T @ W
     return 0.5 * (Minv + Minv.T)
+
+
+def _spd_inverse(M):
+    """``M^{-1}`` for a symmetric positive definite ``M``: :func:`_inverse_from_factor`, or
+    unrolled elimination where :func:`_spd_solve` uses it."""
+    if _unrolled(M.shape[-1]):
+        return _spd_solve(M, jnp.eye(M.shape[-1], dtype=M.dtype))
+    return _inverse_from_factor(cholesky_lower(M))
 
 
 def _masked_solve(G, c, free, ridge):
@@ -204,8 +209,8 @@ def _compact_solve(G, c, u, free, H, blocks, K, chol=None, keep=False):
     step of iterative refinement on ``s_A = 0``.)
 
     ``keep``: also return the system's Cholesky factor; ``chol``: that factor, from an earlier
-    solve on the same free set (no gather, no factorisation: two triangular solves). Otherwise
-    the third output is None.
+    solve on the same free set (no gather, no factorisation: two triangular solves). The third
+    output is the factor, None when neither is given.
     """
     m = G.shape[0]
     width = m + K
@@ -218,12 +223,8 @@ def _compact_solve(G, c, u, free, H, blocks, K, chol=None, keep=False):
     if chol is None:
         rows = order + jnp.where(primal, 0, width)
         M = jnp.take(blocks, rows[:, None] * width + order[None, :])
-        if keep:
-            chol = cholesky_lower(M)
-    if chol is None:
-        x = _spd_solve(M, rhs)
-    else:
-        x = cho_solve(chol, rhs)
+        chol = cholesky_lower(M) if keep else None
+    x = _spd_solve(M, rhs) if chol is None else cho_solve(chol, rhs)
     scattered = jnp.where(chosen, x[jnp.clip(pos, 0, K - 1)], 0.0)
     # Primal: s is the scattered solution.
     p = free.astype(G.dtype)
@@ -234,7 +235,7 @@ def _compact_solve(G, c, u, free, H, blocks, K, chol=None, keep=False):
     s_dual = (H @ (mu - c)) * p
     lam_dual = mu * (1.0 - p)
     s = jnp.where(primal, s_primal, s_dual)
-    return s, jnp.where(primal, lam_primal, lam_dual), chol if keep else None
+    return s, jnp.where(primal, lam_primal, lam_dual), chol
 
 
 def _split(x):
@@ -869,9 +870,7 @@ def _plan(U, G, batched=False):
     # Cholesky, not _spd_solve, even for small m: with H from unrolled elimination, lanes of
     # rank-deficient float32 Gramians (reg_eps = 1e-4) cycled to max_iter on the dual path
     # (measured: 11 of 16384 lanes in a vmapped batch of 1024 16 x 16).
-    W = lower_inverse(cholesky(G))
-    H = W.T @ W
-    H = 0.5 * (H + H.T)
+    H = _inverse_from_factor(cholesky(G))
     # The repeated squarings in float32 (rescaled to unit trace at every step, so nothing
     # overflows; rounding moves the bound by ~1e-6 relative, far inside its m^(1/8) slack):
     # in float64 that takes 4-6% off the whole solve at m = 128 on one CPU thread, 1-3% at 256.
