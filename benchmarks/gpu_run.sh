@@ -5,6 +5,7 @@
 #   variants the vmapped weighting with each small-system solve (--unroll-max)
 #   upgrad   the UPGrad tables (worst case over the families, TorchJD on the same card)
 #   vmap     the vmapped weighting table
+#   cagrad   CAGrad's inner solve over the families (m up to 16: its loop steps are kernel launches)
 #   dp       examples/data_parallel.py on the machine's own devices (a data-parallel step against
 #            a plain one)
 #   suite    the default suite (stopped with SIGINT at SUITE_S seconds, so that pytest still
@@ -15,7 +16,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-steps=" ${*:-gpu variants upgrad vmap suite} "
+steps=" ${*:-gpu variants upgrad vmap cagrad suite} "
 has() { [[ "$steps" == *" $1 "* ]]; }
 nvidia-smi -L; python3 -c "import jax, torch; print(jax.__version__, jax.devices(), torch.__version__)"
 if has gpu; then
@@ -41,13 +42,17 @@ if has variants; then
 fi
 if has upgrad; then
   timeout 200 python3 bench_upgrad.py --dtypes float32 \
-    --sizes 64x1000,128x10000,256x10000,512x4000 --solvers "${UPGRAD_SOLVERS:-auto,bpp_gather}" \
+    --sizes 64x1000,128x10000,256x10000,512x4000 --solvers "${UPGRAD_SOLVERS:-auto}" \
     --torchjd-max-m 128 --out "$OUT/upgrad_gpu.md" 2>&1 | grep -v Warning
   timeout 60 python3 bench_upgrad.py --dtypes float32 --sizes 8x1000000 \
     --solvers auto,nesterov_pgd --out "$OUT/upgrad_gpu_wide.md" 2>&1 | grep -v Warning
 fi
 if has vmap; then
-  timeout 60 python3 bench_vmap.py --out "$OUT/vmap_gpu.md" 2>&1 | grep -v Warning
+  timeout 120 python3 bench_vmap.py --seeds "${VMAP_SEEDS:-3}" --out "$OUT/vmap_gpu.md" 2>&1 \
+    | grep -v Warning
+fi
+if has cagrad; then
+  timeout 90 python3 bench_cagrad.py --quick --out "$OUT/cagrad_gpu.md" 2>&1 | grep -v Warning
 fi
 cd ..
 if has suite; then

@@ -153,7 +153,8 @@ def test_lanes_factorised_in_chunks_give_the_same_answers(compact, monkeypatch, 
 def test_float32_refinement_reuses_the_lanes_factors(monkeypatch):
     """Where the refinement step always runs (float32) and the lanes' half-size factors are
     small, the step reuses each lane's last Cholesky factor (one factorisation less in the
-    program) and gives the same answers as refactorising."""
+    program) and gives the same answers as refactorising. On the CPU only (the H200 run of
+    session 18 traced the same count of factorisations both ways, as intended)."""
     from jaxjd.solvers import _bpp
 
     rng = np.random.default_rng(5)
@@ -170,7 +171,10 @@ def test_float32_refinement_reuses_the_lanes_factors(monkeypatch):
     kept, kept_count = program()
     monkeypatch.setattr(_bpp, "_KEEP_BYTES", 0)
     again, again_count = program()
-    assert kept_count < again_count
+    if jax.default_backend() == "cpu":
+        assert kept_count < again_count
+    else:  # CPU only: on an accelerator one batched factorisation is the cheap form
+        assert kept_count == again_count
     a, b = kept(U, G), again(U, G)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
