@@ -48,8 +48,7 @@ if has upgrad; then
     --solvers auto,nesterov_pgd --out "$OUT/upgrad_gpu_wide.md" 2>&1 | grep -v Warning
 fi
 if has vmap; then
-  timeout 120 python3 bench_vmap.py --seeds "${VMAP_SEEDS:-3}" --out "$OUT/vmap_gpu.md" 2>&1 \
-    | grep -v Warning
+  timeout 120 python3 bench_vmap.py --out "$OUT/vmap_gpu.md" 2>&1 | grep -v Warning
 fi
 if has cagrad; then
   timeout 90 python3 bench_cagrad.py --quick --out "$OUT/cagrad_gpu.md" 2>&1 | grep -v Warning
