@@ -127,3 +127,32 @@ def test_sweeping_a_number_hyper_parameter_does_not_retrace():
     step(jd.mgda(max_iters=5), J)
     step(jd.mgda(max_iters=6), J)
     assert len(traces) == 3
+
+
+def test_a_state_passed_to_a_call_is_named():
+    """The 0.1 API's ``agg.weights(J, state)``: a clear error, not Python's count of arguments."""
+    J = jnp.ones((2, 3))
+    agg = jd.nash_mtl()
+    with pytest.raises(TypeError, match=r"weights takes one positional argument.*aggregate"):
+        agg.weights(J, agg.init(J))
+    with pytest.raises(TypeError, match=r"__call__ takes one positional argument.*update"):
+        jd.upgrad()(J, None)
+    with pytest.raises(TypeError, match=r"__call__ takes one positional argument.*update"):
+        jd.upgrad_weighting()(jnp.eye(2), None)
+
+
+@pytest.mark.parametrize(
+    "weighting",
+    [
+        jd.mean_weighting(),
+        jd.sum_weighting(),
+        jd.constant_weighting(weights=[1.0, 2.0, 3.0]),
+        jd.random_weighting(),
+    ],
+    ids=["mean", "sum", "constant", "random"],
+)
+def test_weightings_that_ignore_the_gramian_ignore_its_nan(weighting):
+    G = jnp.eye(3).at[0, 1].set(jnp.nan)
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(weighting(G, key=key), weighting(jnp.eye(3), key=key))
+    assert np.all(np.isfinite(np.asarray(weighting(G, key=key))))

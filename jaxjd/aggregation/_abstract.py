@@ -128,6 +128,16 @@ class _Method(eqx.Module):
             )
 
 
+def _refuse_state_argument(method: _Method, call: str, extra: tuple, instead: str) -> None:
+    """A clear error for a state passed where none is taken (the 0.1 API's ``weights(J, state)``)
+    instead of Python's bare count of positional arguments."""
+    if extra:
+        raise TypeError(
+            f"{type(method).__name__}.{call} takes one positional argument (got "
+            f"{1 + len(extra)}): a state goes through {instead}."
+        )
+
+
 def _checked_losses(method: _Method, losses, m: int):
     """The losses a method reads, checked at trace time (``None`` when it reads none: then
     whatever was passed is ignored)."""
@@ -229,12 +239,12 @@ class AbstractWeighting(_Method):
     def __call__(
         self,
         gramian: Float[Array, "m m"],
-        /,
-        *,
+        *state: Any,
         key: PRNGKeyArray | None = None,
         losses: Float[Array, " m"] | None = None,
     ) -> Float[Array, " m"]:
         """The weights of a stateless weighting."""
+        _refuse_state_argument(self, "__call__", state, "w, state = method.update(G, state)")
         self._refuse_stateful("weights")
         return self.update(gramian, EmptyState(), key=key, losses=losses)[0]
 
@@ -292,8 +302,10 @@ def _weigh_jit(weighting, gramian, state, key, losses=None, log2_t=None):
     # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
     # weights (never finite weights of garbage) and leaves the state as it was, so that one bad
     # step does not poison the next ones; so do non-finite losses, for a method that reads them.
-    # (Weights from m alone have no Gramian to check.)
-    checked = [x for x in (losses, G) if x is not None and not isinstance(x, jax.ShapeDtypeStruct)]
+    # Weights from m alone (``reads_gramian = False``: Mean, Sum, Constant, Random) ignore G,
+    # its NaN entries too.
+    read = (losses, G) if weighting.reads_gramian else (losses,)
+    checked = [x for x in read if x is not None and not isinstance(x, jax.ShapeDtypeStruct)]
     if not checked:
         return w, new_state
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked]))
@@ -439,25 +451,25 @@ class AbstractAggregator(_Method):
     def __call__(
         self,
         jacobian: PyTree,
-        /,
-        *,
+        *state: Any,
         key: PRNGKeyArray | None = None,
         losses: Float[Array, " m"] | None = None,
     ) -> PyTree:
         """The update of a stateless aggregator."""
+        _refuse_state_argument(self, "__call__", state, "update, state = method.update(J, state)")
         self._refuse_stateful("update")
         return self.aggregate(jacobian, EmptyState(), key=key, losses=losses).update
 
     def weights(
         self,
         jacobian: PyTree,
-        /,
-        *,
+        *state: Any,
         key: PRNGKeyArray | None = None,
         losses: Float[Array, " m"] | None = None,
     ) -> Float[Array, " m"]:
         """The weights ``w`` with ``self(J) == combine(w, J)``, for a stateless method that
         weighs the rows (for a stateful one read ``aggregate(J, state).weights``)."""
+        _refuse_state_argument(self, "weights", state, "aggregate(J, state).weights")
         self._refuse_stateful("aggregate(J, state).weights")
         w = self.aggregate(jacobian, EmptyState(), key=key, losses=losses).weights
         if w is None:
@@ -482,7 +494,7 @@ def _out_of_range(G, n):
 
 def _power_of_two_exponent(leaves, dtype):
     """``e`` with ``2^e`` about ``max |J|`` over the leaves (0 when J is zero or not finite)."""
-    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
     usable = (top > 0) & (top <= jnp.finfo(dtype).max)
     _, e = jnp.frexp(jnp.where(usable, top, 1.0))
     return e

@@ -40,7 +40,9 @@ class KrumWeighting(AbstractWeighting):
                 f"Krum needs at least n_byzantine + 3 = {self.n_byzantine + 3} rows; got m = {m}."
             )
         if m < self.n_selected:
-            raise ValueError(f"Krum needs at least n_selected = {self.n_selected} rows; got {m}.")
+            raise ValueError(
+                f"Krum needs at least n_selected = {self.n_selected} rows; got m = {m}."
+            )
         sq = jnp.diagonal(G)
         dist = jnp.sqrt(jnp.maximum(sq[None, :] + sq[:, None] - 2 * G, 0.0))
         n_closest = m - self.n_byzantine - 2

@@ -47,7 +47,7 @@ def _row_norms(tree) -> Array:
     """``|g_i|`` for every row, with each row scaled by a power of two near its largest entry
     before squaring (exact), so that rows of 1e-20 or 1e20 keep their norm in float32."""
     rows = [jnp.reshape(x, (x.shape[0], -1)) for x in jax.tree_util.tree_leaves(tree)]
-    top = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1) for x in rows])
+    top = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), axis=1, initial=0) for x in rows])
     usable = (top > 0) & jnp.isfinite(top)
     _, e = jnp.frexp(jnp.where(usable, top, 1.0))
     parts = [jnp.sum(jnp.square(jnp.ldexp(x, -e[:, None])), 1) for x in rows]
