@@ -131,6 +131,32 @@ def ids(cases):
     return [name for name, _ in cases]
 
 
+#: One matrix of each family and shape class runs by default (the zero matrix, a small and a
+#: wider normal one, and one strong, strictly weak and non-weak matrix at m = 20); the property
+#: tests run on every matrix in the slow sweep.
+FAST_MATRICES = frozenset(
+    {
+        "zero_4x3",
+        "normal_matrix_4x3_r2",
+        "normal_matrix_9x11_r5",
+        "strong_matrix_20x10_r5",
+        "strictly_weak_matrix_20x10_r5",
+        "non_weak_matrix_20x10_r5",
+    }
+)
+
+
+def matrix_params(cases):
+    """pytest params over named matrices: :data:`FAST_MATRICES` by default, every matrix in the
+    slow sweep (``pytest -m slow``); ids are the matrices' names."""
+    import pytest
+
+    return [
+        pytest.param(c, id=c[0], marks=() if c[0] in FAST_MATRICES else pytest.mark.slow)
+        for c in cases
+    ]
+
+
 def fast_or_slow(cases, fast):
     """pytest params: the cases where ``fast(case)`` holds run by default, the others only in
     the slow sweep (``pytest -m slow``); ids are the case keys."""

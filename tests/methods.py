@@ -155,3 +155,25 @@ BY_NAME = {spec.name: spec for spec in REGISTRY}
 
 #: What the registry need not cover: the protocol itself.
 PROTOCOL = {"AbstractAggregator", "AbstractWeighting", "Aggregation", "EmptyState"}
+
+
+#: One method per code path (the dual-cone solver, Frank-Wolfe, the eigen and QR methods,
+#: random keys, an iterative root (FairGrad), Jacobian-sized state and a loss reader
+#: (ExcessMTL), Gramian state (GradVac, PCD), the interior point of Nash-MTL, CAGrad's pivoting,
+#: weights from m alone, per-coordinate rules): the registry-wide sweeps run these by default and
+#: every method in the slow sweep.
+REPRESENTATIVES = frozenset(
+    {"upgrad", "mgda", "mean", "aligned_mtl", "config", "graddrop", "fairgrad", "cagrad",
+     "gradvac", "pcd", "excess_mtl", "nash_mtl", "trimmed_mean", "mgda_l2"}
+)  # fmt: skip
+
+
+def default_or_slow(names=REPRESENTATIVES):
+    """The registry as pytest params: the methods in ``names`` by default, the others in the
+    slow sweep."""
+    import pytest
+
+    return [
+        pytest.param(s, id=s.name, marks=() if s.name in names else pytest.mark.slow)
+        for s in REGISTRY
+    ]

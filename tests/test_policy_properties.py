@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from methods import REGISTRY
+from methods import default_or_slow
 
 import jaxjd as jd
 
@@ -70,7 +70,7 @@ BAD_EXAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", default_or_slow())
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)])
 def test_value_policy_holds_on_random_ill_scaled_inputs(spec, dtype):
     method = spec.build()

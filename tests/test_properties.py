@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from helpers import (
     ids,
+    matrix_params,
     non_strong_matrices,
     non_weak_matrices,
     scaled_matrices,
@@ -77,7 +78,7 @@ NC = ["upgrad", "upgrad_exact", "dualproj", "mgda"]
 
 
 @pytest.mark.parametrize("name", NC)
-@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+@pytest.mark.parametrize("case", matrix_params(typical_matrices()))
 @pytest.mark.parametrize(
     "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)], indirect=True
 )
@@ -114,7 +115,7 @@ PERM = {
     # the mean and the sum are sums over the rows: in the slow sweep
     [pytest.param(n, marks=SLOW) if n in ("mean", "sum") else n for n in PERM],
 )
-@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+@pytest.mark.parametrize("case", matrix_params(typical_matrices()))
 def test_permutation_invariant(name, case, x64):
     _, a = case
     rng = np.random.default_rng(0)
@@ -131,7 +132,7 @@ TORCHJD_F32_PERM = {"upgrad": 5e-7, "dualproj": 2e-7, "config": 1e-4}
 
 
 @pytest.mark.parametrize("name", list(TORCHJD_F32_PERM))
-@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+@pytest.mark.parametrize("case", matrix_params(typical_matrices()))
 def test_permutation_invariant_float32_at_torchjds_tolerance(name, case):
     """TorchJD's own float32 check (elementwise, atol = rtol = 5e-7 for UPGrad, 2e-7 for
     DualProj), which TorchJD passes with a float64 QP on the host: ours solves in float32 and
@@ -152,7 +153,7 @@ LUS = {"upgrad_exact": 1e-6, "mean": 1e-12, "sum": 1e-12, "config": 1e-6}
 
 
 @pytest.mark.parametrize("name", list(LUS))
-@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+@pytest.mark.parametrize("case", matrix_params(typical_matrices()))
 def test_linear_under_scaling(name, case, x64):
     """A(diag(a c1 + b c2) J) = a A(diag(c1) J) + b A(diag(c2) J) for c1, c2 > 0: TorchJD's UPGrad
     reaches 6e-2 (its regularisation); the exact projection reaches 1e-6."""
@@ -188,7 +189,7 @@ def test_config_float32_permutation_invariant_on_ill_conditioned_rows(m, n, deca
             np.testing.assert_allclose(out, base, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", typical_matrices(), ids=ids(typical_matrices()))
+@pytest.mark.parametrize("case", matrix_params(typical_matrices()))
 def test_config_linear_under_scaling_float32_at_torchjds_tolerance(case):
     """TorchJD's float32 check for ConFIG (elementwise, atol = rtol = 1e-4), which it passes
     with the pseudo-inverse of the matrix: ours works from a QR factor of J (through the
@@ -211,7 +212,7 @@ def test_config_linear_under_scaling_float32_at_torchjds_tolerance(case):
 
 
 @pytest.mark.parametrize("name", ["upgrad", "upgrad_exact", "dualproj", "mean", "sum", "random"])
-@pytest.mark.parametrize("case", non_strong_matrices(), ids=ids(non_strong_matrices()))
+@pytest.mark.parametrize("case", matrix_params(non_strong_matrices()))
 def test_strongly_stationary_only_at_zero(name, case, dtype):
     """On matrices that are not strongly stationary the update is not zero (TorchJD: > 5e-3)."""
     _, a = case
@@ -219,7 +220,7 @@ def test_strongly_stationary_only_at_zero(name, case, dtype):
     assert np.linalg.norm(out) > 3e-3
 
 
-@pytest.mark.parametrize("case", strong_matrices(), ids=ids(strong_matrices()))
+@pytest.mark.parametrize("case", matrix_params(strong_matrices()))
 def test_upgrad_exact_vanishes_on_strongly_stationary(case, x64):
     """Converse of the above for the exact projection: a positive v with v^T J = 0 makes the dual
     cone a subspace orthogonal to... every row, so every projection is 0."""

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from methods import BY_NAME, REGISTRY
+from methods import BY_NAME, REGISTRY, default_or_slow
 
 import jaxjd as jd
 
@@ -74,19 +74,10 @@ _VMAP2_DEFAULT = {"upgrad", "mgda", "aligned_mtl", "config", "graddrop", "gradva
                   "excess_mtl", "nash_mtl", "trimmed_mean"}  # fmt: skip
 
 
-def _default_or_slow(names):
-    """The registry as pytest params: the methods in ``names`` by default, the others in the
-    slow sweep."""
-    return [
-        pytest.param(s, id=s.name, marks=() if s.name in names else pytest.mark.slow)
-        for s in REGISTRY
-    ]
-
-
 # Two variants whose vmapped path is their base method's (CAGrad's rescale is a final scaling,
 # CR-MOGM wraps any weighting) in the slow sweep, for the default suite's time.
 @pytest.mark.parametrize(
-    "spec", _default_or_slow({s.name for s in REGISTRY} - {"cagrad_rescale", "crmogm_gradvac"})
+    "spec", default_or_slow({s.name for s in REGISTRY} - {"cagrad_rescale", "crmogm_gradvac"})
 )
 @pytest.mark.parametrize(
     "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)], indirect=True
@@ -102,7 +93,7 @@ def test_vmap_over_jacobians_and_states(spec, dtype):
         close(one, run(method, Js[i], keys[i]), dtype, spec)
 
 
-@pytest.mark.parametrize("spec", _default_or_slow(_VMAP2_DEFAULT))
+@pytest.mark.parametrize("spec", default_or_slow(_VMAP2_DEFAULT))
 def test_vmap_of_vmap(spec, x64):
     method = spec.build()
     Js = jnp.stack(
@@ -120,7 +111,7 @@ _PYTREE_DEFAULT = {"upgrad", "mean", "nash_mtl", "gradnorm", "config", "cagrad",
                    "trimmed_mean", "excess_mtl", "moco", "db_mtl", "modo"}  # fmt: skip
 
 
-@pytest.mark.parametrize("spec", _default_or_slow(_PYTREE_DEFAULT))
+@pytest.mark.parametrize("spec", default_or_slow(_PYTREE_DEFAULT))
 def test_pytree_equals_matrix(spec, x64):
     dtype = "float64"
     method = spec.build()
