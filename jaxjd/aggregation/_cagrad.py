@@ -25,9 +25,10 @@ def _rescale(value):
 
 class CAGradWeighting(AbstractWeighting):
     r"""Weights of CAGrad, as TorchJD computes them: with ``G_n = G / tr(G)`` (zeros when the
-    trace is below ``norm_eps``), ``b = G_n 1/m`` and ``phi = c sqrt(1^T G_n 1) / m``, solve
-    ``min_{w in simplex} b^T w + phi sqrt(w^T G_n w)``, then ``weights = 1/m + (phi / q) w`` with
-    ``q = sqrt(w^T G_n w)`` (zeros when ``q < norm_eps``).
+    trace is below ``tiny / eps`` of its dtype; TorchJD: below ``norm_eps``), ``b = G_n 1/m`` and
+    ``phi = c sqrt(1^T G_n 1) / m``, solve ``min_{w in simplex} b^T w + phi sqrt(w^T G_n w)``,
+    then ``weights = 1/m + (phi / q) w`` with ``q = sqrt(w^T G_n w)`` (zeros when
+    ``q < norm_eps``, 1e-4 by default: ``q`` is ``|J^T w| / |J|_F``, free of J's scale).
 
     The convex problem is solved exactly on a face of the simplex: on a support ``S``, the KKT
     conditions give ``w`` affine in ``t = q / phi`` and ``t`` from a quadratic (closed form, one
@@ -52,7 +53,12 @@ class CAGradWeighting(AbstractWeighting):
 
     Args:
         c: the radius of the ball around the mean gradient (``c = 0``: the mean).
-        norm_eps: the Gramian is divided by its trace, or zeroed when the trace is below this.
+        norm_eps: ``None`` (default): the Gramian is zeroed instead of divided by its trace
+            only when the trace is below ``tiny / eps`` of its dtype (~1e-31 in float32: no
+            longer known to the dtype's precision), so the weights are the same at every scale,
+            and the zero update is taken when ``q < 1e-4``. A number: TorchJD's
+            rule for both tests, ``tr(G) < norm_eps`` and ``q < norm_eps`` (``1e-4``: TorchJD's
+            default and output; on gradients of norm ~1e-3 the update is then zero).
         tol: stopping tolerance of the inner solve (default by dtype).
         max_iter: iteration cap of the inner solve.
         rescale: LibMTL's option: ``0`` (default, TorchJD's) keeps the weights, ``1`` divides
@@ -73,29 +79,43 @@ class CAGradWeighting(AbstractWeighting):
     """
 
     c: Scalar = number("c", check="nonnegative")
-    norm_eps: Scalar = number("norm_eps", 1e-4, check="nonnegative")
+    norm_eps: Scalar | None = number("norm_eps", check="nonnegative", optional=True)
     tol: float | None = static_tol("tol")
     max_iter: int = static_int("max_iter", 20_000)
     rescale: int = eqx.field(static=True, default=0, converter=_rescale)
     factor: str = choice("factor", "qr", ("qr", "gramian"))
 
+    def _trace_eps(self, dtype):
+        """``norm_eps`` for the trace test (None: the dtype's rule)."""
+        return None if self.norm_eps is None else as_dtype(self.norm_eps, dtype)
+
     def _weigh(self, G, state, key):
-        norm_eps = as_dtype(self.norm_eps, G.dtype)
-        Gn = normalize_regularize(G, norm_eps, jnp.zeros((), G.dtype))
+        Gn = normalize_regularize(G, self._trace_eps(G.dtype), jnp.zeros((), G.dtype))
+        return self._solve(_of_gramian(Gn), G.shape[0], G.dtype), state
+
+    def _weigh_at_scale(self, G, log2_t, state, key):
+        """``G`` is ``2^log2_t J J^T`` (J rescaled because J J^T left the range): the weights
+        are scale-invariant but for an absolute ``norm_eps``, compared with the true trace."""
+        Gn = normalize_regularize(G, self._trace_eps(G.dtype), jnp.zeros((), G.dtype), log2_t)
         return self._solve(_of_gramian(Gn), G.shape[0], G.dtype), state
 
     def weights_from_factor(
         self, R: Float[Array, "m m"], log2_scale: Float[Array, ""]
     ) -> Float[Array, " m"]:
         """The weights from ``R`` (m x m) with ``R^T R = 2^log2_scale J J^T``: the solve on
-        ``R / |R|_F`` (TorchJD's ``G / tr(G)``), ``q = |R w| / |R|_F``; ``tr(J J^T)`` below
-        ``norm_eps`` (compared in logarithms: it may be out of range) gives zeros; a
+        ``R / |R|_F`` (TorchJD's ``G / tr(G)``), ``q = |R w| / |R|_F``; zeros when
+        ``|R|_F^2 < tiny / eps`` (``norm_eps=None``: J = 0, as R is J's factor rescaled) or
+        ``tr(J J^T) < norm_eps`` (compared in logarithms: it may be out of range); a
         non-finite ``R`` NaN."""
         dtype = R.dtype
         frob = scaled_norm(R)
-        log2_trace = 2.0 * jnp.log2(frob) - log2_scale
-        norm_eps = as_dtype(self.norm_eps, dtype)
-        keep = (frob > 0) & (log2_trace > jnp.log2(norm_eps))
+        if self.norm_eps is None:  # normalize_regularize's rule, on R^T R (J rescaled)
+            info = jnp.finfo(dtype)
+            keep = frob * frob >= float(info.tiny) / float(info.eps)
+        else:
+            log2_trace = 2.0 * jnp.log2(frob) - log2_scale
+            norm_eps = as_dtype(self.norm_eps, dtype)
+            keep = (frob > 0) & (log2_trace >= jnp.log2(norm_eps))
         Rn = jnp.where(keep, R / jnp.where(keep, frob, 1.0), 0.0)
         m = R.shape[1]
         w = self._solve(_of_factor(Rn), m, dtype)
@@ -110,7 +130,8 @@ class CAGradWeighting(AbstractWeighting):
         tol = self.tol if self.tol is not None else (1e-12 if dtype == jnp.float64 else 1e-6)
         w, _, _ = _minimize(apply, norm, gram, phi, tol, self.max_iter)
         q = norm(w)
-        ok = q >= as_dtype(self.norm_eps, dtype)
+        # (TorchJD's Pareto test; q is relative to |J|_F: the same at every scale)
+        ok = q >= as_dtype(1e-4 if self.norm_eps is None else self.norm_eps, dtype)
         w = jnp.where(ok, ones + (phi / jnp.where(ok, q, 1.0)) * w, 0.0)
         c = as_dtype(self.c, dtype)
         divisor = (1.0, 1.0 + c * c, 1.0 + c)[self.rescale]

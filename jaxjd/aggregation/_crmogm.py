@@ -67,9 +67,24 @@ class CRMOGMWeighting(AbstractWeighting):
         weights = sized(self.initial_weights, m, dtype, "initial_weights")
         return CRMOGMState(weights, jnp.asarray(True), inner)
 
+    @property
+    def rescalable(self) -> bool:
+        """As the inner weighting: an aggregator may then form ``G`` from J scaled by a power of
+        two (J J^T out of range), the inner weighting turns it into the true scale's weights
+        (UPGrad's: the same at every scale) and they are averaged as they are."""
+        return self.weighting.rescalable
+
     def _weigh(self, G, state, key, losses=None):
-        dtype = state.weights.dtype
         hat, inner = self.weighting._weigh(G, state.inner, key, *_hook_args(self.weighting, losses))
+        return self._average(hat, inner, state)
+
+    def _weigh_at_scale(self, G, log2_t, state, key, losses=None):
+        args = _hook_args(self.weighting, losses)
+        hat, inner = self.weighting._weigh_at_scale(G, log2_t, state.inner, key, *args)
+        return self._average(hat, inner, state)
+
+    def _average(self, hat, inner, state):
+        dtype = state.weights.dtype
         hat = hat.astype(dtype)
         alpha = as_dtype(self.alpha, dtype)
         prev = jnp.where(state.started, state.weights, hat)

@@ -14,15 +14,17 @@ from ._fields import as_dtype, sized
 
 
 def conditioned(weighting, G, log2_t=None):
-    """``(G', p)``: ``G' = G / tr(G) + reg_eps I`` (zeros when ``tr(G) <= norm_eps``) and the
-    preference ``p`` (default ``1/m``); ``log2_t``: ``G`` is ``2^log2_t`` times the true
-    Gramian (the weights are the true one's: the trace test is on the true trace)."""
+    """``(G', p)``: ``G' = G / tr(G) + reg_eps I`` (zeros for ``G / tr(G)`` when
+    ``tr(G) < tiny / eps``, or with a number ``norm_eps`` when ``tr(G) < norm_eps``: see
+    :func:`~jaxjd.solvers.normalize_regularize`) and the preference ``p`` (default ``1/m``);
+    ``log2_t``: ``G`` is ``2^log2_t`` times the true Gramian (the weights are the true one's:
+    an absolute ``norm_eps`` is compared with the true trace)."""
     m = G.shape[0]
     if weighting.pref_vector is None:
         pref = jnp.full((m,), 1.0 / m, G.dtype)
     else:
         pref = sized(weighting.pref_vector, m, G.dtype, "pref_vector")
-    norm_eps = as_dtype(weighting.norm_eps, G.dtype)
+    norm_eps = None if weighting.norm_eps is None else as_dtype(weighting.norm_eps, G.dtype)
     reg_eps = as_dtype(weighting.reg_eps, G.dtype)
     return normalize_regularize(G, norm_eps, reg_eps, log2_t), pref
 
@@ -38,8 +40,8 @@ def weigh(self, gramian, state, key):
 
 
 def weigh_at_scale(self, gramian, log2_t, state, key, *losses):
-    """The weighting's ``_weigh_at_scale``: scale-invariant but for the ``norm_eps`` test,
-    taken on the true trace."""
+    """The weighting's ``_weigh_at_scale``: scale-invariant but for an absolute ``norm_eps``
+    test, taken on the true trace."""
     return checked(*self._solve(gramian, log2_t)), state
 
 

@@ -14,11 +14,17 @@ from ._fields import number, spelling, vector
 class DualProjWeighting(AbstractWeighting):
     r"""Weights of DualProj, from the Gramian: the preference-weighted mean gradient projected
     onto the dual cone ``{x : J x >= 0}``, ``w = argmin_v v^T G' v  s.t.  v >= p``, with the
-    same ``G' = G / tr(G) + reg_eps I`` as :class:`UPGradWeighting`.
+    same ``G' = G / tr(G) + reg_eps I`` and ``norm_eps`` rule as :class:`UPGradWeighting`.
 
     Args:
         pref_vector: preference over the objectives (default uniform ``1/m``).
-        norm_eps: the Gramian is divided by its trace, or zeroed when the trace is below this.
+        norm_eps: when ``G`` is zeroed instead of divided by its trace (the weights are then
+            ``p``). ``None`` (default): only when ``tr(G) < tiny / eps`` of G's dtype (~1e-31
+            in float32, ~1e-292 in float64: G no longer known to the dtype's precision), so the
+            weights are the same at every scale (an aggregator rescales an underflowing
+            ``J J^T``: only an all-zero J falls back). A number: TorchJD's absolute rule,
+            ``tr(G) < norm_eps``; ``norm_eps=1e-4`` is TorchJD's default and output (gradients
+            of norm ~1e-3 then get the preference-weighted mean, which can conflict).
         reg_eps: added to the diagonal of the normalised Gramian (``0``: exact projection).
         solver: a :mod:`jaxjd.solvers` object or alias, as for :class:`UPGradWeighting`.
 
@@ -33,7 +39,7 @@ class DualProjWeighting(AbstractWeighting):
     """
 
     pref_vector: VectorLike | None = vector("pref_vector")
-    norm_eps: Scalar = number("norm_eps", 1e-4, check="nonnegative")
+    norm_eps: Scalar | None = number("norm_eps", check="nonnegative", optional=True)
     reg_eps: Scalar = number("reg_eps", 1e-4, check="nonnegative")
     solver: AbstractSolver = eqx.field(static=True, default="auto", converter=as_solver)
 

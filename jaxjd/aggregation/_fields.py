@@ -33,8 +33,10 @@ def _is_traced(value) -> bool:
     return isinstance(value, Tracer)
 
 
-def _number(name: str, check: Callable[[float], bool] | None, what: str):
+def _number(name: str, check: Callable[[float], bool] | None, what: str, optional: bool = False):
     def convert(value):
+        if value is None and optional:
+            return None
         if _is_traced(value):  # built inside a transformation: checked by the caller's maths
             return value
         arr = np.asarray(value, dtype=np.float64)
@@ -56,12 +58,13 @@ _CHECKS: dict[str, tuple[Callable[[float], bool] | None, str]] = {
 }
 
 
-def number(name: str, default: Any = None, *, check: str = "any") -> Any:
+def number(name: str, default: Any = None, *, check: str = "any", optional: bool = False) -> Any:
     """A float hyper-parameter stored as a 0-d array: a pytree leaf, so that a jitted step
-    traces it (a new value does not recompile). Validated when concrete."""
+    traces it (a new value does not recompile). Validated when concrete. ``optional``: ``None``
+    is a value too (the default unless another is given), kept as ``None``."""
     test, what = _CHECKS[check]
-    kwargs = {} if default is None else {"default": default}
-    return eqx.field(converter=_number(name, test, what), **kwargs)
+    kwargs: dict[str, Any] = {} if default is None and not optional else {"default": default}
+    return eqx.field(converter=_number(name, test, what, optional), **kwargs)
 
 
 def _vector(name: str, optional: bool, any_shape: bool = False):

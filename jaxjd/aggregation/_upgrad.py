@@ -18,13 +18,20 @@ class UPGradWeighting(AbstractWeighting):
     With preference ``p`` (default ``1/m``), ``w = sum_i v_i`` where
     ``v_i = argmin_v v^T G' v  s.t.  v >= p_i e_i``, so that ``J^T w = sum_i p_i pi_J(g_i)``: every
     gradient projected onto the dual cone ``{x : J x >= 0}``, so no objective increases for a
-    small step. ``G' = G / tr(G) + reg_eps I`` (zeros when ``tr(G) <= norm_eps``), TorchJD's
-    defaults; ``reg_eps = 0`` gives the exact projection. Weights are constants under
-    differentiation.
+    small step. ``G' = G / tr(G) + reg_eps I`` as in TorchJD (``reg_eps = 0``: the exact
+    projection), with zeros for ``G / tr(G)`` (weights ``p``) only when ``tr(G)`` is below
+    ``tiny / eps`` of its dtype (TorchJD: when ``tr(G) < 1e-4``, which ``norm_eps=1e-4``
+    restores). Weights are constants under differentiation.
 
     Args:
         pref_vector: preference over the objectives (default uniform ``1/m``).
-        norm_eps: the Gramian is divided by its trace, or zeroed when the trace is below this.
+        norm_eps: when ``G`` is zeroed instead of divided by its trace (the weights are then
+            ``p``). ``None`` (default): only when ``tr(G) < tiny / eps`` of G's dtype (~1e-31
+            in float32, ~1e-292 in float64: G no longer known to the dtype's precision), so the
+            weights are the same at every scale (an aggregator rescales an underflowing
+            ``J J^T``: only an all-zero J falls back). A number: TorchJD's absolute rule,
+            ``tr(G) < norm_eps``; ``norm_eps=1e-4`` is TorchJD's default and output (gradients
+            of norm ~1e-3 then get the preference-weighted mean, which can conflict).
         reg_eps: added to the diagonal of the normalised Gramian (``0``: exact projection).
         solver: a :mod:`jaxjd.solvers` object (default :class:`~jaxjd.solvers.Auto`: exact
             block principal pivoting) or an alias ``"auto"``, ``"bpp"``, ``"nesterov_pgd"``,
@@ -42,7 +49,7 @@ class UPGradWeighting(AbstractWeighting):
     """
 
     pref_vector: VectorLike | None = vector("pref_vector")
-    norm_eps: Scalar = number("norm_eps", 1e-4, check="nonnegative")
+    norm_eps: Scalar | None = number("norm_eps", check="nonnegative", optional=True)
     reg_eps: Scalar = number("reg_eps", 1e-4, check="nonnegative")
     solver: AbstractSolver = eqx.field(static=True, default="auto", converter=as_solver)
 

@@ -76,24 +76,38 @@ def as_solver(
 
 def normalize_regularize(
     G: Float[Array, "m m"],
-    norm_eps: float | Array,
+    norm_eps: float | Array | None,
     reg_eps: float | Array,
     log2_t: Array | None = None,
 ) -> Float[Array, "m m"]:
-    """TorchJD's conditioning: ``G / tr(G)`` (zeros when ``tr(G) <= norm_eps``) ``+ reg_eps I``;
-    NaN when a diagonal entry is negative (no Gramian). ``log2_t``: ``G`` is ``2^log2_t`` times
-    the true Gramian (J rescaled because J J^T left the range), and ``norm_eps`` is compared with
-    the true trace, in logarithms (``G / tr(G)`` needs no correction).
+    """TorchJD's conditioning, ``G / tr(G) + reg_eps I``, with zeros for ``G / tr(G)`` when the
+    trace is too small to divide by; NaN when a diagonal entry is negative (no Gramian).
+
+    ``norm_eps=None`` (the dtype's rule): zeros only when ``tr(G) < tiny / eps`` (``finfo``:
+    ~1e-31 in float32, ~1e-292 in float64; zero included), tested on ``G`` as given. Above it,
+    entries and products of J below ``tiny`` (flushed to zero by XLA, or subnormal) move ``G``
+    by less than ``eps tr(G)``: ``G`` is known to its dtype's precision, as at any scale, and
+    ``G / tr(G)`` is the same problem at every scale; below it, it is not (the bound the
+    aggregators' rescaling of ``J J^T`` uses, so an aggregator falls back only on J = 0). A
+    number: TorchJD's absolute rule, zeros when ``tr(J J^T) < norm_eps`` (or is 0);
+    ``log2_t``: ``G`` is ``2^log2_t`` times the true Gramian (J rescaled because J J^T left the
+    range), and ``norm_eps`` is compared with the true trace, in logarithms (``G / tr(G)``
+    needs no correction).
 
     The trace is summed in sorted order, so that it rounds alike for every order of the rows of
     J: in float32 a trace one ulp off changes the balance of ``G / tr(G)`` against ``reg_eps I``
     and, through cond(G), moves the weights by ~1e-5 (TorchJD's float32 permutation test
     allows 5e-7)."""
     trace = jnp.sum(jnp.sort(jnp.diagonal(G)))
-    small = trace <= norm_eps
-    if log2_t is not None:  # (the same test, bit for bit, when G is not rescaled)
-        rescaled = jnp.log2(trace) - log2_t <= jnp.log2(jnp.asarray(norm_eps, G.dtype))
-        small = jnp.where(log2_t == 0, small, rescaled)
+    if norm_eps is None:
+        info = jnp.finfo(G.dtype)  # (False on NaN: NaN weights follow)
+        small = trace < float(info.tiny) / float(info.eps)
+    else:
+        norm_eps = jnp.asarray(norm_eps, G.dtype)
+        small = (trace < norm_eps) | (trace == 0)
+        if log2_t is not None:  # (the same test, bit for bit, when G is not rescaled)
+            rescaled = jnp.log2(trace) - log2_t < jnp.log2(norm_eps)
+            small = jnp.where(log2_t == 0, small, rescaled | (trace == 0))
     safe = jnp.where(small, jnp.ones_like(trace), trace)
     Gn = jnp.where(small, jnp.zeros_like(G), G / safe)
     # A negative diagonal is no Gramian (the fallback would hide it): NaN, refused downstream.
