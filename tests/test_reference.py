@@ -164,9 +164,7 @@ RANDOM_CASES = reference_cases(("Random",), deterministic=False) + reference_cas
 )
 
 
-@pytest.mark.parametrize(
-    "case", fast_or_slow(RANDOM_CASES, lambda c: c["shape"][0] in (2, 10))
-)
+@pytest.mark.parametrize("case", fast_or_slow(RANDOM_CASES, lambda c: c["shape"][0] in (2, 10)))
 def test_random_properties(case, x64):
     """TorchJD's draw cannot be matched: check the shape, the simplex and reproducibility."""
     index, arrays = reference()
@@ -324,9 +322,7 @@ def _stateful(case):
 STATEFUL_CASES = reference_cases(("MoDoWeighting", "SDMGradWeighting"))
 
 
-@pytest.mark.parametrize(
-    "case", fast_or_slow(STATEFUL_CASES, lambda c: c["shape"][0] in (2, 10))
-)
+@pytest.mark.parametrize("case", fast_or_slow(STATEFUL_CASES, lambda c: c["shape"][0] in (2, 10)))
 def test_stateful_weightings_first_call(case, x64):
     index, arrays = reference()
     G = jnp.asarray(arrays[index["matrices"][case["matrix"]]["G_key"]])
