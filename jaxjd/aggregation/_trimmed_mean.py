@@ -32,8 +32,8 @@ class TrimmedMean(AbstractAggregator):
         m = num_objectives(jacobian)
         if m < 2 * self.trim_number + 1:
             raise ValueError(
-                f"TrimmedMean needs at least 2 trim_number + 1 = {2 * self.trim_number + 1} rows; "
-                f"got m = {m}."
+                f"TrimmedMean(trim_number={self.trim_number}) needs at least "
+                f"{2 * self.trim_number + 1} rows; got m = {m}."
             )
         t = self.trim_number
 
