@@ -48,3 +48,33 @@ def pinv_psd(G, rtol=None):
     keep = jnp.abs(lam) > rtol * jnp.max(jnp.abs(lam))
     inv = jnp.where(keep, 1.0 / jnp.where(keep, lam, 1.0), 0.0)
     return (V * inv[None, :]) @ V.T
+
+
+def power_of_two_scaled(G, even=False):
+    """``(2^-e G, e, usable)``: ``G`` scaled exactly (by a power of two) so that ``max |G_ij|``
+    is in ``[1/2, 1)`` (``[1/4, 1)`` with ``even``: ``e`` even, so that ``2^(e/2)`` is a power
+    of two too), and whether ``G`` has full precision: ``max |G_ij|`` is 0 or at least
+    ``tiny / eps`` (9.9e-32 in float32, 2.0e-292 in float64). Below that, ``J J^T`` formed in
+    the dtype has products under the normal range (subnormal, or flushed to 0 as XLA does on
+    the CPU) and its entries have lost precision. The tests read the bits: a flushing backend
+    compares a subnormal number as 0. ``e = 0`` where ``G`` is 0, unusable or not finite."""
+    dtype = G.dtype
+    info = jnp.finfo(dtype)
+    uint = jnp.uint32 if info.bits == 32 else jnp.uint64
+
+    def bits_of(x):
+        return jax.lax.bitcast_convert_type(jnp.asarray(x, dtype), uint)
+
+    # |x| as bits: their order is the order of the values (NaN above Inf)
+    top = jnp.max(bits_of(G) & jnp.asarray((1 << (info.bits - 1)) - 1, uint))
+    low, high = bits_of(float(info.tiny) / float(info.eps)), bits_of(info.max)
+    usable = (top == 0) | (top >= low)
+    normal = (top >= low) & (top <= high)
+    _, e = jnp.frexp(jnp.where(normal, jax.lax.bitcast_convert_type(top, dtype), 1.0))
+    e = jnp.where(normal, e, 0)
+    if even:
+        e = e + e % 2
+    # Two factors, each a normal number (2^-e alone can be subnormal: 0 where flushed).
+    half = e // 2
+    one = jnp.ones((), dtype)
+    return G * jnp.ldexp(one, -half) * jnp.ldexp(one, half - e), e, usable

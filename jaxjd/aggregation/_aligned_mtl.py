@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from .._linalg import power_of_two_scaled
 from .._spmd import eigh
 from .._typing import VectorLike
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
@@ -13,7 +14,10 @@ from ._fields import choice, sized, spelling, vector
 class AlignedMTLWeighting(AbstractWeighting):
     r"""Weights of Aligned-MTL: with ``G = V diag(l) V^T`` restricted to its rank
     (``l > max(l) m eps``), ``B = sqrt(s) V diag(l)^{-1/2} V^T`` and ``w = B p`` (``B = I`` when
-    the rank is 0).
+    the rank is 0). ``G`` is first scaled by a power of two (exact: the weights do not depend
+    on its scale); a Gramian whose largest entry is not 0 but below ``tiny / eps`` (9.9e-32 in
+    float32, 2.0e-292 in float64) has lost precision (its products were subnormal) and gives
+    NaN.
 
     Args:
         pref_vector: the preference ``p`` (default ``1/m``).
@@ -36,6 +40,7 @@ class AlignedMTLWeighting(AbstractWeighting):
     scale_mode: str = choice("scale_mode", "min", ("min", "median", "rmse"))
 
     def _weigh(self, G, state, key):
+        G, _, usable = power_of_two_scaled(G)
         m = G.shape[0]
         if self.pref_vector is None:
             p = jnp.full((m,), 1.0 / m, G.dtype)
@@ -55,7 +60,7 @@ class AlignedMTLWeighting(AbstractWeighting):
         inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
         B = jnp.sqrt(scale) * (V * inv_sqrt[None, :]) @ V.T
         B = jnp.where(rank == 0, jnp.eye(m, dtype=G.dtype), B)
-        return B @ p, state
+        return jnp.where(usable, B @ p, jnp.nan), state
 
 
 class AlignedMTL(GramianWeightedAggregator):

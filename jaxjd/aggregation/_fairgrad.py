@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import Tracer
 
+from .._linalg import power_of_two_scaled
 from .._spmd import solve
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import spelling, static_int, static_tol
@@ -35,6 +36,12 @@ class FairGradWeighting(AbstractWeighting):
     ``phi`` is unbounded below; the iterate after ``max_iters`` steps (or the last finite one)
     is returned: finite, positive, and large.
 
+    The solve runs on ``G_s = 2^-e G``, scaled by a power of two (exact) so that its largest
+    entry is about 1, and ``x(G) = 2^(e p) x(G_s)`` (``p = -alpha / (alpha + 1)``; exact for
+    ``alpha = 1``, one rounding otherwise); a Gramian whose largest entry is not 0 but below
+    ``tiny / eps`` (9.9e-32 in float32, 2.0e-292 in float64) has lost precision (its products
+    were subnormal) and gives NaN.
+
     Args:
         alpha: the fairness exponent (static: it sets the form of the problem; 0 gives the mean,
             1 proportional fairness).
@@ -61,7 +68,13 @@ class FairGradWeighting(AbstractWeighting):
         return -self.alpha / (self.alpha + 1.0)
 
     def _weigh(self, G, state, key):
-        return self._solve(G), state
+        G, e, usable = power_of_two_scaled(G, even=True)
+        x = self._solve(G)
+        # x(2^e G_s) = 2^(e p) x(G_s): a power of two times exp2 of the fractional part
+        ep = e.astype(G.dtype) * self.scale_degree
+        whole = jnp.floor(ep)
+        x = jnp.ldexp(x * jnp.exp2(ep - whole), whole.astype(e.dtype))
+        return jnp.where(usable, x, jnp.nan), state
 
     def _solve(self, G):
         m = G.shape[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .._linalg import pinv_psd
+from .._linalg import pinv_psd, power_of_two_scaled
 from ._abstract import AbstractWeighting, GramianWeightedAggregator
 from ._fields import spelling
 
@@ -12,7 +12,10 @@ from ._fields import spelling
 class IMTLGWeighting(AbstractWeighting):
     r"""Weights of IMTL-G: ``v = G^+ sqrt(diag G)``, ``w = v / sum(v)`` (zeros when
     ``|sum v| < 1e-12`` once G is divided by its largest diagonal entry), so the update has
-    equal projections on every unit gradient.
+    equal projections on every unit gradient. ``G`` is first scaled by a power of two (exact:
+    the weights do not depend on its scale); a Gramian whose largest entry is not 0 but below
+    ``tiny / eps`` (9.9e-32 in float32, 2.0e-292 in float64) has lost precision (its products
+    were subnormal) and gives NaN.
 
     Reference: Liu et al., "Towards impartial multi-task learning", ICLR 2021.
 
@@ -26,6 +29,7 @@ class IMTLGWeighting(AbstractWeighting):
     scale_degree = 0.0
 
     def _weigh(self, G, state, key):
+        G, _, usable = power_of_two_scaled(G)
         # The weights do not depend on the scale of G, but v does (as 1 / |g|): G is divided by
         # its largest diagonal entry first, so that the 1e-12 test is relative (a fixed
         # threshold on v gave zero weights for gradients of norm 1e13).
@@ -35,7 +39,8 @@ class IMTLGWeighting(AbstractWeighting):
         v = pinv_psd(G) @ d
         total = jnp.sum(v)
         small = jnp.abs(total) < 1e-12
-        return jnp.where(small, 0.0, v / jnp.where(small, 1.0, total)), state
+        w = jnp.where(small, 0.0, v / jnp.where(small, 1.0, total))
+        return jnp.where(usable, w, jnp.nan), state
 
 
 class IMTLG(GramianWeightedAggregator):
