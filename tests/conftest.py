@@ -54,8 +54,8 @@ def _what_runs(config):
         what = (
             "jaxjd default suite: every method through the protocol (jit, vmap, pytrees, dtypes, "
             "the value policy), TorchJD's and LibMTL's outputs, the paper's properties, solvers, "
-            "engines, optax, scalarizers and notebooks; about 7.5 minutes on "
-            "2 cores. Long sweeps: -m slow."
+            "engines, optax, scalarizers and notebooks, one case of each kind. Every sweep: "
+            "-m slow."
         )
     else:
         what = f"jaxjd tests selected by -m {markexpr!r}" if markexpr else "jaxjd: every test"

@@ -27,7 +27,7 @@ def test_every_page_is_listed():
 
 
 # The pages' examples run in .ci/run's documentation step (every page, always) and in the slow
-# sweep, not in the default suite (its 8-minute budget on 2 cores; the library code they call
+# sweep, not in the default suite (its 5-minute aim on 2 cores; the library code they call
 # is tested there).
 @pytest.mark.slow
 @pytest.mark.parametrize(

@@ -242,7 +242,7 @@ def test_pivoting_skips_inactive_lanes():
 
 
 # A count of steps (a cost property) whose unrolled solves and 40 ADMM steps take ~18 s to compile
-# on the CPU: in the slow sweep, to keep the default suite within its 8 minutes on 2 cores. The
+# on the CPU: in the slow sweep, to keep the default suite within its 5 minutes on 2 cores. The
 # accelerators' program stays in the default suite through test_pivoting_skips_inactive_lanes
 # (gather=False) and test_unrolled_spd_solve_matches_lapack (the unrolled solves).
 @pytest.mark.slow
