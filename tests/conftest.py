@@ -138,8 +138,31 @@ def _release_compiled_programs():
                 jax.clear_caches()
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.gpu`` tests run only where JAX's default backend is an accelerator."""
+    """The fast suite's budget (``budget.py``): those tests and cases get the ``slow`` mark.
+    ``@pytest.mark.gpu`` tests are skipped on the CPU."""
+    import budget
+
+    _skip_gpu_tests(items)
+    seen, found = set(), set()
+    for item in items:
+        name = getattr(item, "originalname", None) or item.name
+        key = f"{item.path.name}::{name}"
+        found.add(key)
+        if key in budget.SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        elif key in budget.ONE_CASE and item.get_closest_marker("slow") is None:
+            if key in seen:
+                item.add_marker(pytest.mark.slow)
+            seen.add(key)
+    files = {item.path.name for item in items}
+    stale = {k for k in budget.SLOW_TESTS | budget.ONE_CASE if k.split("::")[0] in files} - found
+    if stale:
+        raise pytest.UsageError(f"tests/budget.py names tests that do not exist: {sorted(stale)}")
+
+
+def _skip_gpu_tests(items):
     if jax.default_backend() != "cpu":
         return
     skip = pytest.mark.skip(reason="needs an accelerator (JAX's default backend is the CPU)")

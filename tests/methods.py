@@ -27,8 +27,6 @@ class Spec:
         covers: the public classes and spellings this entry exercises.
         loose: tolerances of the transformation tests, when the method's own solver stops
             short of rounding (``{"float32": ..., "float64": ...}``).
-        slow_eager: its op-by-op run under ``jax.disable_jit()`` takes seconds (the exact
-            solvers' loops: 4-11 s each on one core), so that case runs in the slow sweep.
         eager: False for the iterative solvers (FISTA, damped Newton, interior point) whose
             thousands of iterations take minutes op by op: they are compared under jit only.
     """
@@ -38,7 +36,6 @@ class Spec:
     weighting: Callable | None
     covers: tuple = ()
     loose: dict = field(default_factory=dict)
-    slow_eager: bool = False
     eager: bool = True
 
 
@@ -72,15 +69,15 @@ def unwrapped(method):
 
 REGISTRY = [
     Spec("upgrad", jd.upgrad, jd.upgrad_weighting,
-         (agg.UPGrad, agg.UPGradWeighting, "upgrad", "upgrad_weighting"), slow_eager=True),
+         (agg.UPGrad, agg.UPGradWeighting, "upgrad", "upgrad_weighting")),
     Spec("upgrad_pgd", lambda: jd.upgrad(solver="nesterov_pgd"),
-         lambda: jd.upgrad_weighting(solver="nesterov_pgd"), slow_eager=True, eager=False),
+         lambda: jd.upgrad_weighting(solver="nesterov_pgd"), eager=False),
     Spec("dualproj", jd.dualproj, jd.dualproj_weighting,
-         (agg.DualProj, agg.DualProjWeighting, "dualproj", "dualproj_weighting"), slow_eager=True),
+         (agg.DualProj, agg.DualProjWeighting, "dualproj", "dualproj_weighting")),
     Spec("mgda", jd.mgda, jd.mgda_weighting,
          (agg.MGDA, agg.MGDAWeighting, "mgda", "mgda_weighting")),
     Spec("mgda_exact", lambda: jd.mgda(method="exact"),
-         lambda: jd.mgda_weighting(method="exact"), slow_eager=True),
+         lambda: jd.mgda_weighting(method="exact")),
     Spec("mean", jd.mean, jd.mean_weighting,
          (agg.Mean, agg.MeanWeighting, "mean", "mean_weighting")),
     Spec("sum", jd.sum_rows, jd.sum_weighting,
@@ -107,23 +104,20 @@ REGISTRY = [
     Spec("graddrop", lambda: jd.graddrop(leak=[0.1, 0.2, 0.3, 0.4]), None,
          (agg.GradDrop, "graddrop")),
     Spec("fairgrad", lambda: jd.fairgrad(alpha=1.0), lambda: jd.fairgrad_weighting(alpha=1.0),
-         (agg.FairGrad, agg.FairGradWeighting, "fairgrad", "fairgrad_weighting"),
-         slow_eager=True, eager=False),
+         (agg.FairGrad, agg.FairGradWeighting, "fairgrad", "fairgrad_weighting"), eager=False),
     # CAGrad's solve is exact on a face of the simplex when its pivoting settles; otherwise its
     # first-order fallback stops on the gradient mapping: weights accurate to ~1e-7 (float64)
     # and ~1e-3 (float32, 3e-4 absolute seen on a vmapped batch before the exact solve).
     Spec("cagrad", lambda: jd.cagrad(c=0.5), lambda: jd.cagrad_weighting(c=0.5),
          (agg.CAGrad, agg.CAGradWeighting, "cagrad", "cagrad_weighting"),
-         loose={"float64": 1e-7, "float32": 1e-3}, slow_eager=True, eager=False),
+         loose={"float64": 1e-7, "float32": 1e-3}, eager=False),
     Spec("gradvac", jd.gradvac, jd.gradvac_weighting,
-         (agg.GradVac, agg.GradVacWeighting, agg.GradVacState, "gradvac", "gradvac_weighting"),
-         slow_eager=True),
+         (agg.GradVac, agg.GradVacWeighting, agg.GradVacState, "gradvac", "gradvac_weighting"),),
     Spec("pcd", jd.pcd, jd.pcd_weighting,
-         (agg.PCD, agg.PCDWeighting, agg.PCDState, "pcd", "pcd_weighting", "solve_priority_qp"),
-         slow_eager=True),
+         (agg.PCD, agg.PCDWeighting, agg.PCDState, "pcd", "pcd_weighting", "solve_priority_qp"),),
     Spec("nash_mtl", jd.nash_mtl, jd.nash_mtl_weighting,
          (agg.NashMTL, agg.NashMTLWeighting, agg.NashMTLState, "nash_mtl", "nash_mtl_weighting"),
-         loose={"float64": 1e-9, "float32": 1e-4}, slow_eager=True, eager=False),
+         loose={"float64": 1e-9, "float32": 1e-4}, eager=False),
     Spec("excess_mtl", lambda: jd.excess_mtl(n_warmup_steps=0), None,
          (agg.ExcessMTL, agg.ExcessMTLState, "excess_mtl")),
     Spec("moco", lambda: LossesFromJ(jd.moco()), None, (agg.MoCo, agg.MoCoState, "moco")),
@@ -137,13 +131,12 @@ REGISTRY = [
          lambda: jd.mgda_weighting(normalizer="l2")),
     Spec("cagrad_rescale", lambda: jd.cagrad(c=0.7, rescale=1),
          lambda: jd.cagrad_weighting(c=0.7, rescale=1),
-         loose={"float64": 1e-7, "float32": 1e-3}, slow_eager=True, eager=False),
+         loose={"float64": 1e-7, "float32": 1e-3}, eager=False),
     Spec("crmogm_upgrad", lambda: jd.crmogm(jd.upgrad_weighting(), alpha=0.5),
          lambda: jd.crmogm_weighting(jd.upgrad_weighting(), alpha=0.5),
-         (agg.CRMOGM, agg.CRMOGMWeighting, agg.CRMOGMState, "crmogm", "crmogm_weighting"),
-         slow_eager=True),
+         (agg.CRMOGM, agg.CRMOGMWeighting, agg.CRMOGMState, "crmogm", "crmogm_weighting"),),
     Spec("crmogm_gradvac", lambda: jd.crmogm(jd.gradvac_weighting(), alpha=0.5),
-         lambda: jd.crmogm_weighting(jd.gradvac_weighting(), alpha=0.5), slow_eager=True),
+         lambda: jd.crmogm_weighting(jd.gradvac_weighting(), alpha=0.5)),
     Spec("modo", lambda: agg.GramianWeightedAggregator(jd.modo_weighting()), jd.modo_weighting,
          (agg.MoDoWeighting, agg.SimplexWeightsState, "modo_weighting",
           agg.GramianWeightedAggregator)),
@@ -157,18 +150,12 @@ BY_NAME = {spec.name: spec for spec in REGISTRY}
 PROTOCOL = {"AbstractAggregator", "AbstractWeighting", "Aggregation", "EmptyState"}
 
 
-#: One method per code path (the dual-cone solver, Frank-Wolfe, the eigen and QR methods,
-#: random keys, an iterative root (FairGrad), Jacobian-sized state and a loss reader
-#: (ExcessMTL), Gramian state (GradVac, PCD), the interior point of Nash-MTL, CAGrad's pivoting,
-#: weights from m alone, per-coordinate rules): the registry-wide sweeps run these by default and
-#: every method in the slow sweep.
-REPRESENTATIVES = frozenset(
-    {"upgrad", "mgda", "mean", "aligned_mtl", "config", "graddrop", "fairgrad", "cagrad",
-     "gradvac", "pcd", "excess_mtl", "nash_mtl", "trimmed_mean", "mgda_l2"}
-)  # fmt: skip
+#: The fast suite's registry sweeps (each whole in the slow sweep): the dual-cone QP, MGDA's
+#: interior point, a weighting from m alone, and Nash-MTL's stateful sequence of programs.
+FAST = frozenset({"upgrad", "mgda", "mean", "nash_mtl"})
 
 
-def default_or_slow(names=REPRESENTATIVES):
+def default_or_slow(names=FAST):
     """The registry as pytest params: the methods in ``names`` by default, the others in the
     slow sweep."""
     import pytest

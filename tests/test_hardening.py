@@ -146,7 +146,7 @@ def test_mean_over_microbatches_splits_every_batched_argument():
 
 
 # ----------------------------------------------------------------- the value policy, registry-wide
-from methods import BY_NAME, REGISTRY, REPRESENTATIVES, default_or_slow  # noqa: E402
+from methods import BY_NAME, REGISTRY, default_or_slow  # noqa: E402
 
 # NaN / Inf in, NaN out, the state kept: tests/test_policy_properties.py, every method.
 
@@ -333,13 +333,8 @@ def test_fairgrad_weights_are_homogeneous_of_their_declared_degree(alpha, x64):
 
 SCALES = (1.0, 1e-5, 1e-10, 1e-15, 1e-20, 1e-30, 1e20)
 # Random draws depend on the dtype: these two cannot be compared across dtypes.
-# By default the representatives and every method with a rule of its own for the scale; every
-# method in the slow sweep.
-ACROSS_DTYPES = [
-    p
-    for p in default_or_slow({*REPRESENTATIVES, "upgrad", "dualproj", "gradvac", "pcd", "imtl_g"})
-    if p.values[0].name not in ("random", "graddrop")
-]
+# By default the fast suite's methods (methods.FAST); every method in the slow sweep.
+ACROSS_DTYPES = [p for p in default_or_slow() if p.values[0].name not in ("random", "graddrop")]
 # A known defect, not fixed yet (issue #33, item 2): on some CPUs Nash-MTL's float32 update at
 # scale 1e-10 is 0.67 away from float64's (its stopping rules are absolute in the true weights).
 # Reported as XFAIL until the method is fixed; it must not be read as passing.

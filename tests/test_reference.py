@@ -126,11 +126,13 @@ def test_every_case_is_covered():
 
 
 def _default_suite(case):
-    """Every configuration on the matrices with m = 2 and every default configuration on those
-    with m = 10 run by default (each (configuration, m) compiles anew); every configuration at
-    every m, up to 64, in the slow sweep (the solver's own tests cover m >= 16)."""
+    """Every default configuration on the matrices with m = 2, and the dual-cone and
+    minimum-norm QPs' on those with m = 10, by default (each (configuration, m) compiles anew);
+    every configuration at every m, up to 64, in the slow sweep (the solver's own tests cover
+    m >= 16)."""
     m = case["shape"][0]
-    return m == 2 or (case["config"] == case["class"] and m == 10)
+    qp = case["class"] in ("UPGrad", "DualProj", "MGDA")
+    return case["config"] == case["class"] and (m == 2 or (qp and m == 10))
 
 
 @pytest.mark.parametrize("case", fast_or_slow(CASES, _default_suite))
@@ -234,10 +236,9 @@ def _fair_residual(G, w, alpha):
 
 
 def _fairgrad_default(case):
-    """alpha = 1 on m = 5, every configuration on m = 2, by default (each
-    (alpha, m) compiles anew); the rest in the slow sweep."""
-    m = case["shape"][0]
-    return m == 2 or (m == 5 and case["config"] == "FairGrad_alpha=1.0")
+    """Every configuration on m = 2 by default (each (alpha, m) compiles anew); the rest in
+    the slow sweep."""
+    return case["shape"][0] == 2
 
 
 @pytest.mark.parametrize("case", fast_or_slow(FAIRGRAD_CASES, _fairgrad_default))

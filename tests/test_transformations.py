@@ -10,16 +10,12 @@ from methods import BY_NAME, REGISTRY, default_or_slow
 import jaxjd as jd
 
 KEY = jax.random.key(3)
-# Variants that run their base method's code with another option (MGDA's normalisers, ConFIG
-# through the Gramian) and the closed-form Gramian weightings (their jitted runs are checked
-# under vmap and against references) are in the slow sweep with the methods whose op-by-op run
-# takes seconds.
-_EAGER_VARIANTS = {"mgda_loss", "mgda_l2", "config_gramian", "mean", "sum", "constant", "imtl_g",
-                   "krum", "db_mtl", "modo", "sdmgrad"}  # fmt: skip
+# Three methods that run most of the library under op-by-op dispatch (QR, random keys, a sort)
+# by default; every method with a true eager path in the slow sweep (op-by-op runs compile each
+# primitive: seconds per method).
+_EAGER_FAST = {"config", "graddrop", "trimmed_mean"}
 EAGER = [
-    pytest.param(spec, marks=pytest.mark.slow)
-    if spec.slow_eager or spec.name in _EAGER_VARIANTS
-    else spec
+    spec if spec.name in _EAGER_FAST else pytest.param(spec, marks=pytest.mark.slow)
     for spec in REGISTRY
     if spec.eager
 ]
@@ -67,18 +63,11 @@ def test_jit_equals_true_eager(spec, dtype):
         close(out, eager, dtype, spec)
 
 
-# One method per code path by default (the dual-cone solver, Frank-Wolfe, the eigen and QR
-# methods, random keys, Jacobian-sized state and a loss reader (ExcessMTL), Gramian state,
-# lane-by-lane Nash-MTL, per-coordinate rules); every method in the slow sweep.
-_VMAP2_DEFAULT = {"upgrad", "mgda", "aligned_mtl", "config", "graddrop", "gradvac",
-                  "excess_mtl", "nash_mtl", "trimmed_mean"}  # fmt: skip
+# The dual-cone solver by default; every method in the slow sweep.
+_VMAP2_DEFAULT = {"upgrad"}
 
 
-# Two variants whose vmapped path is their base method's (CAGrad's rescale is a final scaling,
-# CR-MOGM wraps any weighting) in the slow sweep, for the default suite's time.
-@pytest.mark.parametrize(
-    "spec", default_or_slow({s.name for s in REGISTRY} - {"cagrad_rescale", "crmogm_gradvac"})
-)
+@pytest.mark.parametrize("spec", default_or_slow())
 @pytest.mark.parametrize(
     "dtype", ["float32", pytest.param("float64", marks=pytest.mark.slow)], indirect=True
 )
@@ -104,11 +93,9 @@ def test_vmap_of_vmap(spec, x64):
     close(out.update[1, 2], run(method, Js[1, 2], keys[1, 2]).update, "float64", spec)
 
 
-# The methods that read J's leaves themselves (QR leaf by leaf, per-coordinate rules, Jacobian-
-# sized state) and one of each other code path (Gramian-weighted, stateless and stateful; weights
-# from m alone; a loss reader) by default; every method in the slow sweep.
-_PYTREE_DEFAULT = {"upgrad", "mean", "nash_mtl", "gradnorm", "config", "cagrad", "graddrop",
-                   "trimmed_mean", "excess_mtl", "moco", "db_mtl", "modo"}  # fmt: skip
+# A Gramian-weighted method, one from m alone, and two that read J's leaves themselves (QR leaf
+# by leaf, per-coordinate rules) by default; every method in the slow sweep.
+_PYTREE_DEFAULT = {"upgrad", "mean", "config", "trimmed_mean"}
 
 
 @pytest.mark.parametrize("spec", default_or_slow(_PYTREE_DEFAULT))
@@ -129,7 +116,7 @@ def test_pytree_equals_matrix(spec, x64):
     close(out.weights, flat.weights, dtype, spec)
 
 
-@pytest.mark.parametrize("spec", REGISTRY, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", default_or_slow())
 def test_protocol_spellings_agree(spec):
     """``update`` is ``aggregate`` without the weights; the update is ``J^T w`` when there are
     weights; a stateless method's call is the protocol with an empty state, and the weighting
