@@ -126,13 +126,10 @@ def test_every_case_is_covered():
 
 
 def _default_suite(case):
-    """Every default configuration on the matrices with m = 2, and the dual-cone and
-    minimum-norm QPs' on those with m = 10, by default (each (configuration, m) compiles anew);
-    every configuration at every m, up to 64, in the slow sweep (the solver's own tests cover
-    m >= 16)."""
-    m = case["shape"][0]
-    qp = case["class"] in ("UPGrad", "DualProj", "MGDA")
-    return case["config"] == case["class"] and (m == 2 or (qp and m == 10))
+    """Every default configuration on the matrices with m = 2 by default (each (configuration,
+    m) compiles anew); every configuration at every m, up to 64, in the slow sweep (the
+    solver's own tests cover m >= 16)."""
+    return case["config"] == case["class"] and case["shape"][0] == 2
 
 
 @pytest.mark.parametrize("case", fast_or_slow(CASES, _default_suite))

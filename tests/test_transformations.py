@@ -10,10 +10,10 @@ from methods import BY_NAME, REGISTRY, default_or_slow
 import jaxjd as jd
 
 KEY = jax.random.key(3)
-# Three methods that run most of the library under op-by-op dispatch (QR, random keys, a sort)
-# by default; every method with a true eager path in the slow sweep (op-by-op runs compile each
-# primitive: seconds per method).
-_EAGER_FAST = {"config", "graddrop", "trimmed_mean"}
+# One method under op-by-op dispatch (ConFIG: a QR, a pseudo-inverse) by default; every method
+# with a true eager path in the slow sweep (op-by-op runs compile each primitive: seconds per
+# method).
+_EAGER_FAST = {"config"}
 EAGER = [
     spec if spec.name in _EAGER_FAST else pytest.param(spec, marks=pytest.mark.slow)
     for spec in REGISTRY
