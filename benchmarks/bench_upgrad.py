@@ -7,11 +7,12 @@ projector still solves on the host). TorchJD is optional:
 pip install torch==2.13.0 "torchjd[full]==0.18.0".
 
     python benchmarks/bench_upgrad.py [--quick] [--sizes 64x1000,...] [--dtypes float32]
-        [--solvers auto,bpp_gather,nesterov_pgd] [--torchjd-max-m 256]
+        [--solvers auto,bpp_gather,nesterov_pgd,qpax] [--torchjd-max-m 256]
         [--out benchmarks/results/upgrad.md]
 
-A solver name is a ``jd.solvers`` alias, or ``bpp_gather`` / ``bpp_dense`` for BPP with its
-pending-lane gather on or off. Families: ``jaxjd._families`` (the conflicting family with three
+A solver name is a ``jd.solvers`` alias (``qpax``: the interior point and its crossover, needs
+the ``qpax`` extra), or ``bpp_gather`` / ``bpp_dense`` for BPP with its pending-lane gather on or
+off. Families: ``jaxjd._families`` (the conflicting family with three
 seeds). ``worst / median`` is the spread of the first solver's times over the family matrices.
 """
 
