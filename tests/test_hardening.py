@@ -335,19 +335,6 @@ SCALES = (1.0, 1e-5, 1e-10, 1e-15, 1e-20, 1e-30, 1e20)
 # Random draws depend on the dtype: these two cannot be compared across dtypes.
 # By default the fast suite's methods (methods.FAST); every method in the slow sweep.
 ACROSS_DTYPES = [p for p in default_or_slow() if p.values[0].name not in ("random", "graddrop")]
-# A known defect, not fixed yet (issue #33, item 2): on some CPUs Nash-MTL's float32 update at
-# scale 1e-10 is 0.67 away from float64's (its stopping rules are absolute in the true weights).
-# Reported as XFAIL until the method is fixed; it must not be read as passing.
-ACROSS_DTYPES = [
-    pytest.param(
-        *p.values,
-        id=p.id,
-        marks=(*p.marks, pytest.mark.xfail(reason="issue #33 item 2: Nash-MTL float32 at 1e-10")),
-    )
-    if p.values[0].name == "nash_mtl"
-    else p
-    for p in ACROSS_DTYPES
-]
 
 
 @pytest.mark.parametrize("spec", ACROSS_DTYPES)

@@ -4,7 +4,8 @@ entry, run through every method under vmap (beside a clean Jacobian), in float32
 float64.
 
 - a finite J whose Gramian is in range gives a finite update (no method silently breaks down
-  on ill-scaled rows);
+  on ill-scaled rows), except that Nash-MTL's float32 update may be NaN where float64's
+  sequence of programs does not settle on the same J either (its docstring says so);
 - NaN in J gives a non-finite update where the bad entry is, NaN weights where they depend on
   G, and a stateful method keeps the state of its last clean step (one NaN step does not poison
   the next ones; issue #13 items 7 and 10); an infinite entry the same, except TrimmedMean,
@@ -92,6 +93,10 @@ def test_value_policy_holds_on_random_ill_scaled_inputs(spec, dtype):
             assert np.all(np.isfinite(np.asarray(batched.update[1]))), spec.name
             update = np.asarray(out.update)
             if ex["bad"] is None:
+                if spec.name in NAN_WHERE_UNSETTLED and dtype == "float32":
+                    if np.all(np.isnan(update)):  # documented: float64 did not settle either
+                        assert _float64_residual(spec, clean, J) > 1e-3, (spec.name, ex)
+                        return
                 assert np.all(np.isfinite(update)), (spec.name, ex, update)
                 return
             if ex["bad"] != "nan" and spec.name == "trimmed_mean":
@@ -107,6 +112,21 @@ def test_value_policy_holds_on_random_ill_scaled_inputs(spec, dtype):
                     np.testing.assert_array_equal(np.asarray(new), np.asarray(old)[0])
 
         check()
+
+
+# Methods whose float32 answer is NaN where their sequence of solves does not settle (their
+# docstrings say so): NaN is allowed on a clean J only where float64's sequence, on the same
+# J, ends far from its solution too (Nash-MTL: the state's residual, max_i |alpha_i (G alpha)_i
+# - 1|; e.g. a row 1e6 times the others: cond(G) = 4e12, float64's residual 2e6).
+NAN_WHERE_UNSETTLED = {"nash_mtl"}
+
+
+def _float64_residual(spec, clean, J):
+    """The state's residual after the test's two steps in float64 on the same (float32) J."""
+    with jax.enable_x64(True):
+        J64, clean64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (J, clean))
+        _, out = jax.jit(_step, static_argnums=0)(spec.build(), clean64, J64, jax.random.key(0))
+        return float(out.state.residual)
 
 
 def _examples(exs):

@@ -38,11 +38,14 @@ def _solve_step(G, c, start, tol, max_iter):
 
     for the normalised ``G`` (``|G|_F = 1``) and a positive multiple ``c`` of TorchJD's
     objective (see :meth:`NashMTLWeighting._solve`). Starts from ``start`` (with
-    ``G start > 0``) scaled up until every constraint holds with margin 1. Returns ``(b, ok)``;
-    ``ok`` is False when ``c`` is not finite, the start is not strictly feasible, or the final
-    iterate is not (e.g. an unbounded program). Like ECOS's "inaccurate" answers, a strictly
-    feasible iterate that ran out of iterations is kept: it is feasible and improves on the
-    start.
+    ``G start > 0``) scaled until every constraint holds with margin at least 1 and one with
+    exactly 1, whatever the magnitude of ``start`` (scaled up only, a start 1e20 times too large
+    made the first Newton step's line search bottom out: the program "converged" at its start).
+    Returns ``(b, ok)``; ``ok`` is False when ``c`` is not finite, the start is not strictly
+    feasible, or the final iterate is not (e.g. an unbounded program). Like ECOS's "inaccurate"
+    answers, a strictly feasible iterate that ran out of iterations, or whose Newton system
+    gave no finite step (in float32, near an optimum where fewer than m constraints are
+    active), is kept: it is feasible and improves on the start.
     """
     m = G.shape[0]
     dtype = G.dtype
@@ -66,9 +69,9 @@ def _solve_step(G, c, start, tol, max_iter):
         _, f, Df, _, _ = parts(a)
         return c + Df.T @ lam, -lam * f - 1.0 / t
 
-    # Strictly feasible start: h_i(s a) = h_i(a) + 2 log s >= 1.
+    # Strictly feasible start: h_i(s a) = h_i(a) + 2 log s, min_i h_i = 1.
     h_start = jnp.log(jnp.where(usable, start, 1.0)) + jnp.log(jnp.where(usable, u_start, 1.0))
-    a0 = jnp.where(usable, start, 1.0) * jnp.exp(jnp.maximum((1.0 - jnp.min(h_start)) / 2.0, 0.0))
+    a0 = jnp.where(usable, start, 1.0) * jnp.exp((1.0 - jnp.min(h_start)) / 2.0)
     _, f0, _, _, _ = parts(a0)
     lam0 = -1.0 / jnp.where(f0 < 0, f0, -1.0)
     # Newton is affine invariant, but stopping tests are not: measure the dual residual in the
@@ -114,10 +117,15 @@ def _solve_step(G, c, start, tol, max_iter):
             # rounding does.
             return (~(feasible & small)) & (step > 1e-12) & (k < 60)
 
-        step, _ = jax.lax.while_loop(bad, shrink, (step0, jnp.asarray(0)))
-        # A line search that bottoms out takes no step (the iterate stays strictly feasible).
-        step = jnp.where(step > 1e-12, step, 0.0)
-        a, lam = a + step * da, lam + step * dlam
+        # A Newton system too ill-conditioned for the dtype (float32: a condition number of
+        # 3e8 seen at the optimum of a program with 3 of 4 constraints active) gives no finite
+        # step: take none. So does a line search that bottoms out; the iterate stays strictly
+        # feasible (not a + 0 * nan).
+        finite = jnp.all(jnp.isfinite(da)) & jnp.all(jnp.isfinite(dlam))
+        step, _ = jax.lax.while_loop(bad, shrink, (jnp.where(finite, step0, 0.0), jnp.asarray(0)))
+        step = jnp.where(finite & (step > 1e-12), step, 0.0)
+        a = jnp.where(step > 0, a + step * da, a)
+        lam = jnp.where(step > 0, lam + step * dlam, lam)
         _, f, Df, _, _ = parts(a)
         gap = -(f @ lam)
         converged = (jnp.linalg.norm(D * (c + Df.T @ lam)) <= tol * scale) & (
@@ -125,31 +133,118 @@ def _solve_step(G, c, start, tol, max_iter):
         )
         return a, lam, it + 1, converged | (step == 0.0)
 
-    a, _, _, _ = jax.lax.while_loop(cond, body, (a0, lam0, jnp.asarray(0), ~usable))
+    a, lam, _, _ = jax.lax.while_loop(cond, body, (a0, lam0, jnp.asarray(0), ~usable))
     # Like ECOS's "inaccurate" answers, a strictly feasible iterate that ran out of iterations is
     # kept: it is feasible and improves on the start.
-    ok = usable & jnp.all(jnp.isfinite(a)) & parts(a)[0]
-    return a, ok
+    feasible, f, _, _, _ = parts(a)
+    ok = usable & jnp.all(jnp.isfinite(a)) & feasible
+    # the smaller of slack and multiplier goes to 0 at the optimum
+    active = -f <= lam / jnp.maximum(jnp.max(lam), jnp.finfo(dtype).tiny)
+    polished, exact = _polish(G, c, a, lam, active)
+
+    # else from the start with its own active set: the previous program's answer, near this
+    # one's once the sequence converges, where float32's interior point sometimes ended 2% away
+    # with the wrong constraints nearly active
+    def from_start():
+        x = jnp.where(usable, start, 1.0)
+        return _polish(G, c, x, lam, -parts(x)[1] <= 1e-3)
+
+    polished, exact = jax.lax.cond(exact, lambda: (polished, exact), from_start)
+    return jnp.where(ok & exact, polished, a), ok, ok & exact
+
+
+def _polish(G, c, a, lam, active):
+    r"""The program's exact optimum from the interior point's last iterate, by Newton's method
+    on its KKT conditions with the active set that the iterate shows (``c + Df^T nu = 0``,
+    ``f_i = 0`` where a constraint is active, ``nu_i = 0`` elsewhere), and whether it is
+    certified: a KKT point with clearly positive multipliers and clearly slack inactive
+    constraints, which for a convex program is the optimum. The interior point alone reaches
+    an optimum only as ``tol / nu_i`` where a multiplier ``nu_i`` is small: in float32 the
+    programs at large ``|g|`` (TorchJD's objective is then nearly ``1^T G' b``) ended with
+    residuals ``alpha_i (G alpha)_i - 1`` of 1e-3 to 0.1 where float64's were 1e-8 (updates
+    8e-3 apart). Two rounds: the second with the active set corrected by the first (a violated
+    constraint joins, a negative multiplier leaves)."""
+    m = G.shape[0]
+    dtype = G.dtype
+    tiny = jnp.finfo(dtype).tiny
+    eps = jnp.finfo(dtype).eps
+
+    def pieces(x):
+        u = G @ x
+        sx = jnp.where(x > 0, x, 1.0)
+        su = jnp.where(u > 0, u, 1.0)
+        fx = -(jnp.log(sx) + jnp.log(su))
+        Dfx = -(jnp.diag(1.0 / sx) + G / su[:, None])
+        return fx, Dfx, sx, su, jnp.all(x > 0) & jnp.all(u > 0)
+
+    def newton(carry, _):
+        x, nu, active = carry
+        fx, Dfx, sx, su, _ = pieces(x)
+        H = jnp.diag(nu / sx**2) + G.T @ ((nu / su**2)[:, None] * G)
+        lower = [jnp.where(active[:, None], Dfx, 0.0), jnp.diag(jnp.where(active, 0.0, 1.0))]
+        K = jnp.block([[H, Dfx.T], lower])
+        r = jnp.concatenate([c + Dfx.T @ nu, jnp.where(active, fx, nu)])
+        d = solve(K, -r)
+        return (x + d[:m], nu + d[m:], active), None
+
+    def round_(x, nu, active):
+        nu = jnp.where(active, nu, 0.0)
+        (x, nu, _), _ = jax.lax.scan(newton, (x, nu, active), None, length=4)
+        return x, nu
+
+    x, nu = round_(a, lam, active)
+    fx = pieces(x)[0]
+    active = jnp.where(active, nu >= 0, fx >= 0)
+    x, nu = round_(x, nu, active)
+    fx, Dfx, _, _, positive = pieces(x)
+    # certified: stationary and on the active constraints to rounding, the multipliers clearly
+    # positive and the inactive constraints clearly slack (1e-3 on quantities of order 1)
+    loose = jnp.sqrt(eps)
+    top = jnp.maximum(jnp.max(jnp.abs(nu)), tiny)
+    exact = (
+        positive
+        & jnp.all(jnp.isfinite(x))
+        & jnp.all(jnp.isfinite(nu))
+        & (jnp.linalg.norm(c + Dfx.T @ nu) <= loose * jnp.linalg.norm(jnp.abs(Dfx.T) @ jnp.abs(nu)))
+        & jnp.all(jnp.where(active, jnp.abs(fx) <= loose, fx <= -1e-3))
+        & jnp.all(jnp.where(active, nu >= 1e-3 * top, True))
+    )
+    return x, exact
 
 
 class NashMTLWeighting(AbstractWeighting):
-    r"""Weights of Nash-MTL, from the Gramian (TorchJD reads the Jacobian; only ``J J^T`` is
-    needed).
+    r"""Weights of Nash-MTL, from the Gramian: the bargaining solution
+    ``alpha_i (G alpha)_i = 1`` (TorchJD reads the Jacobian; only ``J J^T`` is needed).
 
-    With ``nf = |G|_F`` and ``G' = G / nf``, up to ``optim_niter`` convex programs
-    (:func:`_solve_step`) move ``alpha`` toward ``alpha_i (G alpha)_i = 1``, warm started from
-    the previous call's ``alpha`` (ones at first); TorchJD's stopping rules:
-    ``|G' alpha - 1 / alpha| < 1e-3`` or a change below ``1e-6``. Weights are recomputed every
-    ``update_weights_every`` calls and reused in between. If ``max_norm > 0`` and
-    ``|J^T alpha| = sqrt(alpha^T G alpha) > max_norm``, alpha is rescaled to that norm.
+    The solution is sought in ``b = alpha sqrt(nf)``, the weights of ``G' = G / nf`` with
+    ``nf = |G|_F`` (``b_i (G' b)_i = 1``: the same problem at every scale of the gradients), by
+    up to ``optim_niter`` of TorchJD's convex programs (see :meth:`_solve`), warm started from
+    the previous call's ``alpha`` (ones at first). The sequence stops when a program moves
+    ``b`` by less than ``max(1e-6, tol |b|)`` (``tol``: 1e-9 in float64, 1e-4 in float32):
+    TorchJD's second rule, ``|alpha_new - alpha| < 1e-6``, taken in ``b`` rather than in
+    ``alpha``, which scales like ``1 / |g|`` (in ``alpha`` the rule never held in float32 at
+    ``|g| = 1e-10`` and held after one program at ``|g| = 1e20``). TorchJD's first rule,
+    ``|G' alpha - 1 / alpha| < 1e-3``, holds at the solution only by coincidence and is not
+    used. Weights are recomputed every ``update_weights_every`` calls and reused in between.
+    If ``max_norm > 0`` and ``|J^T alpha| > max_norm``, alpha is rescaled to that norm.
+
+    Values: in float32 the weights are NaN unless the sequence settled (the rule above, on a
+    program solved to its KKT conditions) or kept the previous ``alpha`` at its first program
+    for want of a strictly feasible point; float64 returns the last iterate, as TorchJD
+    would. Measured on 8232 Jacobians (m = 2..8, n = 3..10, 21 seeds, ``|g|`` from 1e-30 to
+    1e20; ``tests/test_nash_mtl_scale.py``): 20 float32 answers are NaN, 14 where float64 did
+    not reach the solution either (residual 1 and more) and 6 on one rank-deficient 7 x 5
+    Jacobian that float64 solves; every other is float64's to 2e-5 (with TorchJD's rules
+    in ``alpha``: none NaN, and float32 updates 0.57 from float64's at m = 2, 7e20 times too
+    long at ``|g| = 1e20``).
 
     Where TorchJD fails, the answer is defined: when a program has no strictly feasible start
     (0 is in the hull of the normalised gradients: e.g. a zero row, or more objectives than
-    directions that please them all) the previous ``alpha`` is kept, as
-    TorchJD does on a solver error; an all-zero Gramian keeps ``alpha`` (the update is zero);
-    m = 1 gives ``alpha = 1`` (``G / |G|_F = 1`` meets the stopping rule at once), clipped to
-    ``max_norm / |g|``. State: :class:`NashMTLState`; its ``residual`` says how far the weights
-    are from ``alpha_i (G alpha)_i = 1`` (e.g. when the previous ``alpha`` was kept).
+    directions that please them all) the previous ``alpha`` is kept, as TorchJD does on a
+    solver error; an all-zero Gramian keeps ``alpha`` (the update is zero); m = 1 gives
+    ``alpha = 1`` (TorchJD raises), clipped to ``max_norm / |g|``. State:
+    :class:`NashMTLState`; its ``residual`` says how far the weights are from
+    ``alpha_i (G alpha)_i = 1`` (e.g. when the previous ``alpha`` was kept).
 
     Args:
         max_norm: the update's norm is clipped to it (0: no clipping).
@@ -188,10 +283,10 @@ class NashMTLWeighting(AbstractWeighting):
         log2_t = log2_t.astype(dtype)
         to_true = jnp.exp2(0.5 * log2_t)
         refresh = state.count % self.update_weights_every == 0
-        alpha = jax.lax.cond(
+        alpha, trusted = jax.lax.cond(
             refresh,
             lambda G, a, t: self._solve_lanewise(G, a, t),
-            lambda G, a, t: a,
+            lambda G, a, t: (a, jnp.asarray(True)),
             G,
             state.alpha / to_true,
             log2_t,
@@ -199,8 +294,17 @@ class NashMTLWeighting(AbstractWeighting):
         # alpha_i (G alpha)_i at any scale (exact powers of two cancel)
         residual = jnp.max(jnp.abs(alpha * (G @ alpha) - 1.0))
         residual = jnp.where(refresh, residual, state.residual)
+        if dtype != jnp.float64:
+            # float32 gives float64's weights or NaN (the value policy): an answer it cannot
+            # stand by (see _solve) is NaN, in the state too (so are the weights reused until
+            # the next solve, which starts afresh); residual says how far it was.
+            alpha = jnp.where(trusted, alpha, jnp.nan)
         max_norm = as_dtype(self.max_norm, dtype)
-        norm = jnp.sqrt(jnp.maximum(alpha @ G @ alpha, 0.0))  # |J^T alpha| at any scale
+        # |J^T alpha| at any scale, at unit size first (a kept alpha = 1 at |g| = 1e20 has
+        # alpha^T G alpha out of float32's range at G's scale)
+        top = jnp.max(jnp.abs(alpha))
+        unit = alpha / jnp.where(top > 0, top, 1.0)
+        norm = top * jnp.sqrt(jnp.maximum(unit @ G @ unit, 0.0))
         clip = (max_norm > 0) & (norm > max_norm)
         alpha_out = jnp.where(clip, alpha / jnp.where(clip, norm, 1.0) * max_norm, alpha)
         new_state = NashMTLState(alpha * to_true, state.count + 1, residual)
@@ -223,7 +327,7 @@ class NashMTLWeighting(AbstractWeighting):
                 x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
                 for x, batched in zip(args, in_batched)
             )
-            return jax.lax.map(lambda a: solve(*a), args), True
+            return jax.lax.map(lambda a: solve(*a), args), (True, True)
 
         return solve(G, alpha, log2_t)
 
@@ -235,7 +339,10 @@ class NashMTLWeighting(AbstractWeighting):
         every scale) it is ``min c^T b`` with ``c`` a positive multiple of
         ``sqrt(nf) 1^T G' + 1 / b_prev + G' (1 / (G' b_prev))``: the iterates never leave the range
         of float32 however large or small the gradients (``a`` itself, in float32, did at
-        ``|g| = 1e-10``). TorchJD's stopping rules are evaluated on the true ``a``."""
+        ``|g| = 1e-10``). The stopping rule is evaluated on ``b`` (see the class docstring), and
+        a program is linearised at ``b_prev`` only where it is strictly feasible (else at the
+        strictly feasible start that the program starts from). Returns ``(alpha, trusted)``:
+        ``trusted`` is False when the sequence did not settle (see the class docstring)."""
         dtype = GTG.dtype
         m = GTG.shape[0]
         nf_s = scaled_norm(GTG)
@@ -244,13 +351,13 @@ class NashMTLWeighting(AbstractWeighting):
         G = GTG / nf_s
         root = jnp.sqrt(nf_s)
         log_nf = jnp.log(nf_s) - log2_t * jnp.log(2.0).astype(dtype)  # of the true Gramian
-        b_to_a = jnp.exp(-0.5 * log_nf)  # the true a = b_to_a * b
         # sqrt(nf) 1^T G' + phi', divided by sqrt(nf) when nf > 1 (neither term overflows)
         big = log_nf > 0
         first = jnp.exp(jnp.where(big, 0.0, 0.5 * log_nf))
         second = jnp.exp(jnp.where(big, -0.5 * log_nf, 0.0))
         tol = 1e-10 if dtype == jnp.float64 else 1e-5
         max_iter = 100
+        settle = 1e-9 if dtype == jnp.float64 else 1e-4
 
         # A strictly feasible start (b > 0, G b > 0): the previous b, else ones, else
         # the minimum-norm point of the normalised gradients' hull (MGDA: its d satisfies
@@ -262,6 +369,8 @@ class NashMTLWeighting(AbstractWeighting):
 
         def strict(a):
             beta = a / jnp.where(inv > 0, inv, 1.0)
+            # homogeneous in beta: at unit size (beta @ C beta overflowed float32 for b ~ 1e20)
+            beta = beta / jnp.maximum(jnp.max(jnp.abs(beta)), jnp.finfo(dtype).tiny)
             Cb = C @ beta
             return jnp.all(a > 0) & jnp.all(Cb > margin * jnp.sqrt(jnp.maximum(beta @ Cb, 0.0)))
 
@@ -280,35 +389,53 @@ class NashMTLWeighting(AbstractWeighting):
             return jax.lax.cond(strict(b), lambda: b, fallback)
 
         def cond(carry):
-            _, stop, it = carry
+            _, stop, it, _ = carry
             return (~stop) & (it < self.optim_niter)
 
-        def program(b, start):
+        # Each program is solved in y = b / s with s_i = 1 / sqrt(G'_ii), i.e. for the gradients
+        # at unit norm: b_i (G' b)_i = y_i (C y)_i and c^T b = (s c)^T y. The same program (the
+        # interior point is affine invariant) but well scaled for float32 whatever the gradients'
+        # norms (rows of norms 1e-2 .. 1e2 made float32's Newton steps useless).
+        s = jnp.where(diag > 0, inv, 1.0)
+
+        def program(b):
+            # linearised at b and started from b (strictly feasible)
             c = first * jnp.sum(G, axis=0) + second * (1.0 / b + G @ (1.0 / (G @ b)))
-            return _solve_step(G, c, start, tol, max_iter)
+            y, ok, exact = _solve_step(C, s * c, b / s, tol, max_iter)
+            return y * s, ok, exact
 
         def rescued(b, start):
-            # A linearisation point far from the solution's scale (TorchJD's alpha = 1 for
-            # gradients of norm 1e-5) makes a program float32 cannot solve (stagnating Newton
-            # steps); the sequence has the same fixed point from any point, so retry once from
-            # the strictly feasible start brought onto the constraints' boundary.
-            v = start * jax.lax.rsqrt(jnp.min(start * (G @ start)))
-            new, ok = program(v, v)
-            return jnp.where(ok, new, b), ok
+            # A program float32 could not solve (stagnating Newton steps) is retried once from
+            # the strictly feasible start brought onto the constraints' boundary (in logarithms:
+            # start * (G start) overflows float32 for a start of 1e20).
+            log_h = jnp.log(start) + jnp.log(G @ start)
+            v = start * jnp.exp(-0.5 * jnp.min(log_h))
+            new, ok, exact = program(v)
+            return jnp.where(ok, new, b), ok, exact
 
         def body(carry):
-            b, _, it = carry
+            b, _, it, _ = carry
             start = start_from(b)
-            new, ok = program(b, start)
-            new, ok = jax.lax.cond(ok, lambda: (new, ok), lambda: rescued(b, start))
-            a, a_new = b_to_a * b, b_to_a * new
-            close = jnp.linalg.norm(G @ a - 1.0 / (a + 1e-10)) < 1e-3
-            still = jnp.linalg.norm(a_new - a) < 1e-6
-            stop_now = close | ~ok | still
-            return jnp.where(stop_now, b, new), stop_now, it + 1
+            # Linearised at the strict start: b itself whenever it is strictly feasible (then
+            # TorchJD's program); at a b with (G' b)_i <= 0, TorchJD's phi'(b) has terms of
+            # the wrong sign and the program can be unbounded (the iterate went to |b| ~ 2e4
+            # at |g| = 1e-10, and 20 programs did not bring it back).
+            new, ok, exact = program(start)
+            new, ok, exact = jax.lax.cond(ok, lambda: (new, ok, exact), lambda: rescued(b, start))
+            # TorchJD's second stopping rule, in b (see the class docstring), with a relative
+            # floor at the dtype's precision.
+            still = jnp.linalg.norm(new - b) < jnp.maximum(1e-6, settle * jnp.linalg.norm(new))
+            # An answer float32 can stand by: a fixed point of the sequence (a program that no
+            # longer moves b), or the previous alpha kept because no strictly feasible point
+            # exists (0 in the hull of the gradients).
+            trusted = (ok & still & exact) | (~ok & (it == 0) & ~strict(start))
+            return new, ~ok | still, it + 1, (trusted, exact)
 
-        b, _, _ = jax.lax.while_loop(cond, body, (alpha * root, ~solvable, jnp.asarray(0)))
-        return b / root
+        if m == 1:  # TorchJD's first stopping rule holds at once at alpha = 1 (G' = 1)
+            return jnp.ones((1,), dtype) * jnp.exp2(-0.5 * log2_t), jnp.asarray(True)
+        init = (alpha * root, ~solvable, jnp.asarray(0), (~solvable, jnp.asarray(False)))
+        b, _, _, (trusted, _) = jax.lax.while_loop(cond, body, init)
+        return b / root, trusted
 
 
 class NashMTL(GramianWeightedAggregator):
