@@ -92,7 +92,9 @@ class MGDAWeighting(AbstractWeighting):
     ``w_i = a_i / n_i``, so that ``J^T w`` is LibMTL's update: ``"l2"`` ``n_i = |g_i|`` (a zero
     row keeps ``n_i = 1``: the update is then 0, as without normalising); ``"loss"``
     ``n_i = L_i``; ``"loss+"`` ``n_i = L_i |g_i|``. The two loss normalisers read the losses
-    (``losses=``; they must be positive, else the weights are NaN). ``"none"`` (default) is
+    (``losses=``; they must be positive, else the weights are NaN; and NaN where every
+    weight would be below the dtype's normal range, e.g. float32 losses of 1e30 on gradients of
+    norm 1e15, where float64's weights are 3e-47). ``"none"`` (default) is
     MGDA itself. Weights are constants under differentiation.
 
     Args:
@@ -156,7 +158,13 @@ class MGDAWeighting(AbstractWeighting):
             L = jnp.where(L > 0, L, jnp.nan)  # a non-positive loss cannot normalise
             n = L if n is None else n * L
         if n is not None:
-            G = G / (n[:, None] * n[None, :])
+            # n = 2^k n' with max n' in [1/2, 1): the normalised Gramian at a power-of-two scale
+            # (the minimum-norm weights ignore it; G / (n n^T) underflowed float32 for losses of
+            # 1e30), and w = 2^-k a / n' below
+            top = jnp.max(n)
+            _, k = jnp.frexp(jnp.where(jnp.isfinite(top), top, 1.0))
+            n = jnp.ldexp(n, -k)
+            G = G / n[:, None] / n[None, :]
         if self.method == "exact":
             a = _exact_minimum_norm(G)
             info = _checked(G, a, _STEPS[jnp.finfo(G.dtype).bits], usable)
@@ -165,8 +173,13 @@ class MGDAWeighting(AbstractWeighting):
             info = _checked(G, a, iterations, usable)._replace(converged=stopped)
         if n is not None:
             a = a / n
-            if self.scale_degree:  # w(G) = 2^(-e/2) w(G_s), e even: exact
-                a = jnp.ldexp(a, -(e // 2))
+            # w(G) = 2^(-e/2) w(G_s) (e even: exact) for the normalisers of degree -1/2
+            shift = k + (e // 2 if self.scale_degree else 0)
+            # weights the dtype cannot hold (all below its normal range: float32 losses of 1e30
+            # on gradients of 1e15) would be 0 and so would the update: NaN instead
+            top = jnp.max(a)
+            under = (top > 0) & (jnp.ldexp(top, -shift) < jnp.finfo(a.dtype).tiny)
+            a = jnp.where(under, jnp.nan, jnp.ldexp(a, -shift))
         return a, info
 
     def minimum_norm(self, G: Float[Array, "m m"]) -> Float[Array, " m"]:

@@ -123,12 +123,25 @@ class MoCo(AbstractAggregator):
         h = _scaled_rows(J, losses.astype(dtype) / (_row_norms(J) + _EPS))
         beta = _decayed(self.beta, self.beta_sigma, t, dtype)
         y = jax.tree_util.tree_map(lambda y, h: y - beta.astype(y.dtype) * (y - h), state.y, h)
-        m = losses.shape[0]
-        A = gramian(y).astype(dtype) + as_dtype(self.rho, dtype) * jnp.eye(m, dtype=dtype)
         gamma = _decayed(self.gamma, self.gamma_sigma, t, dtype)
-        weights = jax.nn.softmax(state.weights - gamma * (A @ state.weights))
+        weights = _moco_softmax(y, state.weights, gamma, as_dtype(self.rho, dtype))
         update = _like_row(combine(weights, y), jacobian)
         return Aggregation(update, None, MoCoState(y, weights, t))
+
+
+def _moco_softmax(y, lam, gamma, rho):
+    """``softmax(lam - gamma (y y^T + rho I) lam)`` with ``y y^T`` formed at a power-of-two
+    scale ``s`` (``y y^T = s^2 u``): rows of norm 1e30 (float32 losses of 1e30) overflowed it,
+    and the softmax of Inf logits was NaN where float64's is one-hot. The logits are shifted by
+    ``gamma s^2 min(u lam)`` (the softmax is unchanged): the entries where ``u lam`` is smallest
+    keep a finite logit and the others may go to ``-inf`` (weight 0) without a NaN."""
+    top = jnp.max(_row_norms(y))
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(top) & (top > 0), top, 1.0))
+    u = gramian(jax.tree_util.tree_map(lambda x: jnp.ldexp(x, -e), y)).astype(lam.dtype) @ lam
+    delta = u - jnp.min(u)
+    c = gamma * jnp.ldexp(jnp.ones((), lam.dtype), 2 * e)  # gamma s^2 (Inf out of range)
+    shift = jnp.where(delta > 0, c * delta, 0.0)
+    return jax.nn.softmax(lam - gamma * rho * lam - jnp.where(jnp.isnan(delta), delta, shift))
 
 
 class DBMTLState(NamedTuple):
