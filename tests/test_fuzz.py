@@ -175,11 +175,6 @@ KNOWN_DEFECTS = {
         (name, "cond_1e12", "float32"): _COND
         for name in ("aligned_mtl", "imtl_g", "config", "config_gramian", "pcd")
     },
-    **{
-        ("fairgrad", family, "float32"): "rows of norms 1e-8 and 1e8 (G spans 32 decades): "
-        "float32's update 0.8 from float64's"
-        for family in ("norms_16_decades", "tree_norms_16_decades")
-    },
     ("sdmgrad", "scale_1e15", "float32"): "20 steps of projected gradient at lr = 10 amplify "
     "rounding: float32 1.5e-3 from float64",
     ("sdmgrad", "tree_gaussian", "float32"): "20 steps of projected gradient at lr = 10 amplify "

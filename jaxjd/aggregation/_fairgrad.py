@@ -27,11 +27,13 @@ class FairGradWeighting(AbstractWeighting):
     the uniform ``1/m``.
 
     The solution minimises the convex ``phi(x) = x^T G x / 2 - sum_i h(x_i)`` over ``x > 0``
-    (``h = log`` for ``alpha = 1``, ``h(t) = t^{1 - 1/alpha} / (1 - 1/alpha)`` otherwise): Newton
-    steps with the Hessian ``G + diag(x^{-1/alpha - 1}) / alpha``, a fraction-to-the-boundary rule
-    and Armijo backtracking, from the minimiser of ``phi`` on the ray of ``1/m``, until
-    ``|G x - x^{-1/alpha}|_inf <= tol`` relative to ``max(x^{-1/alpha})``, a step below the
-    dtype's precision, or ``max_iters`` Newton steps (TorchJD uses scipy's least squares).
+    (``h = log`` for ``alpha = 1``, ``h(t) = t^{1 - 1/alpha} / (1 - 1/alpha)`` otherwise),
+    written in ``y = x / d`` with ``d_i = G_ii^{-1/2}`` (the rows at unit norm, so that rows of
+    any spread of norms stay in float32's reach): Newton steps, a fraction-to-the-boundary rule
+    and backtracking to Armijo's decrease or a shorter gradient, from the minimiser of ``phi``
+    on the ray of ``1/m``, until the rows' residual ``|d_i ((G x)_i - x_i^{-1/alpha})|`` is at
+    most ``tol`` relative to its largest term, a step below the dtype's precision, or
+    ``max_iters`` Newton steps (TorchJD uses scipy's least squares).
     When no positive solution exists (a positive ``v`` with ``J^T v = 0``, e.g. ``J = 0``),
     ``phi`` is unbounded below; the iterate after ``max_iters`` steps (or the last finite one)
     is returned: finite, positive, and large.
@@ -83,56 +85,73 @@ class FairGradWeighting(AbstractWeighting):
             return uniform
         a = self.alpha
         tol = self.tol if self.tol is not None else (1e-12 if G.dtype == jnp.float64 else 1e-6)
+        # Solved in y = x / d, d_i = 1 / sqrt(G_ii) (1 for a zero row): the gradients at unit
+        # norm, C = D G D with unit diagonal. phi(D y) = y^T C y / 2 - sum_i c_i h(y_i) + const
+        # with c_i = d_i^(1 - 1/alpha) (1 for alpha = 1), so the same problem, but Newton's
+        # Hessian no longer carries the spread of the rows' norms (rows of norms 1e-8 and 1e8:
+        # cond 1e32, float32's update 0.8 from float64's).
+        diag = jnp.diagonal(G)
+        d = jnp.where(diag > 0, jax.lax.rsqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
+        C = G * d[:, None] * d[None, :]
+        c = jnp.ones_like(d) if a == 1 else d ** (1 - 1 / a)
 
-        def power(x):
-            return x ** (-1.0 / a)
+        def power(y):
+            return c * y ** (-1.0 / a)
 
-        def phi(x):
-            h = jnp.log(x) if a == 1 else x ** (1 - 1 / a) / (1 - 1 / a)
-            return 0.5 * x @ G @ x - jnp.sum(h)
+        def phi(y):
+            h = jnp.log(y) if a == 1 else y ** (1 - 1 / a) / (1 - 1 / a)
+            return 0.5 * y @ C @ y - c @ h
 
-        def residual(x):
-            r = G @ x - power(x)
-            return jnp.max(jnp.abs(r)) / jnp.maximum(jnp.max(power(x)), 1e-300)
+        def residual(y):
+            r = C @ y - power(y)
+            return jnp.max(jnp.abs(r)) / jnp.maximum(jnp.max(power(y)), 1e-300)
 
         def cond(state):
             _, it, res = state
             return (res > tol) & (it < self.max_iters)
 
         def body(state):
-            x, it, _ = state
-            grad = G @ x - power(x)
-            hess = G + jnp.diag(power(x) / (a * x))
-            d = -solve(hess, grad)
-            ratio = jnp.where(d < 0, -x / jnp.where(d < 0, d, -1.0), jnp.inf)
+            y, it, _ = state
+            grad = C @ y - power(y)
+            hess = C + jnp.diag(power(y) / (a * y))
+            step = -solve(hess, grad)
+            ratio = jnp.where(step < 0, -y / jnp.where(step < 0, step, -1.0), jnp.inf)
             t0 = jnp.minimum(1.0, 0.99 * jnp.min(ratio))
-            f0 = phi(x)
-            slope = grad @ d
+            f0 = phi(y)
+            slope = grad @ step
+            size = jnp.linalg.norm(grad)
 
+            # Armijo on phi, or a shorter gradient: near the solution phi's decrease is below
+            # its rounding in float32 (the search shrank a step of residual 3e-4 to 2e-3 and
+            # the solve stopped 1e-4 from float64's answer), where Newton's full step still
+            # shortens the gradient.
             def ls_cond(t):
-                return (phi(x + t * d) > f0 + 1e-4 * t * slope) & (t > 1e-12)
+                new = y + t * step
+                armijo = phi(new) <= f0 + 1e-4 * t * slope
+                shorter = jnp.linalg.norm(C @ new - power(new)) <= (1 - 1e-4 * t) * size
+                return ~armijo & ~shorter & (t > 1e-12)
 
             t = jax.lax.while_loop(ls_cond, lambda t: 0.5 * t, t0)
-            new = x + t * d
+            new = y + t * step
             res = residual(new)
             # Diverging (no positive root): keep the last finite iterate and stop.
             ok = jnp.all(jnp.isfinite(new)) & jnp.isfinite(res) & jnp.isfinite(phi(new))
             # Stagnating at the dtype's precision (a float32 residual cannot always reach tol):
             # stop too.
-            moved = jnp.max(jnp.abs(t * d)) > 4 * jnp.finfo(G.dtype).eps * jnp.max(jnp.abs(x))
-            x = jnp.where(ok, new, x)
+            moved = jnp.max(jnp.abs(t * step)) > 4 * jnp.finfo(G.dtype).eps * jnp.max(jnp.abs(y))
+            y = jnp.where(ok, new, y)
             it = jnp.where(ok & moved, it + 1, self.max_iters)
-            return x, it, jnp.where(ok, res, residual(x))
+            return y, it, jnp.where(ok, res, residual(y))
 
         # Start on the ray of 1/m at the minimiser of phi along it:
-        # s^(1 + 1/alpha) = sum(u^(1 - 1/alpha)) / u^T G u.
-        curvature = uniform @ G @ uniform
-        scale = (jnp.sum(uniform ** (1 - 1 / a)) / jnp.where(curvature > 0, curvature, 1.0)) ** (
+        # s^(1 + 1/alpha) = sum_i c_i u_i^(1 - 1/alpha) / u^T C u.
+        curvature = uniform @ C @ uniform
+        scale = (c @ uniform ** (1 - 1 / a) / jnp.where(curvature > 0, curvature, 1.0)) ** (
             1 / (1 + 1 / a)
         )
         start = jnp.where((curvature > 0) & jnp.isfinite(scale), scale * uniform, uniform)
-        x, _, _ = jax.lax.while_loop(cond, body, (start, jnp.asarray(0), residual(start)))
-        return x
+        y, _, _ = jax.lax.while_loop(cond, body, (start, jnp.asarray(0), residual(start)))
+        return d * y
 
 
 class FairGrad(GramianWeightedAggregator):
