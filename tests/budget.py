@@ -39,8 +39,6 @@ SLOW_TESTS = frozenset(
         "test_hardening.py::test_nash_mtl_and_pcd_keep_their_state_at_the_true_scale",
         "test_hardening.py::test_nash_mtl_under_vmap_equals_each_lane_on_ill_scaled_float32_rows",
         "test_hardening.py::test_nash_mtl_vmap_equals_each_lane_in_float64",
-        "test_nash_mtl_scale.py::test_float32_gives_float64s_update_or_nan_at_every_scale",
-        "test_nash_mtl_scale.py::test_state_residual_is_the_distance_to_the_bargaining_solution",
         "test_hardening.py::test_norm_eps_is_relative_by_default_and_torchjds_rule_on_request",
         "test_hardening.py::test_scale_invariant_methods_survive_gramian_overflow_and_underflow",
         "test_libmtl.py::test_loss_normalisers_under_vmap_equal_the_loop",

@@ -14,6 +14,10 @@ import pytest
 
 import jaxjd as jd
 
+# The slow sweep only: the fast suite runs Nash-MTL at these scales in test_hardening.py
+# (test_float32_gives_float64s_answer_or_nan_at_every_scale) and its state in test_stateful.py.
+pytestmark = pytest.mark.slow
+
 SCALES = (1.0, 1e-5, 1e-10, 1e-15, 1e-20, 1e-30, 1e20)
 
 
@@ -93,7 +97,6 @@ def test_kept_weights_at_1e20_give_float64s_update_in_float32():
     np.testing.assert_allclose(np.linalg.norm(u64), 1.0, rtol=1e-9)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("m", range(2, 9))
 def test_float32_gives_float64s_update_or_nan_sweep(m):
     """m = 2..8, n = 3..10, 21 seeds, 7 scales (1176 Jacobians per m): measured worst 2e-5,
