@@ -101,7 +101,7 @@ def _third_party_promotion(request):
 
 
 # Float64 runs inside ``jax.enable_x64(True)``; float32 runs with x64 off, as most users have it.
-# So both modes are exercised in one session, per test.
+# So both modes are exercised in one pytest run, per test.
 
 
 @pytest.fixture(params=["float32", "float64"])

@@ -153,8 +153,8 @@ def test_lanes_factorised_in_chunks_give_the_same_answers(compact, monkeypatch, 
 def test_float32_refinement_reuses_the_lanes_factors(monkeypatch):
     """Where the refinement step always runs (float32) and the lanes' half-size factors are
     small, the step reuses each lane's last Cholesky factor (one factorisation less in the
-    program) and gives the same answers as refactorising. On the CPU only (the H200 run of
-    session 18 traced the same count of factorisations both ways, as intended)."""
+    program) and gives the same answers as refactorising. On the CPU only (on an H200 the
+    program traced the same count of factorisations both ways, as intended)."""
     from jaxjd.solvers import _bpp
 
     rng = np.random.default_rng(5)

@@ -50,9 +50,9 @@ _WARM_MIN_M = 8
 # (float32, `jit(vmap(UPGrad))` over the benchmark families, 6 batches each, pivoting steps run
 # in sequence): 1024 x 16^2: 11-21 with 6 ADMM steps, 3-6 with 40; 256 x 32^2: 9-30 -> 2-7;
 # 64 x 64^2: 3-7 -> 2-4; 16 x 128^2: 3-5 -> 2-4 (on an H100/H200 a pivoting step of the
-# first two batches cost ~0.12 / ~0.25 ms: sessions 6-11). On the CPU, where every step is
-# paid in flops, the extra ADMM steps cost about what they save (timed: within +-20%), and a
-# single Gramian has too few lanes for a long tail: both keep the smaller counts.
+# first two batches cost ~0.12 / ~0.25 ms: benchmarks/results/gpu_h200.md). On the CPU, where
+# every step is paid in flops, the extra ADMM steps cost about what they save (timed: within
+# +-20%), and a single Gramian has too few lanes for a long tail: both keep the smaller counts.
 # (_BATCHED_WARM_ON_CPU: the accelerators' count on the CPU too, for tests and benchmarks.)
 _BATCHED_ACCELERATOR_WARM_ITERATIONS = 40
 _BATCHED_WARM_ON_CPU = False
@@ -60,7 +60,7 @@ _BATCHED_WARM_ON_CPU = False
 
 def _warm_iterations(m: int, batched: bool = False) -> int:
     """ADMM steps for the guess. One Gramian: 6 below m = 32, 14 up to 128, 20 beyond. Measured
-    (session 17, float64, one CPU thread, the benchmark families at m = 64 / 128 / 256, the
+    (float64, one CPU thread, the benchmark families at m = 64 / 128 / 256, the
     pivoting steps left in total over the m lanes): 10 -> 14 steps at m = 128 took low_rank
     41 -> 15, ill_conditioned 76 -> 22, per_sample 105 -> 53, time -6% to -8% on those and
     +1% to +5% on the others; 14 -> 20 at m = 256: per_sample 160 -> 66, low_rank 18 -> 0,
