@@ -103,8 +103,8 @@ class FairGradWeighting(AbstractWeighting):
             return 0.5 * y @ C @ y - c @ h
 
         def residual(y):
-            r = C @ y - power(y)
-            return jnp.max(jnp.abs(r)) / jnp.maximum(jnp.max(power(y)), 1e-300)
+            p = power(y)
+            return jnp.max(jnp.abs(C @ y - p)) / jnp.maximum(jnp.max(p), 1e-300)
 
         def cond(state):
             _, it, res = state

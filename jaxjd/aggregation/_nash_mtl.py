@@ -429,12 +429,12 @@ class NashMTLWeighting(AbstractWeighting):
             # longer moves b), or the previous alpha kept because no strictly feasible point
             # exists (0 in the hull of the gradients).
             trusted = (ok & still & exact) | (~ok & (it == 0) & ~strict(start))
-            return new, ~ok | still, it + 1, (trusted, exact)
+            return new, ~ok | still, it + 1, trusted
 
         if m == 1:  # TorchJD's first stopping rule holds at once at alpha = 1 (G' = 1)
             return jnp.ones((1,), dtype) * jnp.exp2(-0.5 * log2_t), jnp.asarray(True)
-        init = (alpha * root, ~solvable, jnp.asarray(0), (~solvable, jnp.asarray(False)))
-        b, _, _, (trusted, _) = jax.lax.while_loop(cond, body, init)
+        init = (alpha * root, ~solvable, jnp.asarray(0), ~solvable)
+        b, _, _, trusted = jax.lax.while_loop(cond, body, init)
         return b / root, trusted
 
 

@@ -732,11 +732,16 @@ class BPP(AbstractSolver):
         self, U: Float[Array, "k m"], G: Float[Array, "m m"]
     ) -> tuple[Float[Array, "k m"], Bool[Array, " k"], Int[Array, " k"]]:
         gather = jax.default_backend() == "cpu" if self.gather is None else self.gather
-        refine = self.refine
-        if refine is None:
-            adaptive = jnp.finfo(G.dtype).bits >= 64
-            return bpp(U, G, max_iter=self.max_iter, gather=gather, adaptive=adaptive)
-        return bpp(U, G, max_iter=self.max_iter, gather=gather, refine=refine)
+        refine, adaptive = refinement(G.dtype, self.refine)
+        return bpp(U, G, max_iter=self.max_iter, gather=gather, refine=refine, adaptive=adaptive)
+
+
+def refinement(dtype, refine: int | None = None) -> tuple[int, bool]:
+    """``(refine, adaptive)`` for :func:`bpp` and :func:`_pivot_all` from :attr:`BPP.refine`:
+    ``refine`` steps when given, else adaptive in float64 and one step in float32."""
+    if refine is not None:
+        return refine, False
+    return 1, bool(jnp.finfo(dtype).bits >= 64)
 
 
 def bpp(U, G, *, max_iter=None, gather=True, refine=1, adaptive=False):

@@ -13,7 +13,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int
 
 from ._base import AbstractSolver, kkt_residual
-from ._bpp import BPP, _pivot_all, _residual_wide
+from ._bpp import BPP, _pivot_all, _residual_wide, refinement
 
 
 def require_qpax() -> None:
@@ -123,11 +123,10 @@ class Qpax(AbstractSolver):
         """Block principal pivoting from the free sets ``free``, at most ``pivots`` steps, with
         the default solver's refinement: ``(V, converged, steps)``."""
         gather = jax.default_backend() == "cpu"
-        if jnp.finfo(G.dtype).bits >= 64:  # (see BPP.refine)
-            out = _pivot_all(U, G, self.pivots, free=free, gather=gather, adaptive=True)
-        else:
-            out = _pivot_all(U, G, self.pivots, free=free, gather=gather, refine=1)
-        V, ok, steps = out
+        refine, adaptive = refinement(G.dtype)
+        V, ok, steps = _pivot_all(
+            U, G, self.pivots, free=free, gather=gather, refine=refine, adaptive=adaptive
+        )
         return V, ok, jnp.asarray(steps, jnp.int32)
 
     def _interior_point(self, U, G):
