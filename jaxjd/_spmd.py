@@ -12,7 +12,8 @@
   several CPU devices running at once that can deadlock (device threads wait in
   ``ParallelBatchMap`` for pool tasks that never run; jaxlib 0.10.2):
   :func:`one_matrix_at_a_time` (and :func:`cholesky`, :func:`cho_solve`, :func:`solve`,
-  :func:`eigh`, :func:`eigvalsh`) factor one matrix per call there.
+  :func:`eigh`, :func:`eigvalsh`, :func:`svd`, :func:`qr`, :func:`qr_r`,
+  :func:`solve_upper`) factor one matrix per call there.
 """
 
 from __future__ import annotations
@@ -146,6 +147,17 @@ eigh = one_matrix_at_a_time(jnp.linalg.eigh)
 """``jnp.linalg.eigh``, see :func:`one_matrix_at_a_time`."""
 eigvalsh = one_matrix_at_a_time(jnp.linalg.eigvalsh)
 """``jnp.linalg.eigvalsh``, see :func:`one_matrix_at_a_time`."""
+svd = one_matrix_at_a_time(lambda a: jnp.linalg.svd(a, full_matrices=False))
+"""``jnp.linalg.svd(a, full_matrices=False)``, see :func:`one_matrix_at_a_time`."""
+qr_r = one_matrix_at_a_time(lambda a: jnp.linalg.qr(a, mode="r"))
+"""The triangular factor of ``jnp.linalg.qr``, see :func:`one_matrix_at_a_time`."""
+qr = one_matrix_at_a_time(jnp.linalg.qr)
+"""``jnp.linalg.qr`` (reduced), see :func:`one_matrix_at_a_time`."""
+solve_upper = one_matrix_at_a_time(
+    lambda a, b: jax.scipy.linalg.solve_triangular(a, b, lower=False)
+)
+"""``jax.scipy.linalg.solve_triangular(a, b)`` for an upper triangular ``a``, see
+:func:`one_matrix_at_a_time`."""
 
 
 def whole(x: Any) -> NamedSharding | None:

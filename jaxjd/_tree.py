@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._spmd import whole
+from ._spmd import qr_r, whole
 
 PyTreeJacobian = PyTree[Float[Array, "m ..."]]
 
@@ -269,3 +269,31 @@ def check_gramian(gramian_matrix: Array | jax.ShapeDtypeStruct) -> int:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"A Gramian must be floating point; got dtype {dtype}.")
     return shape[0]
+
+
+def power_of_two_exponent(leaves, dtype):
+    """``e`` with ``2^e`` about ``max |J|`` over the leaves (0 when J is zero or not finite)."""
+    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
+    usable = (top > 0) & (top <= jnp.finfo(dtype).max)
+    _, e = jnp.frexp(jnp.where(usable, top, 1.0))
+    return e
+
+
+def triangular_factor(leaves, dtype):
+    """``(R, e)``: ``R`` (m x m) with ``2^-e J^T = Q R``, leaf by leaf (a QR of each leaf's
+    rows, then of the stacked factors), for ``2^e`` near ``max |J|``: ``R^T R`` is the Gramian
+    of ``2^-e J``, but the condition number is J's, not its square (TorchJD's ConFIG takes the
+    pseudo-inverse of the matrix; an eigendecomposition of ``J J^T`` loses twice the digits)."""
+    e = power_of_two_exponent(leaves, dtype)
+    factor = jnp.ldexp(jnp.ones((), dtype), -e)
+    m = leaves[0].shape[0]
+    blocks = []
+    for leaf in leaves:
+        rows = jnp.reshape(leaf, (m, -1)).astype(dtype) * factor
+        blocks.append(qr_r(rows.T) if rows.shape[1] > m else rows.T)
+    if len(blocks) == 1 and blocks[0].shape[0] == m:
+        return blocks[0], e
+    stacked = jnp.concatenate(blocks, axis=0)
+    if stacked.shape[0] < m:  # fewer coordinates than objectives: pad with zero rows
+        stacked = jnp.concatenate([stacked, jnp.zeros((m - stacked.shape[0], m), dtype)])
+    return qr_r(stacked), e

@@ -37,6 +37,7 @@ from .._tree import (
     combine,
     gramian,
     num_objectives,
+    power_of_two_exponent,
 )
 from ._fields import declared_signature
 
@@ -492,20 +493,12 @@ def _out_of_range(G, n):
     return ~(top <= info.max) | (top < float(info.tiny) / float(info.eps) * max(n, 1))
 
 
-def _power_of_two_exponent(leaves, dtype):
-    """``e`` with ``2^e`` about ``max |J|`` over the leaves (0 when J is zero or not finite)."""
-    top = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]))
-    usable = (top > 0) & (top <= jnp.finfo(dtype).max)
-    _, e = jnp.frexp(jnp.where(usable, top, 1.0))
-    return e
-
-
 def _scaled_gramian(jacobian):
     """``(gramian(2^-e J), -2 e)`` with ``2^e`` about ``max |J|``: exact scaling, no overflow
     or underflow in ``G`` (a non-finite J stays non-finite); ``G`` is ``2^(-2e)`` times the
     Gramian of J."""
     leaves = jax.tree_util.tree_leaves(jacobian)
-    e = _power_of_two_exponent(leaves, leaves[0].dtype)
+    e = power_of_two_exponent(leaves, leaves[0].dtype)
     factor = jnp.ldexp(jnp.ones((), leaves[0].dtype), -e)
     G = gramian(jax.tree_util.tree_map(lambda x: x * factor.astype(x.dtype), jacobian))
     return G, (-2 * e).astype(G.dtype)

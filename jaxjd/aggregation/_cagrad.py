@@ -9,11 +9,10 @@ import jax.scipy.linalg
 from jaxtyping import Array, Float
 
 from .._linalg import project_onto_simplex_pairwise, scaled_norm
-from .._tree import accumulation_dtype_of, combine
 from .._typing import Scalar
 from ..solvers import normalize_regularize
-from ._abstract import AbstractWeighting, Aggregation, GramianWeightedAggregator
-from ._config import _triangular_factor
+from ._abstract import AbstractWeighting
+from ._factored import FactorWeightedAggregator
 from ._fields import as_dtype, choice, number, spelling, static_int, static_tol
 
 
@@ -99,9 +98,7 @@ class CAGradWeighting(AbstractWeighting):
         Gn = normalize_regularize(G, self._trace_eps(G.dtype), jnp.zeros((), G.dtype), log2_t)
         return self._solve(_of_gramian(Gn), G.shape[0], G.dtype), state
 
-    def weights_from_factor(
-        self, R: Float[Array, "m m"], log2_scale: Float[Array, ""]
-    ) -> Float[Array, " m"]:
+    def _weigh_factor(self, R: Float[Array, "m m"], log2_scale: Float[Array, ""], state):
         """The weights from ``R`` (m x m) with ``R^T R = 2^log2_scale J J^T``: the solve on
         ``R / |R|_F`` (TorchJD's ``G / tr(G)``), ``q = |R w| / |R|_F``; zeros when
         ``|R|_F^2 < tiny / eps`` (``norm_eps=None``: J = 0, as R is J's factor rescaled) or
@@ -119,7 +116,7 @@ class CAGradWeighting(AbstractWeighting):
         Rn = jnp.where(keep, R / jnp.where(keep, frob, 1.0), 0.0)
         m = R.shape[1]
         w = self._solve(_of_factor(Rn), m, dtype)
-        return jnp.where(jnp.all(jnp.isfinite(R)), w, jnp.nan)
+        return jnp.where(jnp.all(jnp.isfinite(R)), w, jnp.nan), state
 
     def _solve(self, problem, m, dtype):
         """The weights from ``problem = (apply, norm, gram)`` (:func:`_of_gramian`,
@@ -369,28 +366,10 @@ def _minimize(apply, norm, gram, phi, tol, max_iter, on_support=True):
     return w, iterations, steps
 
 
-class CAGrad(GramianWeightedAggregator):
+class CAGrad(FactorWeightedAggregator):
     """CAGrad aggregator: ``J^T w`` with :class:`CAGradWeighting` weights (TorchJD's ``CAGrad``)."""
 
     weighting_class = CAGradWeighting
-
-    def _aggregate(self, jacobian, state, key, losses=None):
-        weighting = self.weighting
-        if not isinstance(weighting, CAGradWeighting) or weighting.factor == "gramian":
-            return super()._aggregate(jacobian, state, key, losses)
-        leaves = jax.tree_util.tree_leaves(jax.lax.stop_gradient(jacobian))
-        dtype = accumulation_dtype_of(*leaves)
-        R, e = _triangular_factor(leaves, dtype)  # of J scaled by 2^-e
-        w = _weights_from_factor(weighting, R, (-2 * e).astype(dtype))
-        return Aggregation(combine(w, jacobian), w, state)
-
-
-@eqx.filter_jit
-def _weights_from_factor(weighting, R, log2_scale):
-    # Jitted so that eager calls compile the solve once per (m, dtype) (its loops op by op take
-    # seconds); inside a user's jit this inlines.
-    with jax.default_matmul_precision("highest"):
-        return weighting.weights_from_factor(R, log2_scale)
 
 
 cagrad = spelling(CAGrad, "cagrad", reads="jacobian")

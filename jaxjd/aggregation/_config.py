@@ -6,13 +6,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .._spmd import eigh
-from .._tree import accumulation_dtype_of, combine, gramian, num_objectives
+from .._spmd import eigh, svd
+from .._tree import (
+    accumulation_dtype_of,
+    combine,
+    gramian,
+    num_objectives,
+    triangular_factor,
+)
 from .._typing import VectorLike
 from ._abstract import (
     AbstractAggregator,
     Aggregation,
-    _power_of_two_exponent,
     gramian_in_range,
 )
 from ._fields import choice, sized, spelling, vector
@@ -39,7 +44,9 @@ class ConFIG(AbstractAggregator):
         factor: ``"qr"`` (default: exact to ``cond(U)``) or ``"gramian"``: the
             eigendecomposition of ``U U^T`` from the Gramian, 2-6 times faster on a CPU
             (measured at m = 8-128, n = 1e4-1e5, float32, one thread; one matrix product
-            instead of a QR) and as good in float64, where ``eps cond(U)^2`` stays small.
+            instead of a QR), whose rounding is ``eps cond(U)^2``: where that exceeds
+            ``eps^(2/3)`` (``cond(U) > 14`` in float32, ``> 400`` in float64) the weights come
+            from the QR instead (both run under ``vmap``).
 
     Reference: Liu et al., "ConFIG: towards conflict-free training of physics informed neural
     networks", ICLR 2025.
@@ -69,14 +76,7 @@ class ConFIG(AbstractAggregator):
         else:
             p = sized(self.pref_vector, m, dtype, "pref_vector")
         if self.factor == "qr":
-            R, _ = _triangular_factor(leaves, dtype)  # J^T = Q R (J scaled by a power of two)
-            norms = jnp.sqrt(jnp.sum(R * R, axis=0))  # |g_i|
-            inv_norm = _inverse_or_zero(norms)
-            # U^T = Q R diag(1 / |g_i|): U's left singular vectors V and values S are those of
-            # R diag(1 / |g_i|) on the right
-            _, S, Vt = jnp.linalg.svd(R * inv_norm[None, :], full_matrices=False)
-            V = Vt.T
-            keep = S > max(m, n) * eps * jnp.max(S)  # torch.linalg.pinv's cut-off
+            norms, inv_norm, S, V, keep = _unit_rows_spectrum_qr(leaves, dtype, n)
         else:
             # G from J scaled by a power of two if J J^T overflowed or underflowed (the weights
             # are scale-invariant)
@@ -90,6 +90,15 @@ class ConFIG(AbstractAggregator):
             # the eigenvalues of a rounded U U^T are accurate to about m eps max(lam) only
             rtol = max((max(m, n) * float(eps)) ** 2, m * float(eps))
             keep = lam > rtol * jnp.max(lam)
+            # the weights' rounding is about eps cond(U U^T) on the kept part: where that is
+            # above eps^(2/3), the factor's SVD instead (cond(U) only)
+            smallest = jnp.min(jnp.where(keep, lam, jnp.inf))
+            trusted = ~(eps * jnp.max(lam) > float(eps) ** (2 / 3) * smallest)
+            norms, inv_norm, S, V, keep = jax.lax.cond(
+                trusted,
+                lambda: (norms, inv_norm, S, V, keep),
+                lambda: _unit_rows_spectrum_qr(leaves, dtype, n),
+            )
         # pinv(U) p = U^T alpha with alpha = V S^-2 V^T p (kept singular values)
         Sk = jnp.where(keep, S, 1.0)
         c = jnp.where(keep, V.T @ p, 0.0)
@@ -103,29 +112,24 @@ class ConFIG(AbstractAggregator):
         return length / denom * beta
 
 
+def _unit_rows_spectrum_qr(leaves, dtype, n):
+    """``(|g_i|, 1 / |g_i|, S, V, keep)``: the singular values and left singular vectors of the
+    unit rows ``U`` from J's triangular factor (J scaled by a power of two), and the kept ones
+    (``torch.linalg.pinv``'s cut-off, ``max(m, n) eps``)."""
+    R, _ = triangular_factor(leaves, dtype)  # J^T = Q R
+    m = R.shape[1]
+    norms = jnp.sqrt(jnp.sum(R * R, axis=0))  # |g_i|
+    inv_norm = _inverse_or_zero(norms)
+    # U^T = Q R diag(1 / |g_i|): U's left singular vectors V and values S are those of
+    # R diag(1 / |g_i|) on the right
+    _, S, Vt = svd(R * inv_norm[None, :])
+    keep = S > max(m, n) * jnp.finfo(dtype).eps * jnp.max(S)
+    return norms, inv_norm, S, Vt.T, keep
+
+
 def _inverse_or_zero(norms):
     """``1 / |g_i|``, 0 for a zero row (it stays 0 in U)."""
     return jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-
-
-def _triangular_factor(leaves, dtype):
-    """``(R, e)``: ``R`` (m x m) with ``2^-e J^T = Q R``, leaf by leaf (a QR of each leaf's
-    rows, then of the stacked factors), for ``2^e`` near ``max |J|``: ``R^T R`` is the Gramian
-    of ``2^-e J``, but the condition number is J's, not its square (TorchJD's ConFIG takes the
-    pseudo-inverse of the matrix; an eigendecomposition of ``J J^T`` loses twice the digits)."""
-    e = _power_of_two_exponent(leaves, dtype)
-    factor = jnp.ldexp(jnp.ones((), dtype), -e)
-    m = leaves[0].shape[0]
-    blocks = []
-    for leaf in leaves:
-        rows = jnp.reshape(leaf, (m, -1)).astype(dtype) * factor
-        blocks.append(jnp.linalg.qr(rows.T, mode="r") if rows.shape[1] > m else rows.T)
-    if len(blocks) == 1 and blocks[0].shape[0] == m:
-        return blocks[0], e
-    stacked = jnp.concatenate(blocks, axis=0)
-    if stacked.shape[0] < m:  # fewer coordinates than objectives: pad with zero rows
-        stacked = jnp.concatenate([stacked, jnp.zeros((m - stacked.shape[0], m), dtype)])
-    return jnp.linalg.qr(stacked, mode="r"), e
 
 
 config = spelling(ConFIG, "config", reads="jacobian")

@@ -13,10 +13,11 @@ import numpy as np
 from jax.core import Tracer
 from jaxtyping import Array, Float
 
-from .._spmd import solve
+from .._spmd import qr, solve, solve_upper
 from .._typing import Scalar, VectorLike
-from ._abstract import AbstractWeighting, GramianWeightedAggregator
-from ._fields import as_dtype, number, spelling
+from ._abstract import AbstractWeighting
+from ._factored import FactorWeightedAggregator
+from ._fields import as_dtype, choice, number, spelling
 
 
 class PCDState(NamedTuple):
@@ -33,6 +34,7 @@ def solve_priority_qp(
     tol: float = 1e-9,
     dependence_tol: float = 1e-9,
     max_iter: int | None = None,
+    factor: Float[Array, "m m"] | None = None,
 ) -> Float[Array, " m"]:
     r"""``min_d 1/2 |d - g_1|^2`` s.t. ``g_j . d >= tau_j |g_j|^2`` (j >= 2), from the Gramian of
     ``g_1..g_m``: the dual active-set method of Goldfarb and Idnani (1983) for an identity
@@ -44,6 +46,12 @@ def solve_priority_qp(
     add/drop steps). A constraint counts as satisfied within ``tol * max diag(G)``; a gradient as
     dependent on the active ones when its orthogonal part has squared norm at most
     ``dependence_tol`` times its own.
+
+    With ``factor`` (``R`` with ``R^T R = G``, e.g. J's triangular factor), each step is the
+    least-squares problem ``min |R_A r - R_p|`` (a QR of the masked columns) and the orthogonal
+    part is its residual: the rounding is ``cond(R_A)``'s, where the system on ``G`` has its
+    square and ``G_pp - G_pA r`` cancels (float32 then resolves orthogonal parts down to
+    ``eps`` of a gradient, not ``sqrt(eps)``).
     """
     m = G.shape[0]
     dtype = G.dtype
@@ -66,12 +74,26 @@ def solve_priority_qp(
         _, _, _, _, it, status = s
         return (status == 0) & (it < max_iter)
 
+    def projection(active, p):
+        """``r`` with ``G_AA r = G_Ap`` (0 off A) and ``z = G_pp - G_pA r``, the squared norm
+        of g_p's part orthogonal to the active gradients."""
+        if factor is None:
+            both = active[:, None] & active[None, :]
+            system = jnp.where(both, Gs, 0.0) + jnp.where(active, 0.0, 1.0)[:, None] * eye
+            r = jnp.where(active, solve(system, jnp.where(active, Gs[:, p], 0.0)), 0.0)
+            return r, Gs[p, p] - Gs[p] @ r
+        A = factor[:, 1:]
+        masked = jnp.where(active[None, :], A, 0.0)
+        # min |R_A r - R_p|^2 + |r_{not A}|^2: the identity rows pin r to 0 off A
+        Q, T = qr(jnp.concatenate([masked, jnp.where(active, 0.0, 1.0)[:, None] * eye]))
+        rhs = Q.T @ jnp.concatenate([A[:, p], jnp.zeros((k,), dtype)])
+        r = jnp.where(active, solve_upper(T, rhs), 0.0)
+        residual = A[:, p] - masked @ r
+        return r, residual @ residual
+
     def body(s):
         mu, active, p, slack_p, it, _ = s
-        both = active[:, None] & active[None, :]
-        system = jnp.where(both, Gs, 0.0) + jnp.where(active, 0.0, 1.0)[:, None] * eye
-        r = jnp.where(active, solve(system, jnp.where(active, Gs[:, p], 0.0)), 0.0)
-        z = Gs[p, p] - Gs[p] @ r
+        r, z = projection(active, p)
         ratios = jnp.where(active & (r > 0), mu / jnp.where(r > 0, r, 1.0), jnp.inf)
         q = jnp.argmin(ratios)
         partial = ratios[q]
@@ -130,6 +152,11 @@ class PCDWeighting(AbstractWeighting):
             or a vector of length m - 1.
         beta: the EMA decay of the squared gradient norms.
         eps: added to the EMA before the square root.
+        factor: for the aggregator: ``"qr"`` (default) runs the active-set steps on J's
+            triangular factor ``R`` (``G = R^T R``): float32 then tells a gradient from the
+            span of others down to ``eps`` of its norm, where the Gramian's ``G_pp - G_pA r``
+            loses everything below ``sqrt(eps)`` (:class:`PCD`); ``"gramian"``: ``J J^T``, one
+            matrix product instead of a QR. A weighting given a Gramian always uses it.
 
     Reference: Priority-Constrained Descent, TMLR 2026, arXiv 2606.29521.
 
@@ -144,6 +171,7 @@ class PCDWeighting(AbstractWeighting):
     tau: Scalar | VectorLike = eqx.field(default=0.02, converter=_taus_field)
     beta: Scalar = number("beta", 0.999, check="fraction")
     eps: Scalar = number("eps", 1e-8, check="nonnegative")
+    factor: str = choice("factor", "qr", ("qr", "gramian"))
     has_state = True
 
     def _init(self, m, dtype):
@@ -168,6 +196,21 @@ class PCDWeighting(AbstractWeighting):
         # G is 2^log2_t times the Gramian (an aggregator's rescale when J J^T was out of
         # range); the EMA stays at the true scale, and the weights below are those of the true
         # Gramian whatever scale G is given at.
+        return self._weights(G, None, log2_t, state)
+
+    def _weigh_factor(self, R: Float[Array, "m m"], log2_scale: Float[Array, ""], state):
+        """The weights from ``R`` with ``R^T R = 2^log2_scale J J^T`` (the aggregator's
+        ``factor="qr"``): the same, with the active-set steps on ``R``
+        (:func:`solve_priority_qp`'s ``factor``)."""
+        R = R.astype(state.sq_norm_ema.dtype)
+        R = jnp.where(jnp.all(jnp.isfinite(R)), R, jnp.nan)
+        with jax.default_matmul_precision("highest"):
+            G = R.T @ R
+        return self._weights(G, R, log2_scale, state)
+
+    def _weights(self, G, R, log2_t, state):
+        """The weights and state from ``G`` (``2^log2_t`` times the Gramian) and, when not
+        None, its factor ``R`` (``R^T R = G``)."""
         m = G.shape[0]
         dtype = state.sq_norm_ema.dtype
         G = G.astype(dtype)
@@ -190,11 +233,22 @@ class PCDWeighting(AbstractWeighting):
         lost = jnp.any(~positive & (jnp.diagonal(G) > 0)) | ~jnp.all(jnp.isfinite(den2))
         precision = 10.0 * jnp.finfo(dtype).eps
         normalized = G * jnp.outer(scales, scales)
-        w = solve_priority_qp(normalized, taus, dependence_tol=max(1e-9, float(precision)))
-        sq_direction = w @ normalized @ w
+        Rn = None if R is None else jnp.where(finite, R, 0.0) * scales[None, :]
+        # the dependence test reads z / G_pp, rounded to about eps on G and eps^2 on R
+        resolution = float(precision) if Rn is None else float(precision) ** 2
+        w = solve_priority_qp(normalized, taus, dependence_tol=max(1e-9, resolution), factor=Rn)
+        # |d|^2 against its rounding: about eps S^2 through G, (eps S)^2 through R, with
+        # S = sum_i |w_i| |g_i|
         magnitude = (jnp.abs(w) @ jnp.sqrt(jnp.maximum(jnp.diagonal(normalized), 0.0))) ** 2
+        if Rn is None:
+            sq_direction = w @ normalized @ w
+            rounding = precision * magnitude
+        else:
+            direction = Rn @ w
+            sq_direction = direction @ direction
+            rounding = precision * precision * magnitude
         sq_first = G[0, 0]
-        nonzero = (sq_first > 0) & (sq_direction > precision * magnitude)
+        nonzero = (sq_first > 0) & (sq_direction > rounding)
         ratio = sq_first / jnp.where(nonzero, sq_direction, 1.0)
         weights = jnp.where(nonzero, w * scales * jnp.sqrt(ratio), 0.0)
         ok = finite & ~lost
@@ -203,8 +257,9 @@ class PCDWeighting(AbstractWeighting):
         return weights, new
 
 
-class PCD(GramianWeightedAggregator):
-    """PCD aggregator (stateful; row 0 of the Jacobian is the primary objective)."""
+class PCD(FactorWeightedAggregator):
+    """PCD aggregator (stateful; row 0 of the Jacobian is the primary objective), its active-set
+    steps on J's triangular factor (``factor="qr"``, the default)."""
 
     weighting_class = PCDWeighting
 

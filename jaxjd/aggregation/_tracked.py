@@ -10,9 +10,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
-from .._tree import accumulation_dtype, accumulation_dtype_of, combine, gramian, num_objectives
+from .._tree import (
+    accumulation_dtype,
+    accumulation_dtype_of,
+    combine,
+    gramian,
+    num_objectives,
+    power_of_two_exponent,
+)
 from .._typing import Scalar
-from ._abstract import AbstractAggregator, Aggregation, _power_of_two_exponent
+from ._abstract import AbstractAggregator, Aggregation
 from ._fields import as_dtype, number, spelling
 
 _EPS = 1e-8  # LibMTL's, in the norms and the logarithm
@@ -135,7 +142,7 @@ def _moco_softmax(y, lam, gamma, rho):
     and the softmax of Inf logits was NaN where float64's is one-hot. The logits are shifted by
     ``gamma s^2 min(u lam)`` (the softmax is unchanged): the entries where ``u lam`` is smallest
     keep a finite logit and the others may go to ``-inf`` (weight 0) without a NaN."""
-    e = _power_of_two_exponent(jax.tree_util.tree_leaves(y), lam.dtype)
+    e = power_of_two_exponent(jax.tree_util.tree_leaves(y), lam.dtype)
     u = gramian(jax.tree_util.tree_map(lambda x: jnp.ldexp(x, -e), y)).astype(lam.dtype) @ lam
     delta = u - jnp.min(u)
     c = gamma * jnp.ldexp(jnp.ones((), lam.dtype), 2 * e)  # gamma s^2 (Inf out of range)
