@@ -132,7 +132,17 @@ def test_permutation_invariant(name, case, x64):
         assert np.linalg.norm(out - base) <= PERM[name] * scale + 1e-11 * np.linalg.norm(a)
 
 
-TORCHJD_F32_PERM = {"upgrad": 5e-7, "dualproj": 2e-7, "config": 1e-4}
+TORCHJD_F32_PERM = {
+    "upgrad": 5e-7,
+    "dualproj": 2e-7,
+    "config": 1e-4,
+    # IMTL-G and Aligned-MTL work from J's triangular factor. IMTL-G through the Gramian
+    # (factor="gramian") failed TorchJD's test on 8 of 600 permuted random 4 x 3 matrices (at
+    # most 5.6x over); from the factor, 1 of 600 (1.08x, weights -11 to 18: 2.6e-5 of the
+    # rounding scale sum_i |w_i| |g_i|)
+    "imtl_g": 1e-4,
+    "aligned_mtl": 1e-4,
+}
 
 
 @pytest.mark.parametrize("name", list(TORCHJD_F32_PERM))
