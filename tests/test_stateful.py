@@ -386,13 +386,24 @@ def test_errors():
         jd.nash_mtl(update_weights_every=0)
     with pytest.raises(ValueError, match="max_norm"):
         jd.nash_mtl(max_norm=-1.0)
-    with pytest.raises(ValueError, match="does not fit"):
+    # a state built for another number of objectives (TorchJD's CRMOGMWeighting raises too)
+    changed = r"objectives changed: .* built for m = 3, and this input has m = 4"
+    with pytest.raises(ValueError, match=changed):
         w = jd.nash_mtl_weighting()
         w.update(jnp.eye(4), w.init(3))
+    with pytest.raises(ValueError, match=changed):
+        w = jd.crmogm_weighting(jd.mean_weighting())
+        w.update(jnp.eye(4), w.init(3))
+    with pytest.raises(ValueError, match=changed):
+        w = jd.gradvac_weighting()
+        w.update(jnp.eye(4), w.init(3), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="does not fit"):
+        w = jd.nash_mtl_weighting()
+        w.update(jnp.eye(3), w.init(3)._replace(count=jnp.zeros((2,), jnp.int32)))
     with pytest.raises(ValueError, match="PRNG key"):
         w = jd.gradvac_weighting()
         w.update(jnp.eye(3), w.init(3))
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match=changed):
         agg = jd.excess_mtl()
         agg.update(jnp.ones((4, 2)), agg.init(jnp.ones((3, 2))))
 

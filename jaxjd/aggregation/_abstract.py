@@ -170,6 +170,19 @@ def _check_state(expected, state, method: str, how: str) -> None:
     want = jax.tree_util.tree_structure(expected)
     shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(state)]
     want_shapes = [x.shape for x in jax.tree_util.tree_leaves(expected)]
+    if got == want:
+        for have, need in zip(shapes, want_shapes):
+            square = len(have) == 2 and have[0] == have[1] and need[0] == need[1]
+            if (
+                len(have) == len(need) >= 1
+                and have[0] != need[0]
+                and (have[1:] == need[1:] or square)
+            ):
+                raise ValueError(
+                    f"The number of objectives changed: the state given to {method}.update was "
+                    f"built for m = {have[0]}, and this input has m = {need[0]}. Build a new "
+                    f"state with {how}."
+                )
     if got != want or shapes != want_shapes:
         raise ValueError(
             f"The state given to {method}.update does not fit this input: build it with {how} "
