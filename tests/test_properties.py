@@ -147,11 +147,8 @@ TORCHJD_F32_PERM = {
 
 @pytest.mark.parametrize(
     "name",
-    # a QP and a QR by default; the eigendecompositions of J's factor in the slow sweep
-    [
-        n if n in ("upgrad", "dualproj", "config") else pytest.param(n, marks=SLOW)
-        for n in TORCHJD_F32_PERM
-    ],
+    # a QP and a QR by default; the others in the slow sweep
+    [n if n in ("upgrad", "config") else pytest.param(n, marks=SLOW) for n in TORCHJD_F32_PERM],
 )
 @pytest.mark.parametrize("case", matrix_params(typical_matrices()))
 def test_permutation_invariant_float32_at_torchjds_tolerance(name, case):
