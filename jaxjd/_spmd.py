@@ -151,7 +151,7 @@ svd = one_matrix_at_a_time(lambda a: jnp.linalg.svd(a, full_matrices=False))
 """``jnp.linalg.svd(a, full_matrices=False)``, see :func:`one_matrix_at_a_time`."""
 qr_r = one_matrix_at_a_time(lambda a: jnp.linalg.qr(a, mode="r"))
 """The triangular factor of ``jnp.linalg.qr``, see :func:`one_matrix_at_a_time`."""
-qr = one_matrix_at_a_time(jnp.linalg.qr)
+qr = one_matrix_at_a_time(lambda a: jnp.linalg.qr(a))
 """``jnp.linalg.qr`` (reduced), see :func:`one_matrix_at_a_time`."""
 solve_upper = one_matrix_at_a_time(
     lambda a, b: jax.scipy.linalg.solve_triangular(a, b, lower=False)

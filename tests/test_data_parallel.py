@@ -155,6 +155,14 @@ SCRIPT = textwrap.dedent(
                                                               Jn[6 * i:6 * i + 6].T)))
                                    for i in range(8)])
         close(w, expected, (types, "local weighting"))
+        # ... and aggregators that weigh from each device's own J's triangular factor
+        for agg in (jd.imtl_g(), jd.pcd()):
+            step = lambda J, agg=agg: agg.update(J, agg.init(J))[0]
+            local = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P("data"),
+                                          out_specs=P("data")))(Gs)
+            expected = np.concatenate([np.asarray(step(jnp.asarray(Jn[6 * i:6 * i + 6])))
+                                       for i in range(8)])
+            close(local, expected, (types, "local", type(agg).__name__))
 
     # 5. Data x model (2-D mesh): batch on "data", W1's columns on "model"; multi-task step.
     mesh2 = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)

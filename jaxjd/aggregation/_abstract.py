@@ -172,7 +172,7 @@ def _check_state(expected, state, method: str, how: str) -> None:
     want_shapes = [x.shape for x in jax.tree_util.tree_leaves(expected)]
     if got == want:
         for have, need in zip(shapes, want_shapes):
-            square = len(have) == 2 and have[0] == have[1] and need[0] == need[1]
+            square = len(have) == len(need) == 2 and have[0] == have[1] and need[0] == need[1]
             if (
                 len(have) == len(need) >= 1
                 and have[0] != need[0]
@@ -332,12 +332,14 @@ def _hook(weighting, G, state, key, losses, log2_t):
     return weighting._weigh_at_scale(G, log2_t, state, key, *_hook_args(weighting, losses))
 
 
-def _per_device(weighting, axes, G, state, key, losses, log2_t=None):
+def _per_device(weighting, axes, G, state, key, losses, log2_t=None, weigh=None):
     """The hook on device-varying inputs inside ``shard_map`` (each device its own G): the
     devices' inputs gathered, the hook vmapped over them as over invariant data (its loops
     start from plain carries), this device's result taken back. Each device solves all the
     devices' problems; a Gramian that is the same everywhere (from gathered or ``psum``-ed
-    rows, as the engines' ``axis_name`` paths make it) takes the direct path."""
+    rows, as the engines' ``axis_name`` paths make it) takes the direct path. ``weigh``
+    replaces :func:`_hook` (same arguments), e.g. to weigh from a factor of G."""
+    weigh = _hook if weigh is None else weigh
     args = (G, state, key, losses, log2_t)
     keys = jax.tree_util.tree_map(_is_key, args)
     raw = jax.tree_util.tree_map(lambda x, k: jax.random.key_data(x) if k else x, args, keys)
@@ -355,7 +357,7 @@ def _per_device(weighting, axes, G, state, key, losses, log2_t=None):
             keys,
             args,
         )
-        return _hook(weighting, G, state, key, losses, log2_t)
+        return weigh(weighting, G, state, key, losses, log2_t)
 
     in_axes = jax.tree_util.tree_map(lambda b: 0 if b else None, batched)
     everyone = jax.vmap(hook, in_axes=in_axes)(*gathered)

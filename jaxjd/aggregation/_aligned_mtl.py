@@ -29,7 +29,9 @@ class AlignedMTLWeighting(AbstractWeighting):
             values down to ``m eps`` of the largest, where the Gramian loses those below
             ``sqrt(m eps)`` (7e-4 at m = 4), and keeps float64's cut-off ``m eps_64`` on the
             eigenvalues where it can (:class:`AlignedMTL`); ``"gramian"``: ``J J^T``, one
-            matrix product instead of a QR. A weighting given a Gramian always uses it.
+            matrix product instead of a QR. A weighting given a Gramian uses it, and so does the
+            aggregator inside an engine that forms only the Gramian (``mtl_value_and_grad``
+            with ``method="layerwise"``).
 
     Reference: Senushkin et al., "Independent component alignment for multi-task learning",
     CVPR 2023.

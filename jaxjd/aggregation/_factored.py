@@ -6,8 +6,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._spmd import replicated, varying_axes
 from .._tree import accumulation_dtype_of, combine, triangular_factor
-from ._abstract import Aggregation, GramianWeightedAggregator
+from ._abstract import Aggregation, GramianWeightedAggregator, _per_device
 
 
 class FactorWeightedAggregator(GramianWeightedAggregator):
@@ -38,7 +39,20 @@ class FactorWeightedAggregator(GramianWeightedAggregator):
 @eqx.filter_jit
 def _weigh_factor(weighting, R, log2_scale, state):
     # Jitted so that eager calls compile the solve once per (m, dtype) (a loop op by op takes
-    # seconds); inside a user's jit this inlines.
+    # seconds); inside a user's jit this inlines. As the Gramian's path (_weigh_jit): sharded
+    # inputs are solved whole on every device, and device-varying ones under shard_map (each
+    # device its own J) through _per_device.
+    R, state, log2_scale = replicated((R, state, log2_scale))
+    axes = varying_axes(R, state, log2_scale)
     with jax.default_matmul_precision("highest"):
-        w, state = weighting._weigh_factor(R, log2_scale, state)
+        if axes:
+            w, state = _per_device(weighting, axes, R, state, None, None, log2_scale, _of_factor)
+        else:
+            w, state = _of_factor(weighting, R, state, None, None, log2_scale)
+    w, state = replicated((w, state))
     return jnp.where(jnp.all(jnp.isfinite(R)), w, jnp.nan), state  # a non-finite J: NaN
+
+
+def _of_factor(weighting, R, state, key, losses, log2_scale):
+    """:func:`_per_device`'s ``weigh`` for a factor (no key, no losses)."""
+    return weighting._weigh_factor(R, log2_scale, state)

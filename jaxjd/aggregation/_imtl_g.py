@@ -27,7 +27,8 @@ class IMTLGWeighting(AbstractWeighting):
             Gramian loses those below ``sqrt(m eps)`` (7e-4 at m = 4), and keeps float64's
             cut-off ``m eps_64`` on the eigenvalues where it can (:class:`IMTLG`);
             ``"gramian"``: ``J J^T``, one matrix product instead of a QR. A weighting given a
-            Gramian always uses it.
+            Gramian uses it, and so does the aggregator inside an engine that forms only the
+            Gramian (``mtl_value_and_grad`` with ``method="layerwise"``).
 
     Reference: Liu et al., "Towards impartial multi-task learning", ICLR 2021.
 

@@ -50,8 +50,8 @@ def solve_priority_qp(
     With ``factor`` (``R`` with ``R^T R = G``, e.g. J's triangular factor), each step is the
     least-squares problem ``min |R_A r - R_p|`` (a QR of the masked columns) and the orthogonal
     part is its residual: the rounding is ``cond(R_A)``'s, where the system on ``G`` has its
-    square and ``G_pp - G_pA r`` cancels (float32 then resolves orthogonal parts down to
-    ``eps`` of a gradient, not ``sqrt(eps)``).
+    square and ``G_pp - G_pA r`` cancels (its squared norm is then known to about ``eps^2``
+    of ``G_pp``, not ``eps``).
     """
     m = G.shape[0]
     dtype = G.dtype
@@ -154,9 +154,12 @@ class PCDWeighting(AbstractWeighting):
         eps: added to the EMA before the square root.
         factor: for the aggregator: ``"qr"`` (default) runs the active-set steps on J's
             triangular factor ``R`` (``G = R^T R``): float32 then tells a gradient from the
-            span of others down to ``eps`` of its norm, where the Gramian's ``G_pp - G_pA r``
-            loses everything below ``sqrt(eps)`` (:class:`PCD`); ``"gramian"``: ``J J^T``, one
-            matrix product instead of a QR. A weighting given a Gramian always uses it.
+            span of others down to float64's ``dependence_tol`` (an orthogonal part of 3e-5 of
+            its norm), where the Gramian's ``G_pp - G_pA r`` stops at ``10 eps`` (1e-3 of its
+            norm) (:class:`PCD`); ``"gramian"``: ``J J^T``, one
+            matrix product instead of a QR. A weighting given a Gramian uses it, and so does the
+            aggregator inside an engine that forms only the Gramian (``mtl_value_and_grad``
+            with ``method="layerwise"``).
 
     Reference: Priority-Constrained Descent, TMLR 2026, arXiv 2606.29521.
 
