@@ -295,7 +295,7 @@ def _prepared(gramian):
 
 
 @eqx.filter_jit
-def _weigh_jit(weighting, gramian, state, key, losses=None, log2_t=None):
+def _weigh_jit(weighting, gramian, state, key, losses=None, log2_t=None, weigh=None):
     # Eager calls compile once per (structure, m, dtype) and then run fast; number-valued
     # hyper-parameters are traced. Inside a user's jit this inlines. Matrix products at full
     # precision: on GPUs the default float32 product is TF32 (a 10-bit mantissa), which breaks
@@ -305,13 +305,15 @@ def _weigh_jit(weighting, gramian, state, key, losses=None, log2_t=None):
     # device, never partitioned along the batch. Under shard_map, device-varying inputs (each
     # device its own G) go through _per_device, so that the hooks' loops stay legal.
     # log2_t: G is the Gramian of J scaled by a power of two (see _gramian_in_range).
+    # weigh: replaces _hook (same arguments), e.g. to weigh from a factor of G given as G.
+    weigh = _hook if weigh is None else weigh
     G, state, losses, log2_t = replicated((G, state, losses, log2_t))
     axes = varying_axes(G, state, key, losses, log2_t)
     with jax.default_matmul_precision("highest"):
         if axes:
-            w, new_state = _per_device(weighting, axes, G, state, key, losses, log2_t)
+            w, new_state = _per_device(weighting, axes, G, state, key, losses, log2_t, weigh)
         else:
-            w, new_state = _hook(weighting, G, state, key, losses, log2_t)
+            w, new_state = weigh(weighting, G, state, key, losses, log2_t)
     w, new_state = replicated((w, new_state))
     # The value policy, for every weighting: a Gramian with a NaN or Inf entry gives NaN
     # weights (never finite weights of garbage) and leaves the state as it was, so that one bad

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 
-from .._spmd import replicated, varying_axes
 from .._tree import accumulation_dtype_of, combine, triangular_factor
-from ._abstract import Aggregation, GramianWeightedAggregator, _per_device
+from ._abstract import Aggregation, GramianWeightedAggregator, _weigh_jit
 
 
 class FactorWeightedAggregator(GramianWeightedAggregator):
@@ -32,27 +29,11 @@ class FactorWeightedAggregator(GramianWeightedAggregator):
         leaves = jax.tree_util.tree_leaves(jax.lax.stop_gradient(jacobian))
         dtype = accumulation_dtype_of(*leaves)
         R, e = triangular_factor(leaves, dtype)  # of J scaled by 2^-e
-        w, state = _weigh_factor(weighting, R, (-2 * e).astype(dtype), state)
+        # the Gramian path's jit, sharding and value policy, with R in place of G
+        w, state = _weigh_jit(weighting, R, state, None, None, (-2 * e).astype(dtype), _of_factor)
         return Aggregation(combine(w, jacobian), w, state)
 
 
-@eqx.filter_jit
-def _weigh_factor(weighting, R, log2_scale, state):
-    # Jitted so that eager calls compile the solve once per (m, dtype) (a loop op by op takes
-    # seconds); inside a user's jit this inlines. As the Gramian's path (_weigh_jit): sharded
-    # inputs are solved whole on every device, and device-varying ones under shard_map (each
-    # device its own J) through _per_device.
-    R, state, log2_scale = replicated((R, state, log2_scale))
-    axes = varying_axes(R, state, log2_scale)
-    with jax.default_matmul_precision("highest"):
-        if axes:
-            w, state = _per_device(weighting, axes, R, state, None, None, log2_scale, _of_factor)
-        else:
-            w, state = _of_factor(weighting, R, state, None, None, log2_scale)
-    w, state = replicated((w, state))
-    return jnp.where(jnp.all(jnp.isfinite(R)), w, jnp.nan), state  # a non-finite J: NaN
-
-
 def _of_factor(weighting, R, state, key, losses, log2_scale):
-    """:func:`_per_device`'s ``weigh`` for a factor (no key, no losses)."""
+    """``_weigh_jit``'s ``weigh`` for a factor ``R`` given in place of ``G``."""
     return weighting._weigh_factor(R, log2_scale, state)
